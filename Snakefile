@@ -1,0 +1,36 @@
+# Transfer-learning image classification, embedding index and recall evaluation.
+# Run: snakemake --cores 4 --resources gpu=1   (see README.md)
+import os
+
+from snakemake.utils import min_version, validate
+
+
+min_version("8.0")
+
+
+configfile: os.path.join(workflow.basedir, "config/config.yaml")
+
+
+validate(config, "config/schemas/config.schema.yaml")
+
+# Jobs import the labelflow package from this checkout, also in conda envs and on cluster nodes.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (os.path.join(workflow.basedir, "src"), os.environ.get("PYTHONPATH")) if p
+)
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/index.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        expand("results/{experiment}/summary.json", experiment=EXPERIMENTS),
+    default_target: True
+
+
+onsuccess:
+    print_results_table(expand("results/{experiment}/summary.json", experiment=EXPERIMENTS))

@@ -1,0 +1,152 @@
+"""Command line: ``labelflow <command> ...``, the same functions the workflow calls.
+
+Commands register themselves in :data:`COMMANDS` with :func:`command`, so a new step
+only needs a function that adds its arguments and one that runs it. Bad input
+(:class:`~labelflow.data.DatasetError`) prints ``error: <message>`` and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from labelflow import data
+
+Runner = Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Runner
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(
+    name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]
+) -> Callable[[Runner], Runner]:
+    """Decorator registering ``run`` as subcommand ``name``."""
+
+    def register(run: Runner) -> Runner:
+        COMMANDS[name] = Command(help, add_arguments, run)
+        return run
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="labelflow", description="Steps of the labelflow image-classification workflow."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(sub_parser)
+        sub_parser.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except data.DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _digits_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create (must not exist)")
+    p.add_argument(
+        "--image-size", type=int, default=32, help="side of the square PNGs (default 32)"
+    )
+
+
+@command("digits", "write scikit-learn's digits as a folder-per-class PNG dataset", _digits_args)
+def _digits(args: argparse.Namespace) -> int:
+    n = data.write_digits_dataset(args.out_dir, image_size=args.image_size)
+    print(f"wrote {n} images ({args.image_size}x{args.image_size}) to {args.out_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------- tag2label
+
+_SHOWN = 10  # skipped/duplicate rows echoed to the terminal; the CSVs have them all
+
+
+def _tag2label_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--in-dir", required=True, help="dataset folder, one sub-folder per class")
+    p.add_argument("--out-dataset", required=True, help="CSV of path,tag")
+    p.add_argument("--out-labeling", required=True, help="JSON tag -> class index")
+    p.add_argument("--out-skipped", required=True, help="CSV of path,reason")
+    p.add_argument("--out-duplicates", help="optional CSV of path,duplicate_of")
+
+
+@command(
+    "tag2label", "list a folder-per-class dataset and map tags to class indices", _tag2label_args
+)
+def _tag2label(args: argparse.Namespace) -> int:
+    result = data.tag2label(args.in_dir)
+    data.write_csv_atomic(result.dataset, args.out_dataset)
+    data.write_json_atomic(result.tag2cls, args.out_labeling)
+    data.write_csv_atomic(result.skipped, args.out_skipped)
+    if args.out_duplicates:
+        data.write_csv_atomic(result.duplicates, args.out_duplicates)
+
+    counts = result.dataset["tag"].value_counts()
+    print(f"{len(result.dataset)} images in {len(result.tag2cls)} classes")
+    for tag, cls in result.tag2cls.items():
+        print(f"  {cls:>3}  {tag}: {counts.get(tag, 0)}")
+    _summarise("skipped", result.skipped, "reason", args.out_skipped)
+    _summarise("duplicate", result.duplicates, "duplicate_of", args.out_duplicates)
+    return 0
+
+
+def _summarise(what: str, table: pd.DataFrame, column: str, csv_path: str | None) -> None:
+    if table.empty:
+        return
+    print(
+        f"{len(table)} {what} file(s)" + (f" (all listed in {csv_path})" if csv_path else "") + ":"
+    )
+    for path, detail in table[["path", column]].head(_SHOWN).itertuples(index=False):
+        print(f"  {path}: {detail}")
+    if len(table) > _SHOWN:
+        print(f"  ... and {len(table) - _SHOWN} more")
+
+
+# --------------------------------------------------------------------------- split
+
+
+def _split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--in-csv", required=True, help="CSV of path,tag from tag2label")
+    p.add_argument("--tag2cls", required=True, help="JSON tag -> class index from tag2label")
+    p.add_argument("--out-csv", required=True, help="CSV of path,tag,class,fold")
+    p.add_argument("--n-folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--seed", type=int, default=42, help="shuffle seed (default 42)")
+    p.add_argument("--root", help="dataset folder; if given, check every path exists in it")
+
+
+@command("split", "assign each image a class index and a stratified fold", _split_args)
+def _split(args: argparse.Namespace) -> int:
+    dataset = data.read_dataset_csv(args.in_csv, args.root)
+    tag2cls = data.read_tag2cls(args.tag2cls)
+    result = data.split(dataset, tag2cls, n_folds=args.n_folds, seed=args.seed)
+    data.write_csv_atomic(result, args.out_csv)
+    print(f"split {len(result)} images into {args.n_folds} folds (seed {args.seed}):")
+    for fold, n in result["fold"].value_counts().sort_index().items():
+        print(f"  fold {fold}: {n} images")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

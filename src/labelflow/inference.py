@@ -1,0 +1,42 @@
+"""Run a trained model over images: logits, probabilities and embeddings per image."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from labelflow.losses import get_loss, probabilities
+from labelflow.models import MultiHeadNet
+from labelflow.training import autocast
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def predict(model: MultiHeadNet, loader: DataLoader, device: torch.device, head: str | None = None) -> dict[str, np.ndarray]:
+    """Returns {"logits", "probabilities", "embeddings"} for `head` (default: the first head)."""
+    head_spec = model.spec.heads[0] if head is None else next(h for h in model.spec.heads if h.name == head)
+    activation = get_loss(head_spec.loss).activation
+    model.eval().to(device)
+    logits, embeddings = [], []
+    started, done = time.perf_counter(), 0
+    report_every = max(1, len(loader) // 4) if len(loader) >= 40 else 0
+    for step, batch in enumerate(loader, start=1):
+        images = batch["image"].to(device, non_blocking=device.type == "cuda")
+        with autocast(device):
+            outputs = model(images)
+        logits.append(outputs[head_spec.name].float().cpu())
+        embeddings.append(outputs["embedding"].float().cpu())
+        done += len(images)
+        if report_every and step % report_every == 0:
+            log.info("inference: %d/%d images (%.0f img/s)", done, len(loader.dataset), done / (time.perf_counter() - started))
+    all_logits = torch.cat(logits) if logits else torch.empty(0, head_spec.num_outputs)
+    return {
+        "logits": all_logits.numpy(),
+        "probabilities": probabilities(all_logits, activation).numpy(),
+        "embeddings": (torch.cat(embeddings) if embeddings else torch.empty(0, model.spec.embedding_size)).numpy(),
+    }

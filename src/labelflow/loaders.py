@@ -1,0 +1,134 @@
+"""Torch datasets and loaders over a dataset table: decode once, augment only for training."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from torch.utils.data import DataLoader, Dataset
+
+from labelflow.data import load_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_augmentations(specs: Sequence[dict[str, Any]]) -> list[A.BasicTransform]:
+    """[{name: Affine, params: {...}}, ...] → albumentations transforms, with clear errors."""
+    transforms = []
+    for i, spec in enumerate(specs):
+        name = spec["name"]
+        cls = getattr(A, name, None)
+        if cls is None or not isinstance(cls, type):
+            raise ValueError(f"data.augmentations[{i}]: albumentations has no transform {name!r}")
+        try:
+            transforms.append(cls(**spec.get("params", {})))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"data.augmentations[{i}] ({name}): {exc}") from exc
+    return transforms
+
+
+def build_transform(
+    augmentations: Sequence[dict[str, Any]] = (),
+    *,
+    train: bool,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    seed: int = 0,
+) -> A.Compose:
+    """Training: augmentations + normalise. Validation/inference: normalise only (deterministic)."""
+    steps = build_augmentations(augmentations) if train else []
+    steps += [A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()]
+    return A.Compose(steps, seed=seed)
+
+
+def decode_resized(path: str | Path, image_size: int) -> np.ndarray:
+    image = load_image(path)
+    if image.shape[:2] != (image_size, image_size):
+        shrinking = image.shape[0] > image_size or image.shape[1] > image_size
+        image = cv2.resize(
+            image,
+            (image_size, image_size),
+            interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR,
+        )
+    return image
+
+
+class ImageTableDataset(Dataset):
+    """Images named by paths relative to `root`, resized once to `image_size`.
+
+    With cache=True every image is decoded and resized once, when the dataset is built:
+    small datasets then cost no decoding per epoch.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        paths: Sequence[str],
+        targets: Sequence[int] | np.ndarray | None,
+        image_size: int,
+        transform: A.Compose,
+        cache: bool = True,
+    ):
+        self.root = Path(root)
+        self.paths = list(paths)
+        self.targets = None if targets is None else np.asarray(targets)
+        self.image_size = image_size
+        self.transform = transform
+        self.images = [self._decode(i) for i in range(len(self.paths))] if cache else None
+
+    def _decode(self, index: int) -> np.ndarray:
+        return decode_resized(self.root / self.paths[index], self.image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = self.images[index] if self.images is not None else self._decode(index)
+        item = {"image": self.transform(image=image)["image"], "index": index}
+        if self.targets is not None:
+            item["class"] = torch.as_tensor(self.targets[index])
+        return item
+
+    def reseed(self, seed: int) -> None:
+        """Make the augmentation stream a function of (seed), e.g. seed+epoch, for exact resume."""
+        self.transform.set_random_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    info.dataset.reseed(torch.initial_seed() % 2**32)
+
+
+def make_loader(
+    dataset: ImageTableDataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        generator=generator,
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+def default_num_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))

@@ -1,0 +1,414 @@
+"""The one training loop: every rule that trains (stage1, stage2, and later LR finder, grid,
+k-fold and autolabel rounds) calls `run_stage` with a different `StageSpec`.
+
+Shaped after torchvision's reference script: train_one_epoch, evaluate, a checkpoint dict
+with model/optimizer/scheduler/epoch. Training state is saved atomically after every epoch in
+`state_dir` (not a declared Snakemake output, which would be deleted on failure) so a killed
+job resumes where it stopped; declared outputs are written once, at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from labelflow.data import write_json_atomic
+from labelflow.losses import get_loss
+from labelflow.models import MultiHeadNet, atomic_torch_save, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("constant", "cosine", "step", "onecycle")
+
+
+@dataclass
+class StageSpec:
+    name: str
+    epochs: int
+    lr: float
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    scheduler: str = "cosine"
+    warmup_epochs: float = 0.0
+    step_epochs: int = 10
+    step_gamma: float = 0.1
+    batch_size: int = 64
+    freeze_encoder: bool = False
+    top_k: int = 3
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict[str, Any]) -> "StageSpec":
+        known = {f for f in cls.__dataclass_fields__ if f != "name"}
+        return cls(name=name, **{k: v for k, v in data.items() if k in known})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def select_device(want_gpu: bool) -> torch.device:
+    """CUDA only when the job asked for a GPU and one is visible; CPU otherwise."""
+    if want_gpu and torch.cuda.is_available():
+        device = torch.device("cuda")
+        torch.backends.cudnn.benchmark = True
+        log.info("device: cuda (%s)", torch.cuda.get_device_name(device))
+    else:
+        device = torch.device("cpu")
+        why = "no GPU requested (resources gpu=0)" if not want_gpu else "CUDA is not available"
+        log.info("device: cpu (%s), %d threads", why, torch.get_num_threads())
+    return device
+
+
+def autocast(device: torch.device):
+    # bf16 autocast only on CUDA; CPU runs stay in float32 and bit-reproducible.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def build_optimizer(model: torch.nn.Module, spec: StageSpec) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=True
+        )
+    raise ValueError(f"stages.{spec.name}.optimizer={spec.optimizer!r}; choose one of {OPTIMIZERS}")
+
+
+def lr_factor(spec: StageSpec, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base lr at optimizer step `step` (the scheduler is stepped per batch)."""
+    total = max(1, spec.epochs * steps_per_epoch)
+    warmup = int(spec.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    if spec.scheduler == "constant":
+        return 1.0
+    if spec.scheduler == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if spec.scheduler == "step":
+        return spec.step_gamma ** ((step // steps_per_epoch) // spec.step_epochs)
+    if spec.scheduler == "onecycle":
+        # 30 % linear rise from lr/25, then cosine down to lr/1e4 (OneCycleLR's defaults).
+        rise = max(1, int(0.3 * total))
+        if step < rise:
+            return 1 / 25 + (1 - 1 / 25) * step / rise
+        progress = (step - rise) / max(1, total - rise)
+        return 1e-4 + (1 - 1e-4) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(f"stages.{spec.name}.scheduler={spec.scheduler!r}; choose one of {SCHEDULERS}")
+
+
+def build_scheduler(optimizer, spec: StageSpec, steps_per_epoch: int):
+    lr_factor(spec, 0, steps_per_epoch)  # validates the name before training starts
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(spec, step, steps_per_epoch)
+    )
+
+
+class HeadMetrics:
+    """Running loss and accuracy per head over one pass."""
+
+    def __init__(self, heads):
+        self.heads = heads
+        self.count = 0
+        self.loss = 0.0
+        self.head_loss = {h.name: 0.0 for h in heads}
+        self.correct = {h.name: 0 for h in heads}
+        self.seen = {h.name: 0 for h in heads}
+
+    def update(self, outputs, batch, losses: dict[str, torch.Tensor], total: torch.Tensor) -> None:
+        n = len(batch["index"])
+        self.count += n
+        self.loss += float(total) * n
+        for head in self.heads:
+            self.head_loss[head.name] += float(losses[head.name]) * n
+            target = batch[head.name]
+            if target.ndim == 1:  # single-label head: argmax accuracy
+                pred = outputs[head.name].argmax(dim=1).cpu()
+                self.correct[head.name] += int((pred == target.cpu()).sum())
+                self.seen[head.name] += n
+
+    def result(self) -> dict[str, float]:
+        out = {"loss": self.loss / max(1, self.count)}
+        for i, head in enumerate(self.heads):
+            out[f"{head.name}_loss"] = self.head_loss[head.name] / max(1, self.count)
+            if self.seen[head.name]:
+                acc = self.correct[head.name] / self.seen[head.name]
+                out[f"{head.name}_accuracy"] = acc
+                if i == 0:
+                    out["accuracy"] = acc  # the first head is the main one
+        return out
+
+
+def compute_losses(model: MultiHeadNet, outputs, batch, criteria) -> tuple[dict, torch.Tensor]:
+    losses = {h.name: criteria[h.name](outputs[h.name].float(), batch[h.name]) for h in model.spec.heads}
+    total = sum(h.weight * losses[h.name] for h in model.spec.heads)
+    return losses, total
+
+
+def build_criteria(model: MultiHeadNet) -> dict[str, torch.nn.Module]:
+    return {h.name: get_loss(h.loss).build(**h.loss_params) for h in model.spec.heads}
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_one_epoch(
+    model: MultiHeadNet,
+    loader: DataLoader,
+    criteria,
+    optimizer,
+    scheduler,
+    device: torch.device,
+    *,
+    epoch: int,
+    progress_every: int = 0,
+    on_step: Callable[[int, float, float], bool] | None = None,
+) -> dict[str, float]:
+    model.train()
+    metrics = HeadMetrics(model.spec.heads)
+    started = time.perf_counter()
+    for step, batch in enumerate(loader, start=1):
+        batch = _to_device(batch, device)
+        images = batch["image"]
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            outputs = model(images)
+        losses, total = compute_losses(model, outputs, batch, criteria)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        metrics.update(outputs, batch, losses, total.detach())
+        if on_step is not None and on_step(step, lr, float(total)):
+            break  # the caller (e.g. LR finder) asked to stop
+        if progress_every and step % progress_every == 0:
+            log.info(
+                "epoch %d: batch %d/%d loss=%.4f (%.1f img/s)",
+                epoch, step, len(loader), metrics.loss / metrics.count,
+                metrics.count / (time.perf_counter() - started),
+            )
+    return metrics.result()
+
+
+@torch.inference_mode()
+def evaluate(model: MultiHeadNet, loader: DataLoader, criteria, device: torch.device) -> dict[str, float]:
+    model.eval()
+    metrics = HeadMetrics(model.spec.heads)
+    for batch in loader:
+        batch = _to_device(batch, device)
+        with autocast(device):
+            outputs = model(batch["image"])
+        losses, total = compute_losses(model, outputs, batch, criteria)
+        metrics.update(outputs, batch, losses, total)
+    return metrics.result()
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable hash of a stage's config and inputs: resume only into the same training."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (SLURM pre-emption, timeout): stop after saving what is saved."""
+
+
+@contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _better(value: float, best: float | None) -> bool:
+    return best is None or value > best
+
+
+def run_stage(
+    model: MultiHeadNet,
+    train_loader: DataLoader,
+    valid_loader: DataLoader,
+    spec: StageSpec,
+    *,
+    out_dir: str | Path,
+    state_dir: str | Path,
+    device: torch.device,
+    seed: int,
+    stage_fingerprint: str,
+    main_metric: str = "accuracy",
+    writer=None,
+    progress_every: int | None = None,
+) -> dict[str, Any]:
+    """Train `model` for one stage; resume from `state_dir` when its fingerprint matches.
+
+    Writes into out_dir at the end: best.pt, last.pt, checkpoints/ (top-k by `main_metric`
+    on valid, name carries the value), metrics.json, and copies the TensorBoard log.
+    Returns the metrics history (also in metrics.json).
+    """
+    out_dir, state_dir = Path(out_dir), Path(state_dir)
+    state_path = state_dir / "state.pt"
+    model.freeze_encoder(spec.freeze_encoder)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    criteria = build_criteria(model)
+    optimizer = build_optimizer(model, spec)
+    scheduler = build_scheduler(optimizer, spec, len(train_loader))
+    history: list[dict[str, Any]] = []
+    topk: list[dict[str, Any]] = []  # {"epoch", "value", "file"} kept sorted best first
+    best_value: float | None = None
+    start_epoch = 1
+
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") == stage_fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            history, topk, best_value = state["history"], state["topk"], state["best_value"]
+            start_epoch = state["epoch"] + 1
+            log.info("resuming stage %s at epoch %d from %s", spec.name, start_epoch, state_path)
+        else:
+            log.info(
+                "starting stage %s fresh: saved state %s belongs to another config or input "
+                "(fingerprint %s, now %s)", spec.name, state_path, state.get("fingerprint"), stage_fingerprint,
+            )
+            shutil.rmtree(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "checkpoints").mkdir(exist_ok=True)
+    if writer is None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(state_dir / "tensorboard"))
+
+    if progress_every is None:
+        progress_every = max(1, len(train_loader) // 4) if len(train_loader) >= 40 else 0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info(
+        "stage %s: %d epochs, %d train / %d valid images, %d trainable parameters, encoder %s",
+        spec.name, spec.epochs, len(train_loader.dataset), len(valid_loader.dataset), trainable,
+        "frozen" if spec.freeze_encoder else "trained",
+    )
+
+    with terminate_on_sigterm():
+        for epoch in range(start_epoch, spec.epochs + 1):
+            # Each epoch's randomness is a function of (seed, epoch): a resumed run replays exactly.
+            epoch_seed = seed * 1000 + epoch
+            seed_everything(epoch_seed)
+            train_loader.generator.manual_seed(epoch_seed)
+            train_loader.dataset.reseed(epoch_seed)
+            started = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            train_metrics = train_one_epoch(
+                model, train_loader, criteria, optimizer, scheduler, device,
+                epoch=epoch, progress_every=progress_every,
+            )
+            valid_metrics = evaluate(model, valid_loader, criteria, device)
+            seconds = time.perf_counter() - started
+            record = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 3), "train": train_metrics, "valid": valid_metrics}
+            history.append(record)
+            log.info(
+                "stage %s epoch %d/%d lr=%.2e train_loss=%.4f train_acc=%.4f valid_loss=%.4f valid_acc=%.4f (%.1fs)",
+                spec.name, epoch, spec.epochs, lr, train_metrics["loss"], train_metrics.get("accuracy", float("nan")),
+                valid_metrics["loss"], valid_metrics.get("accuracy", float("nan")), seconds,
+            )
+            for split_name, values in (("train", train_metrics), ("valid", valid_metrics)):
+                for key, value in values.items():
+                    writer.add_scalar(f"{spec.name}/{split_name}/{key}", value, epoch)
+            writer.add_scalar(f"{spec.name}/lr", lr, epoch)
+            writer.flush()
+
+            value = valid_metrics[main_metric]
+            if _better(value, best_value):
+                best_value = value
+                save_checkpoint(state_dir / "best.pt", model, {"epoch": epoch, main_metric: value})
+            ckpt_name = f"epoch={epoch:03d}-{main_metric}={value:.4f}.pt"
+            if spec.top_k > 0 and (len(topk) < spec.top_k or value > topk[-1]["value"]):
+                save_checkpoint(state_dir / "checkpoints" / ckpt_name, model, {"epoch": epoch, main_metric: value})
+                topk.append({"epoch": epoch, "value": value, "file": ckpt_name})
+                topk.sort(key=lambda t: (-t["value"], t["epoch"]))
+                for dropped in topk[spec.top_k:]:
+                    (state_dir / "checkpoints" / dropped["file"]).unlink(missing_ok=True)
+                topk = topk[: spec.top_k]
+            atomic_torch_save(
+                {
+                    "fingerprint": stage_fingerprint,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": history,
+                    "topk": topk,
+                    "best_value": best_value,
+                },
+                state_path,
+            )
+    writer.close()
+
+    best_epoch = max(history, key=lambda r: (r["valid"][main_metric], -r["epoch"]))["epoch"]
+    metrics = {
+        "stage": spec.name,
+        "spec": asdict(spec),
+        "main_metric": f"valid/{main_metric}",
+        "best": {"epoch": best_epoch, "value": best_value},
+        "epochs": history,
+    }
+    _publish(out_dir, state_dir, model, metrics)
+    return metrics
+
+
+def _publish(out_dir: Path, state_dir: Path, model: MultiHeadNet, metrics: dict[str, Any]) -> None:
+    """Copy the finished stage from its state folder into the declared outputs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_epoch = metrics["epochs"][-1]["epoch"]
+    save_checkpoint(out_dir / "last.pt", model, {"epoch": last_epoch})
+    shutil.copyfile(state_dir / "best.pt", out_dir / ".best.pt.tmp")
+    (out_dir / ".best.pt.tmp").replace(out_dir / "best.pt")
+    for name in ("checkpoints", "tensorboard"):
+        target = out_dir / name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(state_dir / name, target)
+    write_json_atomic(metrics, out_dir / "metrics.json")

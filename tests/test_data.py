@@ -1,0 +1,404 @@
+"""Tests for labelflow.data: loading, checking, tag2label, split and file helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import make_tiny_dataset
+from labelflow.data import (
+    IMAGE_EXTENSIONS,
+    DatasetError,
+    check_image,
+    load_image,
+    read_dataset_csv,
+    read_tag2cls,
+    resolve_valid_folds,
+    split,
+    tag2label,
+    valid_mask,
+    write_csv_atomic,
+    write_digits_dataset,
+    write_json_atomic,
+)
+
+
+def _noise_png(path: Path, size: int = 64, seed: int = 1) -> Path:
+    """An incompressible PNG, so cutting it in half leaves the pixel data truncated."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_image_extensions_are_lower_case_suffixes() -> None:
+    assert {".png", ".jpg", ".jpeg", ".tif", ".webp"} <= IMAGE_EXTENSIONS
+    assert all(e.startswith(".") and e == e.lower() for e in IMAGE_EXTENSIONS)
+
+
+@pytest.mark.parametrize(
+    ("image", "expected_corner"),
+    [
+        (Image.new("L", (5, 4), 77), [77, 77, 77]),
+        (Image.new("1", (5, 4), 1), [255, 255, 255]),
+        (Image.new("RGB", (5, 4), (10, 20, 30)), [10, 20, 30]),
+        (Image.new("RGBA", (5, 4), (200, 100, 50, 255)), [200, 100, 50]),
+        (Image.new("RGBA", (5, 4), (200, 100, 50, 0)), [0, 0, 0]),  # transparent -> black
+        (Image.new("RGBA", (5, 4), (200, 100, 50, 128)), [100, 50, 25]),  # half -> half
+        (Image.new("LA", (5, 4), (90, 255)), [90, 90, 90]),
+        (Image.fromarray(np.full((4, 5), 65535, dtype=np.uint16)), [255, 255, 255]),
+        (Image.fromarray(np.full((4, 5), 257 * 100, dtype=np.uint16)), [100, 100, 100]),
+    ],
+)
+def test_load_image_modes_give_hxwx3_uint8(
+    tmp_path: Path, image: Image.Image, expected_corner: list[int]
+) -> None:
+    path = tmp_path / "x.png"
+    image.save(path)
+    array = load_image(path)
+    assert array.shape == (4, 5, 3)
+    assert array.dtype == np.uint8
+    assert array[0, 0].tolist() == expected_corner
+
+
+def test_load_image_palette_with_transparency(tmp_path: Path) -> None:
+    image = Image.new("P", (3, 2), 0)
+    image.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    image.putpixel((1, 0), 1)
+    image.info["transparency"] = 0  # palette entry 0 (red) is transparent
+    image.save(tmp_path / "p.png")
+    array = load_image(tmp_path / "p.png")
+    assert array.shape == (2, 3, 3)
+    assert array[0, 0].tolist() == [0, 0, 0]
+    assert array[0, 1].tolist() == [0, 255, 0]
+
+
+def test_load_image_32bit_int_and_float(tmp_path: Path) -> None:
+    Image.fromarray(np.array([[0, 65535]], dtype=np.int32)).save(tmp_path / "i.tif")
+    assert load_image(tmp_path / "i.tif")[..., 0].tolist() == [[0, 255]]
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)).save(tmp_path / "f.tif")
+    assert load_image(tmp_path / "f.tif")[..., 1].tolist() == [[0, 128, 255]]
+    Image.fromarray(np.array([[-10.0, 0.0, 30.0]], dtype=np.float32)).save(tmp_path / "g.tif")
+    assert load_image(tmp_path / "g.tif")[..., 2].tolist() == [[0, 64, 255]]  # min-max stretched
+
+
+def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
+    image = Image.new("RGB", (4, 2), (50, 60, 70))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rotated.png", exif=exif)
+    assert load_image(tmp_path / "rotated.png").shape == (4, 2, 3)
+
+
+def test_load_image_raises_on_truncated_file(tmp_path: Path) -> None:
+    path = _noise_png(tmp_path / "t.png")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(OSError):
+        load_image(path)
+
+
+def test_check_image_reasons(tmp_path: Path) -> None:
+    good = _noise_png(tmp_path / "good.png")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"this is not a jpeg")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "folder.png").mkdir()
+
+    assert check_image(good) is None
+    assert check_image(truncated).startswith("corrupt or truncated: ")
+    assert check_image(garbage).startswith("not an image: ")
+    assert check_image(tmp_path / "notes.txt") == "not an image file (extension .txt)"
+    assert check_image(tmp_path / "README") == "not an image file (extension none)"
+    assert check_image(tmp_path / "missing.png").startswith("unreadable: ")
+    assert check_image(tmp_path / "folder.png") == "not a regular file"
+    os.mkfifo(tmp_path / "pipe.png")
+    assert check_image(tmp_path / "pipe.png") == "not a regular file"  # and does not hang
+
+
+# --------------------------------------------------------------------------- tag2label
+
+
+def test_tag2label_tiny(tiny_dataset: Path) -> None:
+    result = tag2label(tiny_dataset)
+    assert result.tag2cls == {"class_00": 0, "class_01": 1, "class_02": 2}
+    assert list(result.dataset.columns) == ["path", "tag"]
+    assert len(result.dataset) == 36
+    assert result.dataset["tag"].value_counts().to_dict() == {
+        "class_00": 12,
+        "class_01": 12,
+        "class_02": 12,
+    }
+    assert result.dataset["path"].iloc[0] == "class_00/img_000.png"
+    assert result.dataset["path"].iloc[-1] == "class_02/img_011.png"
+    assert result.dataset.equals(result.dataset.sort_values(["tag", "path"], ignore_index=True))
+    assert all((tiny_dataset / p).is_file() for p in result.dataset["path"])
+    assert result.skipped.empty and list(result.skipped.columns) == ["path", "reason"]
+    assert result.duplicates.empty and list(result.duplicates.columns) == ["path", "duplicate_of"]
+
+
+def test_tag2label_skips_junk_with_reasons(tiny_dataset: Path) -> None:
+    truncated = _noise_png(tiny_dataset / "class_00" / "truncated.png")
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    (tiny_dataset / "class_00" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (tiny_dataset / "class_00" / "fake.jpg").write_bytes(b"plain text with an image name")
+    (tiny_dataset / "class_01" / "notes.txt").write_text("not an image")
+    (tiny_dataset / "class_01" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (tiny_dataset / "README.md").write_text("top-level file")
+    (tiny_dataset / ".snakemake_timestamp").write_text("")
+    (tiny_dataset / ".cache").mkdir()
+    _noise_png(tiny_dataset / ".cache" / "x.png")
+    _noise_png(tiny_dataset / "class_02" / ".thumbs" / "y.png")
+
+    result = tag2label(tiny_dataset)
+    reasons = dict(zip(result.skipped["path"], result.skipped["reason"], strict=True))
+    assert reasons["class_00/truncated.png"].startswith("corrupt or truncated: ")
+    assert reasons["class_00/corrupt.png"].startswith("corrupt or truncated: ")
+    assert reasons["class_00/fake.jpg"].startswith("not an image: ")
+    assert reasons["class_01/notes.txt"] == "not an image file (extension .txt)"
+    assert reasons["class_01/.DS_Store"] == "hidden file"
+    assert reasons["README.md"] == "not inside a class folder"
+    assert reasons[".cache"] == "hidden folder"
+    assert reasons["class_02/.thumbs"] == "hidden folder"
+    assert len(reasons) == 8  # the Snakemake marker is ignored silently
+    assert result.tag2cls == {"class_00": 0, "class_01": 1, "class_02": 2}  # .cache is no class
+    assert len(result.dataset) == 36
+    assert not set(result.dataset["path"]) & set(reasons)
+
+
+def test_tag2label_nested_folders_belong_to_class(tiny_dataset: Path) -> None:
+    _noise_png(tiny_dataset / "class_01" / "sub" / "deeper" / "n.png")
+    result = tag2label(tiny_dataset)
+    row = result.dataset[result.dataset["path"] == "class_01/sub/deeper/n.png"]
+    assert row["tag"].tolist() == ["class_01"]
+    assert len(result.dataset) == 37
+
+
+@pytest.mark.parametrize("content", [None, "notes.txt", ".hidden.png"])
+def test_tag2label_class_without_images_is_an_error(
+    tiny_dataset: Path, content: str | None
+) -> None:
+    empty = tiny_dataset / "empty class"
+    empty.mkdir()
+    if content:
+        (empty / content).write_text("x")
+    with pytest.raises(
+        DatasetError, match="class folder 'empty class' has no readable images; remove it"
+    ):
+        tag2label(tiny_dataset)
+
+
+def test_tag2label_needs_two_classes(tmp_path: Path) -> None:
+    root = make_tiny_dataset(tmp_path / "one", n_classes=1, per_class=3)
+    with pytest.raises(DatasetError, match="1 class folder.*at least 2"):
+        tag2label(root)
+
+
+def test_tag2label_missing_or_not_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist; set config key `dataset`"):
+        tag2label(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DatasetError, match="is not a folder"):
+        tag2label(tmp_path / "file")
+
+
+def test_tag2label_follows_symlinks_and_survives_loops(tiny_dataset: Path, tmp_path: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(tiny_dataset, target_is_directory=True)
+    elsewhere = make_tiny_dataset(tmp_path / "elsewhere", n_classes=1, per_class=4, seed=5)
+    (tiny_dataset / "linked_class").symlink_to(elsewhere / "class_00", target_is_directory=True)
+    (tiny_dataset / "class_00" / "loop").symlink_to(
+        tiny_dataset / "class_00", target_is_directory=True
+    )
+
+    result = tag2label(link)
+    assert result.tag2cls == {"class_00": 0, "class_01": 1, "class_02": 2, "linked_class": 3}
+    assert len(result.dataset) == 40
+    assert "linked_class/img_003.png" in set(result.dataset["path"])
+    assert not any(p.startswith("class_00/loop") for p in result.dataset["path"])
+    assert result.skipped["reason"].tolist() == ["folder already visited (symlink loop)"]
+    assert all((link / p).is_file() for p in result.dataset["path"])
+
+
+def test_tag2label_unicode_and_spaces(tmp_path: Path) -> None:
+    root = tmp_path / "my data"
+    _noise_png(root / "chat noir" / "é 1.png", size=8, seed=1)
+    _noise_png(root / "日本" / "画像 2.png", size=8, seed=2)
+    result = tag2label(root)
+    assert result.tag2cls == {"chat noir": 0, "日本": 1}
+    assert result.dataset.values.tolist() == [
+        ["chat noir/é 1.png", "chat noir"],
+        ["日本/画像 2.png", "日本"],
+    ]
+
+
+def test_tag2label_reports_duplicates(tiny_dataset: Path) -> None:
+    shutil.copy(tiny_dataset / "class_00" / "img_000.png", tiny_dataset / "class_01" / "copy.png")
+    shutil.copy(tiny_dataset / "class_02" / "img_005.png", tiny_dataset / "class_02" / "again.png")
+    result = tag2label(tiny_dataset)
+    assert len(result.dataset) == 38  # duplicates are kept
+    assert result.duplicates.values.tolist() == [
+        ["class_01/copy.png", "class_00/img_000.png"],
+        [
+            "class_02/img_005.png",
+            "class_02/again.png",
+        ],  # first in (tag, path) order is the original
+    ]
+
+
+# --------------------------------------------------------------------------- split
+
+
+def test_split_is_stratified_and_typed(tiny_dataset: Path) -> None:
+    labels = tag2label(tiny_dataset)
+    result = split(labels.dataset, labels.tag2cls, n_folds=5, seed=42)
+    assert list(result.columns) == ["path", "tag", "class", "fold"]
+    assert len(result) == 36
+    assert result["path"].is_monotonic_increasing
+    assert (result["class"] == result["tag"].map(labels.tag2cls)).all()
+    assert set(result["fold"]) == {0, 1, 2, 3, 4}
+    per_fold = result.groupby(["fold", "class"]).size()
+    assert per_fold.between(12 / 5 - 1, 12 / 5 + 1).all() and len(per_fold) == 15
+    assert result["class"].dtype == np.int64 and result["fold"].dtype == np.int64
+
+
+def test_split_is_deterministic_per_seed(tiny_dataset: Path) -> None:
+    labels = tag2label(tiny_dataset)
+    a = split(labels.dataset, labels.tag2cls, seed=7)
+    shuffled = labels.dataset.sample(frac=1.0, random_state=3)
+    b = split(shuffled, labels.tag2cls, seed=7)
+    c = split(labels.dataset, labels.tag2cls, seed=8)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a["fold"].equals(c["fold"])
+
+
+def test_split_rejects_small_classes_and_bad_n_folds(tmp_path: Path) -> None:
+    dataset = pd.DataFrame(
+        {"path": [f"{t}/{i}.png" for t, n in [("a", 6), ("b", 3), ("c", 2)] for i in range(n)]}
+    )
+    dataset["tag"] = dataset["path"].str[0]
+    tag2cls = {"a": 0, "b": 1, "c": 2}
+    with pytest.raises(
+        DatasetError, match=r"'b' \(3 images\), 'c' \(2 images\).*lower config key `n_folds`"
+    ):
+        split(dataset, tag2cls, n_folds=5)
+    assert len(split(dataset, tag2cls, n_folds=2)) == 11
+    with pytest.raises(DatasetError, match="`n_folds` must be an integer >= 2"):
+        split(dataset, tag2cls, n_folds=1)
+    with pytest.raises(DatasetError, match="'z' are not in the tag-to-class mapping"):
+        split(dataset.assign(tag="z"), tag2cls, n_folds=2)
+
+
+def test_resolve_valid_folds_and_mask() -> None:
+    assert resolve_valid_folds(5, None) == [4]
+    assert resolve_valid_folds(5, [-1, 0]) == [0, 4]
+    assert resolve_valid_folds(5, 2) == [2]
+    for bad in ([5], [-6]):
+        with pytest.raises(DatasetError, match="`valid_folds`"):
+            resolve_valid_folds(5, bad)
+    with pytest.raises(DatasetError, match="no training data"):
+        resolve_valid_folds(2, [0, 1])
+    with pytest.raises(DatasetError, match="no validation data"):
+        resolve_valid_folds(2, [])
+    mask = valid_mask(pd.DataFrame({"fold": [0, 1, 2, 1]}), [1])
+    assert mask.tolist() == [False, True, False, True]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_read_dataset_csv_accepts_good_rows_and_keeps_tags_as_strings(tmp_path: Path) -> None:
+    _noise_png(tmp_path / "data" / "0" / "a.png", size=4)
+    _noise_png(tmp_path / "data" / "NA" / "b.png", size=4)
+    write_csv_atomic(
+        pd.DataFrame({"path": ["0/a.png", "NA/b.png"], "tag": ["0", "NA"]}), tmp_path / "d.csv"
+    )
+    df = read_dataset_csv(tmp_path / "d.csv", tmp_path / "data")
+    assert df["tag"].tolist() == ["0", "NA"]
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "data", target_is_directory=True)
+    assert len(read_dataset_csv(tmp_path / "d.csv", link)) == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("../outside.png", "escapes the dataset folder"),
+        ("a/../../outside.png", "escapes the dataset folder"),
+        ("/etc/passwd", "absolute path"),
+        ("a/missing.png", "file not found"),
+    ],
+)
+def test_read_dataset_csv_rejects_bad_paths(tmp_path: Path, path: str, problem: str) -> None:
+    _noise_png(tmp_path / "data" / "a" / "ok.png", size=4)
+    _noise_png(tmp_path / "outside.png", size=4)
+    csv = tmp_path / "d.csv"
+    write_csv_atomic(pd.DataFrame({"path": ["a/ok.png", path], "tag": ["a", "a"]}), csv)
+    with pytest.raises(DatasetError, match=f"1 bad row.*line 3 \\('{path}'\\): {problem}"):
+        read_dataset_csv(csv, tmp_path / "data")
+
+
+def test_read_dataset_csv_checks_columns_and_file(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist; run the tag2label step"):
+        read_dataset_csv(tmp_path / "none.csv", tmp_path)
+    write_csv_atomic(pd.DataFrame({"file": ["x.png"]}), tmp_path / "d.csv")
+    with pytest.raises(DatasetError, match="lacks column\\(s\\) 'path', 'tag'"):
+        read_dataset_csv(tmp_path / "d.csv", None)
+
+
+def test_atomic_writers_round_trip(tmp_path: Path) -> None:
+    df = pd.DataFrame({"path": ["é/1.png"], "tag": ["é"]})
+    write_csv_atomic(df, tmp_path / "new" / "dir" / "x.csv")
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "new" / "dir" / "x.csv"), df, check_dtype=False
+    )
+    write_json_atomic({"é": 0, "b": 1}, tmp_path / "m.json")
+    assert (tmp_path / "m.json").read_text(encoding="utf-8") == '{\n  "é": 0,\n  "b": 1\n}\n'
+    assert read_tag2cls(tmp_path / "m.json") == {"é": 0, "b": 1}
+    write_json_atomic({"a": 0, "b": 0}, tmp_path / "m.json")  # overwrite in place
+    with pytest.raises(DatasetError, match="distinct class 0..n-1"):
+        read_tag2cls(tmp_path / "m.json")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["m.json", "x.csv"]
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_write_digits_dataset(tmp_path: Path) -> None:
+    out = tmp_path / "digits"
+    assert write_digits_dataset(out) == 1797
+    files = sorted(out.rglob("*.png"))
+    assert len(files) == 1797
+    assert sorted(p.name for p in out.iterdir()) == [str(d) for d in range(10)]
+    assert (out / "0" / "0000.png").is_file()  # image 0 of load_digits() is a zero
+    with Image.open(files[0]) as image:
+        assert image.size == (32, 32) and image.mode == "L"
+    assert os.listdir(tmp_path) == ["digits"]  # no temporary sibling left behind
+
+    with pytest.raises(DatasetError, match="already exists; refusing to overwrite"):
+        write_digits_dataset(out)
+    assert len(list(out.rglob("*.png"))) == 1797
+
+
+def test_write_digits_dataset_is_deterministic(tmp_path: Path) -> None:
+    def digest(root: Path) -> str:
+        h = hashlib.sha1()
+        for p in sorted(root.rglob("*.png")):
+            h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+        return h.hexdigest()
+
+    write_digits_dataset(tmp_path / "a", image_size=12)
+    write_digits_dataset(tmp_path / "b", image_size=12)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert load_image(tmp_path / "a" / "0" / "0000.png").shape == (12, 12, 3)

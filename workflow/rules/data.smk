@@ -1,0 +1,44 @@
+rule demo_dataset:
+    output:
+        directory(DEMO_DATASET),
+    params:
+        image_size=config["demo"]["image_size"],
+    log:
+        "results/logs/demo_dataset.log",
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/demo_dataset.py"
+
+
+rule tag2label:
+    input:
+        dataset=DATASET,
+    output:
+        dataset="results/data/dataset_raw.csv",
+        labeling="results/data/tag2cls.json",
+        skipped="results/data/skipped.csv",
+        duplicates="results/data/duplicates.csv",
+    log:
+        "results/logs/tag2label.log",
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/tag2label.py"
+
+
+rule split:
+    input:
+        dataset="results/data/dataset_raw.csv",
+        labeling="results/data/tag2cls.json",
+    output:
+        "results/data/dataset.csv",
+    params:
+        n_folds=config["n_folds"],
+        seed=config["seed"],
+    log:
+        "results/logs/split.log",
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/split.py"

@@ -1,0 +1,40 @@
+rule pca_index:
+    input:
+        predictions="results/{experiment}/predictions/predictions.csv",
+        embeddings="results/{experiment}/predictions/embeddings.npy",
+    output:
+        transform="results/{experiment}/index/transform.npz",
+        index="results/{experiment}/index/knn.hnsw.bin",
+        info="results/{experiment}/index/index.json",
+    params:
+        index={
+            key: config["index"][key]
+            for key in ("n_components", "space", "M", "ef_construction", "ef")
+        },
+        seed=config["seed"],
+    log:
+        "results/logs/{experiment}/pca_index.log",
+    conda:
+        "../../envs/index.yaml"
+    script:
+        "../scripts/pca_index.py"
+
+
+rule evaluate_index:
+    input:
+        predictions="results/{experiment}/predictions/predictions.csv",
+        embeddings="results/{experiment}/predictions/embeddings.npy",
+        transform="results/{experiment}/index/transform.npz",
+        index="results/{experiment}/index/knn.hnsw.bin",
+        info="results/{experiment}/index/index.json",
+    output:
+        "results/{experiment}/index/recall.json",
+    params:
+        ks=config["index"]["ks"],
+        vote_k=config["index"]["vote_k"],
+    log:
+        "results/logs/{experiment}/evaluate_index.log",
+    conda:
+        "../../envs/index.yaml"
+    script:
+        "../scripts/evaluate_index.py"

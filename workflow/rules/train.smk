@@ -1,0 +1,51 @@
+rule train_stage:
+    input:
+        unpack(stage_inputs),
+    output:
+        best="results/{experiment}/{stage}/best.pt",
+        last="results/{experiment}/{stage}/last.pt",
+        metrics="results/{experiment}/{stage}/metrics.json",
+        checkpoints=directory("results/{experiment}/{stage}/checkpoints"),
+        tensorboard=directory("results/{experiment}/{stage}/tensorboard"),
+    params:
+        experiment=lambda wildcards: EXPERIMENTS[wildcards.experiment],
+        valid_folds=VALID_FOLDS,
+        seed=config["seed"],
+        out_dir=subpath(output.best, parent=True),
+        # resumable training state; not an output, so a failed job keeps it
+        state_dir="results/{experiment}/state/{stage}",
+    resources:
+        gpu=config["gpu"],
+    threads: config["threads"]
+    log:
+        "results/logs/{experiment}/{stage}.log",
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/train_stage.py"
+
+
+rule infer:
+    input:
+        checkpoint=final_checkpoint,
+        dataset="results/data/dataset.csv",
+        root=DATASET,
+    output:
+        logits="results/{experiment}/predictions/logits.npy",
+        probabilities="results/{experiment}/predictions/probabilities.npy",
+        embeddings="results/{experiment}/predictions/embeddings.npy",
+        predictions="results/{experiment}/predictions/predictions.csv",
+    params:
+        experiment=lambda wildcards: EXPERIMENTS[wildcards.experiment],
+        valid_folds=VALID_FOLDS,
+        batch_size=config["infer_batch_size"],
+        out_dir=subpath(output.predictions, parent=True),
+    resources:
+        gpu=config["gpu"],
+    threads: config["threads"]
+    log:
+        "results/logs/{experiment}/infer.log",
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/infer.py"

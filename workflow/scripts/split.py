@@ -1,0 +1,12 @@
+from labelflow.data import read_dataset_csv, read_tag2cls, split, write_csv_atomic
+from labelflow.jobs import start_job
+
+log = start_job(snakemake)
+dataset = split(
+    read_dataset_csv(snakemake.input.dataset, root=None),
+    read_tag2cls(snakemake.input.labeling),
+    snakemake.params.n_folds,
+    snakemake.params.seed,
+)
+write_csv_atomic(dataset, snakemake.output[0])
+log.info("images per fold: %s", dataset.groupby("fold").size().to_dict())
