@@ -4,7 +4,6 @@ import os
 
 from snakemake.utils import min_version, validate
 
-
 min_version("8.0")
 
 
@@ -13,9 +12,14 @@ configfile: os.path.join(workflow.basedir, "config/config.yaml")
 
 validate(config, "config/schemas/config.schema.yaml")
 
-# Jobs import the labelflow package from this checkout, also in conda envs and on cluster nodes.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (os.path.join(workflow.basedir, "src"), os.environ.get("PYTHONPATH")) if p
+# Jobs import the labelflow package from this checkout, also in conda envs and on cluster
+# nodes (we set the variable for the jobs; nothing is required from the user's environment).
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        p
+        for p in (os.path.join(workflow.basedir, "src"), os.environ.get("PYTHONPATH"))
+        if p
+    )
 )
 
 
@@ -27,10 +31,12 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         expand("results/{experiment}/summary.json", experiment=EXPERIMENTS),
-    default_target: True
 
 
 onsuccess:
-    print_results_table(expand("results/{experiment}/summary.json", experiment=EXPERIMENTS))
+    print_results_table(
+        expand("results/{experiment}/summary.json", experiment=EXPERIMENTS)
+    )

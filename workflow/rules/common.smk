@@ -22,7 +22,11 @@ def load_experiment(name):
     path = os.path.join(_existing_path(config["experiments_dir"]), f"{name}.yaml")
     if not os.path.isfile(path):
         folder = os.path.dirname(path)
-        known = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
+        known = (
+            sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+            if os.path.isdir(folder)
+            else []
+        )
         raise WorkflowError(
             f"config key `experiments`: unknown experiment {name!r} (no file {path}); "
             f"available: {known}"
@@ -56,7 +60,7 @@ except DatasetError as exc:
 
 wildcard_constraints:
     experiment="|".join(re.escape(name) for name in EXPERIMENTS),
-    stage="[A-Za-z0-9_]+",
+    stage=r"\w+",
 
 
 def stage_names(experiment):
@@ -90,10 +94,13 @@ def final_checkpoint(wildcards):
 
 
 def all_stage_metrics(wildcards):
-    return [f"results/{wildcards.experiment}/{stage}/metrics.json" for stage in stage_names(wildcards.experiment)]
+    return [
+        f"results/{wildcards.experiment}/{stage}/metrics.json"
+        for stage in stage_names(wildcards.experiment)
+    ]
 
 
 def print_results_table(summary_paths):
     table = format_summary(summary_paths)
     if table:
-        print("\n" + table + "\n")
+        print(f"\n{table}\n")

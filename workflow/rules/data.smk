@@ -1,12 +1,12 @@
 rule demo_dataset:
     output:
         directory(DEMO_DATASET),
-    params:
-        image_size=config["demo"]["image_size"],
     log:
         "results/logs/demo_dataset.log",
     conda:
         "../../envs/torch.yaml"
+    params:
+        image_size=config["demo"]["image_size"],
     script:
         "../scripts/demo_dataset.py"
 
@@ -33,12 +33,12 @@ rule split:
         labeling="results/data/tag2cls.json",
     output:
         "results/data/dataset.csv",
-    params:
-        n_folds=config["n_folds"],
-        seed=config["seed"],
     log:
         "results/logs/split.log",
     conda:
         "../../envs/torch.yaml"
+    params:
+        n_folds=config["n_folds"],
+        seed=config["seed"],
     script:
         "../scripts/split.py"

@@ -6,16 +6,16 @@ rule pca_index:
         transform="results/{experiment}/index/transform.npz",
         index="results/{experiment}/index/knn.hnsw.bin",
         info="results/{experiment}/index/index.json",
+    log:
+        "results/logs/{experiment}/pca_index.log",
+    conda:
+        "../../envs/index.yaml"
     params:
         index={
             key: config["index"][key]
             for key in ("n_components", "space", "M", "ef_construction", "ef")
         },
         seed=config["seed"],
-    log:
-        "results/logs/{experiment}/pca_index.log",
-    conda:
-        "../../envs/index.yaml"
     script:
         "../scripts/pca_index.py"
 
@@ -29,12 +29,12 @@ rule evaluate_index:
         info="results/{experiment}/index/index.json",
     output:
         "results/{experiment}/index/recall.json",
-    params:
-        ks=config["index"]["ks"],
-        vote_k=config["index"]["vote_k"],
     log:
         "results/logs/{experiment}/evaluate_index.log",
     conda:
         "../../envs/index.yaml"
+    params:
+        ks=config["index"]["ks"],
+        vote_k=config["index"]["vote_k"],
     script:
         "../scripts/evaluate_index.py"

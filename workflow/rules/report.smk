@@ -14,11 +14,11 @@ rule summary:
             category="Classification",
             subcategory="{experiment}",
         ),
-    params:
-        stages=lambda wildcards: stage_names(wildcards.experiment),
     log:
         "results/logs/{experiment}/summary.log",
     conda:
         "../../envs/torch.yaml"
+    params:
+        stages=lambda wildcards: stage_names(wildcards.experiment),
     script:
         "../scripts/summary.py"

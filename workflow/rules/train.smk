@@ -7,6 +7,13 @@ rule train_stage:
         metrics="results/{experiment}/{stage}/metrics.json",
         checkpoints=directory("results/{experiment}/{stage}/checkpoints"),
         tensorboard=directory("results/{experiment}/{stage}/tensorboard"),
+    log:
+        "results/logs/{experiment}/{stage}.log",
+    conda:
+        "../../envs/torch.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=config["gpu"],
     params:
         experiment=lambda wildcards: EXPERIMENTS[wildcards.experiment],
         valid_folds=VALID_FOLDS,
@@ -14,13 +21,6 @@ rule train_stage:
         out_dir=subpath(output.best, parent=True),
         # resumable training state; not an output, so a failed job keeps it
         state_dir="results/{experiment}/state/{stage}",
-    resources:
-        gpu=config["gpu"],
-    threads: config["threads"]
-    log:
-        "results/logs/{experiment}/{stage}.log",
-    conda:
-        "../../envs/torch.yaml"
     script:
         "../scripts/train_stage.py"
 
@@ -35,17 +35,17 @@ rule infer:
         probabilities="results/{experiment}/predictions/probabilities.npy",
         embeddings="results/{experiment}/predictions/embeddings.npy",
         predictions="results/{experiment}/predictions/predictions.csv",
+    log:
+        "results/logs/{experiment}/infer.log",
+    conda:
+        "../../envs/torch.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=config["gpu"],
     params:
         experiment=lambda wildcards: EXPERIMENTS[wildcards.experiment],
         valid_folds=VALID_FOLDS,
         batch_size=config["infer_batch_size"],
         out_dir=subpath(output.predictions, parent=True),
-    resources:
-        gpu=config["gpu"],
-    threads: config["threads"]
-    log:
-        "results/logs/{experiment}/infer.log",
-    conda:
-        "../../envs/torch.yaml"
     script:
         "../scripts/infer.py"

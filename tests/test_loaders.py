@@ -1,0 +1,161 @@
+"""Tests for labelflow.loaders: transforms, augmentation seeding, the dataset and its cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import labelflow.loaders as loaders
+from conftest import make_tiny_dataset
+from labelflow.loaders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageTableDataset,
+    build_augmentations,
+    build_transform,
+    make_loader,
+)
+
+AFFINE = [{"name": "Affine", "params": {"rotate": (15, 40), "translate_px": (2, 4), "p": 1.0}}]
+
+
+def _image(seed: int = 0, size: int = 16) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _normalised(image: np.ndarray) -> torch.Tensor:
+    """Normalize + ToTensorV2 written out by hand: CHW float32 of (x/255 - mean) / std."""
+    x = image.astype(np.float32) / 255.0
+    x = (x - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+
+def _table(root: Path) -> tuple[list[str], list[int]]:
+    paths = sorted(str(p.relative_to(root)) for p in root.glob("class_*/*.png"))
+    targets = [int(Path(p).parent.name.split("_")[1]) for p in paths]
+    return paths, targets
+
+
+def test_validation_transform_is_deterministic_and_unaugmented():
+    image = _image()
+    transform = build_transform(AFFINE, train=False)
+    a = transform(image=image)["image"]
+    b = transform(image=image)["image"]
+    assert a.dtype == torch.float32 and a.shape == (3, 16, 16)
+    assert torch.equal(a, b)
+    # Augmentations are ignored when train=False: the output is the plain normalisation.
+    assert torch.allclose(a, _normalised(image), atol=1e-5)
+    assert torch.equal(a, build_transform([], train=False)(image=image)["image"])
+
+
+def test_train_transform_augments_and_reseed_reproduces(tmp_path: Path):
+    image = _image()
+    transform = build_transform(AFFINE, train=True, seed=3)
+    first = transform(image=image)["image"]
+    second = transform(image=image)["image"]
+    plain = _normalised(image)
+    assert not torch.allclose(first, plain, atol=1e-3)  # Affine with p=1 changed the image
+    assert not torch.equal(first, second)  # the random stream moves on
+
+    root = make_tiny_dataset(tmp_path / "tiny", n_classes=1, per_class=2)
+    paths, targets = _table(root)
+    dataset = ImageTableDataset(root, paths, targets, image_size=16, transform=transform)
+    dataset.reseed(11)
+    run1 = [dataset[i % 2]["image"] for i in range(4)]
+    dataset.reseed(11)
+    run2 = [dataset[i % 2]["image"] for i in range(4)]
+    for x, y in zip(run1, run2):
+        assert torch.equal(x, y)
+    assert not torch.equal(run1[0], run1[2])  # same image, later draw: different augmentation
+    dataset.reseed(12)
+    assert not torch.equal(dataset[0]["image"], run1[0])
+
+
+def test_build_augmentations_unknown_name():
+    with pytest.raises(ValueError, match=r"data\.augmentations\[0\]") as info:
+        build_augmentations([{"name": "NotATransform"}])
+    assert "NotATransform" in str(info.value)
+
+
+def test_build_augmentations_errors_name_the_index():
+    good = {"name": "HorizontalFlip", "params": {"p": 0.5}}
+    with pytest.raises(ValueError, match=r"data\.augmentations\[1\] \(Affine\)"):
+        build_augmentations([good, {"name": "Affine", "params": {"p": 5}}])
+    with pytest.raises(ValueError, match=r"data\.augmentations\[1\]"):
+        build_augmentations([good, {"name": "__version__"}])  # an attribute, not a transform
+
+
+def test_build_augmentations_builds_with_params():
+    (flip,) = build_augmentations([{"name": "HorizontalFlip", "params": {"p": 1.0}}])
+    image = _image()
+    assert np.array_equal(flip(image=image)["image"], image[:, ::-1])
+
+
+def test_dataset_resizes_and_returns_targets(tmp_path: Path):
+    root = make_tiny_dataset(tmp_path / "tiny", n_classes=3, per_class=2, size=16)
+    # One larger and one smaller extra image, both must come out at image_size.
+    Image.fromarray(_image(1, size=40)).save(root / "class_00" / "big.png")
+    Image.fromarray(_image(2, size=5)).save(root / "class_01" / "small.png")
+    paths, targets = _table(root)
+    dataset = ImageTableDataset(root, paths, targets, image_size=12, transform=build_transform(train=False))
+    assert len(dataset) == 8
+    for i in range(len(dataset)):
+        item = dataset[i]
+        assert item["image"].shape == (3, 12, 12)
+        assert item["index"] == i
+        assert item["class"].dtype == torch.int64
+        assert int(item["class"]) == targets[i]
+    assert sorted(set(targets)) == [0, 1, 2]
+
+    loader = make_loader(dataset, batch_size=4, shuffle=False, seed=0)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 3, 12, 12)
+    assert torch.equal(batch["class"], torch.tensor(targets[:4]))
+    assert torch.equal(batch["index"], torch.arange(4))
+
+
+def test_dataset_without_targets_has_no_class(tmp_path: Path):
+    root = make_tiny_dataset(tmp_path / "tiny", n_classes=1, per_class=2)
+    paths, _ = _table(root)
+    dataset = ImageTableDataset(root, paths, None, image_size=16, transform=build_transform(train=False))
+    assert set(dataset[0]) == {"image", "index"}
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_cache_decodes_once(tmp_path: Path, monkeypatch, cache: bool):
+    root = make_tiny_dataset(tmp_path / "tiny", n_classes=2, per_class=3)
+    paths, targets = _table(root)
+    calls: list[str] = []
+    real = loaders.load_image
+
+    def counting(path):
+        calls.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(loaders, "load_image", counting)
+    dataset = ImageTableDataset(root, paths, targets, image_size=16, transform=build_transform(train=False), cache=cache)
+    loader = make_loader(dataset, batch_size=4, shuffle=True, seed=0)
+    for _epoch in range(2):
+        seen = sum(len(batch["index"]) for batch in loader)
+        assert seen == 6
+    if cache:
+        assert sorted(calls) == sorted(str(root / p) for p in paths)  # each image exactly once
+    else:
+        assert len(calls) == 12  # decoded again in every epoch
+
+
+def test_make_loader_shuffle_is_seeded(tmp_path: Path):
+    root = make_tiny_dataset(tmp_path / "tiny", n_classes=2, per_class=6)
+    paths, targets = _table(root)
+    dataset = ImageTableDataset(root, paths, targets, image_size=16, transform=build_transform(train=False))
+
+    def order(seed: int) -> list[int]:
+        return [int(i) for batch in make_loader(dataset, batch_size=5, shuffle=True, seed=seed) for i in batch["index"]]
+
+    assert order(7) == order(7)
+    assert sorted(order(7)) == list(range(12))
+    assert order(7) != list(range(12))

@@ -1,0 +1,57 @@
+"""Run the real snakemake on tiny generated data in a temporary working directory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+
+# A fast recipe for 16 px images: the test asserts the plumbing and sane numbers, not accuracy.
+TINY_EXPERIMENT = {
+    "model": {"arch": "resnet18", "embedding_size": 16, "small_input": True},
+    "heads": [{"name": "class", "loss": "cross_entropy"}],
+    "data": {
+        "image_size": 16,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "augmentations": [{"name": "Affine", "params": {"translate_percent": [-0.05, 0.05], "p": 0.5}}],
+    },
+    "stages": {
+        "stage1": {"epochs": 1, "lr": 0.01, "batch_size": 8, "freeze_encoder": True},
+        "stage2": {"epochs": 2, "lr": 0.003, "batch_size": 8, "top_k": 2},
+    },
+}
+
+
+def write_tiny_config(workdir: Path, dataset: Path, experiments: dict[str, dict] | None = None, **overrides) -> Path:
+    """Experiment files + a config file in `workdir`; returns the config path."""
+    experiments = experiments or {"softmax": TINY_EXPERIMENT}
+    exp_dir = workdir / "experiments"
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    for name, experiment in experiments.items():
+        (exp_dir / f"{name}.yaml").write_text(yaml.safe_dump(experiment))
+    config = {
+        "dataset": str(dataset),
+        "experiments": list(experiments),
+        "experiments_dir": str(exp_dir),
+        "n_folds": 3,
+        "gpu": 0,
+        "threads": 1,
+        "index": {"n_components": 8, "ks": [1, 3, 5, 10]},
+        **overrides,
+    }
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2"]
+    if configfile is not None:
+        cmd += ["--configfile", str(configfile)]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout)
