@@ -33,10 +33,8 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
-        expand("results/{experiment}/summary.json", experiment=EXPERIMENTS),
+        "results/experiments.csv",
 
 
 onsuccess:
-    print_results_table(
-        expand("results/{experiment}/summary.json", experiment=EXPERIMENTS)
-    )
+    print_results_table("results/experiments.csv")

@@ -118,6 +118,16 @@ def test_dataset_resizes_and_returns_targets(tmp_path: Path):
     assert torch.equal(batch["index"], torch.arange(4))
 
 
+def test_dataset_multi_hot_targets_are_float_rows(tmp_path: Path):
+    root = make_tiny_dataset(tmp_path / "tiny", n_classes=1, per_class=2)
+    paths, _ = _table(root)
+    rows = [[1, 0, 1], [0, 1, 0]]
+    dataset = ImageTableDataset(root, paths, rows, image_size=16, transform=build_transform(train=False))
+    batch = next(iter(make_loader(dataset, batch_size=2, shuffle=False, seed=0)))
+    assert batch["class"].dtype == torch.float32
+    assert torch.equal(batch["class"], torch.tensor(rows, dtype=torch.float32))
+
+
 def test_dataset_without_targets_has_no_class(tmp_path: Path):
     root = make_tiny_dataset(tmp_path / "tiny", n_classes=1, per_class=2)
     paths, _ = _table(root)

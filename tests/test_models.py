@@ -35,6 +35,16 @@ class NotATensor:
         self.value = value
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """These tensors are tiny: one intra-op thread is as fast, and far faster when the 2 CPUs
+    are shared with other jobs (spinning OpenMP threads then stall every op)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _spec(num_classes: int = 3, embedding_size: int = 16, extra_head: bool = True) -> ModelSpec:
     heads = [HeadSpec("class", num_classes)]
     if extra_head:
@@ -151,6 +161,16 @@ def test_resnet34_weights_into_resnet18_name_the_file(tmp_path: Path):
     assert str(path) in message
     assert "resnet18" in message
     assert "unexpected" in message
+
+
+def test_wrong_tensor_shape_in_weights_names_the_file(tmp_path: Path):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"] = torch.zeros(64, 1, 7, 7)  # e.g. a greyscale stem
+    path = tmp_path / "grey.pt"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match="do not fit resnet18") as info:
+        create_encoder("resnet18", str(path))
+    assert str(path) in str(info.value) and "conv1.weight" in str(info.value)
 
 
 def test_missing_weights_file(tmp_path: Path):

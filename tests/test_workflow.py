@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_dataset
-from workflow_helpers import REPO, SNAKEMAKE, run_snakemake, write_tiny_config
+from workflow_helpers import REPO, SNAKEMAKE, TINY_EXPERIMENTS, run_snakemake, write_tiny_config
 
 pytestmark = pytest.mark.e2e
 
@@ -26,7 +26,7 @@ def finished_run(tmp_path_factory):
     (dataset / "class_01" / "broken.png").write_bytes(good[: len(good) // 2])
     (dataset / "class_02" / "notes.txt").write_text("not an image")
     workdir = base / "work"
-    config = write_tiny_config(workdir, dataset)
+    config = write_tiny_config(workdir, dataset, experiments=TINY_EXPERIMENTS)
     result = run_snakemake(workdir, configfile=config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return workdir, result
@@ -74,7 +74,7 @@ def test_predictions_and_index(finished_run):
     workdir, _ = finished_run
     pred_dir = workdir / "results/softmax/predictions"
     predictions = pd.read_csv(pred_dir / "predictions.csv")
-    assert list(predictions.columns) == ["path", "split", "true", "predicted", "confidence"]
+    assert list(predictions.columns) == ["path", "split", "class", "true", "predicted", "confidence"]
     assert len(predictions) == 36 and (predictions["split"] == "valid").sum() == 12
     probs = np.load(pred_dir / "probabilities.npy")
     assert probs.shape == (36, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
@@ -100,9 +100,35 @@ def test_summary_and_printed_table(finished_run):
     predictions = pd.read_csv(workdir / "results/softmax/predictions/predictions.csv")
     valid = predictions[predictions["split"] == "valid"]
     assert summary["valid"]["accuracy"] == pytest.approx((valid["true"] == valid["predicted"]).mean())
-    png = (workdir / "results/softmax/confusion_matrix.png").read_bytes()
+    png = (workdir / "results/softmax/confusion/class.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24])[0] >= 200
-    assert "Results (valid fold)" in result.stdout and "softmax" in result.stdout
+    assert list((workdir / "results/softmax/summary_tensorboard").glob("events.out.tfevents.*"))
+    assert "Results (valid fold)" in result.stdout
+    for name in TINY_EXPERIMENTS:
+        assert name in result.stdout
+
+
+def test_four_experiments_compared(finished_run):
+    workdir, _ = finished_run
+    table = pd.read_csv(workdir / "results/experiments.csv").set_index("experiment")
+    assert sorted(table.index) == sorted(TINY_EXPERIMENTS)
+    for name in TINY_EXPERIMENTS:
+        summary = json.loads((workdir / f"results/{name}/summary.json").read_text())
+        assert table.loc[name, "valid_accuracy"] == pytest.approx(summary["valid"]["accuracy"])
+        assert table.loc[name, "epochs"] == 3 and table.loc[name, "train_minutes"] > 0
+    # AUC is defined for the sigmoid-trained heads only
+    assert table.loc[["bce", "focal"], "auc"].between(0, 1).all()
+    assert table.loc[["softmax", "augs"], "auc"].isna().all()
+    # self-supervised heads: accuracy per head, a rotation confusion matrix, aug_ metrics per epoch
+    augs = json.loads((workdir / "results/augs/summary.json").read_text())
+    assert set(augs["heads"]) == {"rotation", "class_rotation"}
+    assert 0 <= augs["heads"]["rotation"]["accuracy"] <= 1
+    assert (workdir / "results/augs/confusion/rotation.png").is_file()
+    heads = pd.read_csv(workdir / "results/augs/predictions/heads.csv")
+    assert set(heads["head"]) == {"rotation", "class_rotation"} and heads["true"].between(0, 23).all()
+    epoch = json.loads((workdir / "results/augs/stage2/metrics.json").read_text())["epochs"][-1]["valid"]
+    assert {"accuracy", "aug_rotation_accuracy", "aug_class_rotation_accuracy"} <= set(epoch)
+    assert (workdir / "results/experiments.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_rerun_does_nothing(finished_run):
@@ -118,7 +144,8 @@ def test_same_seed_same_summary(finished_run, tmp_path):
     shutil.copytree(workdir / "experiments", second / "experiments")
     config = (workdir / "config.yaml").read_text().replace(str(workdir), str(second))
     second.joinpath("config.yaml").write_text(config)
-    result = run_snakemake(second, configfile=second / "config.yaml")
+    # only the softmax experiment this time: its results must not depend on the others
+    result = run_snakemake(second, "--config", "experiments=[softmax]", configfile=second / "config.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
     first = json.loads((workdir / "results/softmax/summary.json").read_text())
     assert json.loads((second / "results/softmax/summary.json").read_text()) == first
@@ -128,7 +155,8 @@ def test_dry_run_default_target(tmp_path):
     result = run_snakemake(tmp_path, "-n")
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    for rule in ("demo_dataset", "tag2label", "split", "train_stage", "infer", "pca_index", "evaluate_index", "summary"):
+    rules = ("demo_dataset", "tag2label", "split", "train_stage", "infer", "pca_index", "evaluate_index", "summary")
+    for rule in rules + ("compare_experiments",):
         assert rule in out
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 

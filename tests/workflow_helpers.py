@@ -28,6 +28,20 @@ TINY_EXPERIMENT = {
 }
 
 
+def tiny_experiment(*heads: dict) -> dict:
+    """TINY_EXPERIMENT with other heads, e.g. tiny_experiment({"name": "class", "loss": "bce"})."""
+    return {**TINY_EXPERIMENT, "heads": list(heads)}
+
+
+# The four experiments of config/experiments, at the tiny recipe.
+TINY_EXPERIMENTS = {
+    "softmax": TINY_EXPERIMENT,
+    "bce": tiny_experiment({"name": "class", "loss": "bce"}),
+    "focal": tiny_experiment({"name": "class", "loss": "focal", "params": {"gamma": 2.0, "alpha": 0.25}}),
+    "augs": tiny_experiment({"name": "class"}, {"name": "rotation"}, {"name": "class_rotation"}),
+}
+
+
 def write_tiny_config(workdir: Path, dataset: Path, experiments: dict[str, dict] | None = None, **overrides) -> Path:
     """Experiment files + a config file in `workdir`; returns the config path."""
     experiments = experiments or {"softmax": TINY_EXPERIMENT}

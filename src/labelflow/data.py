@@ -318,6 +318,58 @@ def _inspect(path: str) -> tuple[str | None, str | None]:
         return f"unreadable: {err.strerror}", None
 
 
+def tag2label_csv(labels_csv: PathLike, root: PathLike) -> Tag2LabelResult:
+    """A labels table (``path,labels``; labels separated by ``;``; paths relative to ``root``)
+    → the same shapes as :func:`tag2label`, plus a ``labels`` column (sorted, ``;``-joined).
+
+    ``tag`` is the first label (sorted), used to stratify folds. Rows whose path is absolute,
+    escapes ``root``, is missing or is not a readable image, and rows without labels, are
+    skipped and reported; a file listed twice is an error.
+    """
+    labels_csv, root = Path(labels_csv), Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist; set config key `dataset` to the root of labels_csv paths")
+    try:
+        table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+    except FileNotFoundError as err:
+        raise DatasetError(f"labels table {labels_csv} does not exist; check config key `labels_csv`") from err
+    _require_columns(table, ["path", "labels"], f"labels table {labels_csv}")
+    repeated = table["path"][table["path"].duplicated()].tolist()
+    if repeated:
+        raise DatasetError(f"labels table {labels_csv} lists {_quote(repeated[:5])} more than once; keep one row per image")
+    base = os.path.abspath(root)
+    skipped: list[tuple[str, str]] = []
+    rows: list[tuple[str, str, str, str]] = []  # path, tag, labels, sha1
+    for path, raw in zip(table["path"], table["labels"]):
+        labels = sorted({label.strip() for label in raw.split(";") if label.strip()})
+        problem = _path_problem(path, base, check_exists=True)
+        if problem is None and not labels:
+            problem = "no labels"
+        if problem is None:
+            problem, digest = _inspect(os.path.join(base, path))
+        if problem is not None:
+            skipped.append((path, problem))
+            continue
+        rows.append((Path(path).as_posix(), labels[0], ";".join(labels), digest or ""))
+    rows.sort()
+    all_labels = sorted({label for _, _, labels, _ in rows for label in labels.split(";")})
+    if len(all_labels) < 2:
+        raise DatasetError(f"labels table {labels_csv} has {len(all_labels)} usable label(s); at least 2 are needed")
+    first_with: dict[str, str] = {}
+    duplicates = []
+    for path, _, _, digest in rows:
+        if digest in first_with:
+            duplicates.append((path, first_with[digest]))
+        else:
+            first_with[digest] = path
+    return Tag2LabelResult(
+        dataset=pd.DataFrame([r[:3] for r in rows], columns=["path", "tag", "labels"]),
+        tag2cls={label: i for i, label in enumerate(all_labels)},
+        skipped=pd.DataFrame(sorted(skipped), columns=["path", "reason"]),
+        duplicates=pd.DataFrame(sorted(duplicates), columns=["path", "duplicate_of"]),
+    )
+
+
 # --------------------------------------------------------------------------- folds
 
 
@@ -334,7 +386,10 @@ def split(
     if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
         raise DatasetError(f"config key `n_folds` must be an integer >= 2, got {n_folds!r}")
     _require_columns(dataset, ["path", "tag"], "dataset table")
-    df = dataset[["path", "tag"]].sort_values("path", kind="stable").reset_index(drop=True)
+    # Multilabel tables (from a labels CSV) carry `labels`; `tag` is then the first label,
+    # the key the folds are stratified on.
+    columns = ["path", "tag"] + (["labels"] if "labels" in dataset.columns else [])
+    df = dataset[columns].sort_values("path", kind="stable").reset_index(drop=True)
 
     unknown = sorted(set(df["tag"]) - set(tag2cls))
     if unknown:
@@ -343,9 +398,10 @@ def split(
             "rerun tag2label so the dataset table and tag2cls.json match"
         )
     counts = df["tag"].value_counts()
-    small = {
-        tag: int(counts.get(tag, 0)) for tag in sorted(tag2cls) if counts.get(tag, 0) < n_folds
-    }
+    # Every class must reach every fold; in a multilabel table only the first labels
+    # (the stratification key) are checked, since other labels ride along.
+    keys = sorted(set(df["tag"])) if "labels" in df.columns else sorted(tag2cls)
+    small = {tag: int(counts.get(tag, 0)) for tag in keys if counts.get(tag, 0) < n_folds}
     if small:
         listed = ", ".join(f"{tag!r} ({n} images)" for tag, n in small.items())
         raise DatasetError(
@@ -358,7 +414,7 @@ def split(
     folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for fold, (_, test) in enumerate(folds.split(np.zeros(len(df)), df["class"])):
         df.loc[test, "fold"] = fold
-    return df[["path", "tag", "class", "fold"]]
+    return df[["path", "tag", "class", "fold"] + columns[2:]]
 
 
 def resolve_valid_folds(n_folds: int, valid_folds: Sequence[int] | int | None) -> list[int]:
@@ -414,7 +470,10 @@ def read_dataset_csv(
     # and tags/paths that look numeric (digit folders "0".."9") must stay strings.
     try:
         df = pd.read_csv(
-            csv_path, dtype={"path": str, "tag": str}, keep_default_na=False, na_values=[""]
+            csv_path,
+            dtype={"path": str, "tag": str, "labels": str},
+            keep_default_na=False,
+            na_values=[""],
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DatasetError(

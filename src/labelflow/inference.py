@@ -17,12 +17,15 @@ log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
-def predict(model: MultiHeadNet, loader: DataLoader, device: torch.device, head: str | None = None) -> dict[str, np.ndarray]:
-    """Returns {"logits", "probabilities", "embeddings"} for `head` (default: the first head)."""
+def predict(
+    model: MultiHeadNet, loader: DataLoader, device: torch.device, head: str | None = None, with_targets: bool = False
+) -> dict[str, np.ndarray]:
+    """Returns {"logits", "probabilities", "embeddings"} for `head` (default: the first head),
+    and with `with_targets` the loader's targets for that head as "targets"."""
     head_spec = model.spec.heads[0] if head is None else next(h for h in model.spec.heads if h.name == head)
     activation = get_loss(head_spec.loss).activation
     model.eval().to(device)
-    logits, embeddings = [], []
+    logits, embeddings, targets = [], [], []
     started, done = time.perf_counter(), 0
     report_every = max(1, len(loader) // 4) if len(loader) >= 40 else 0
     for step, batch in enumerate(loader, start=1):
@@ -31,12 +34,17 @@ def predict(model: MultiHeadNet, loader: DataLoader, device: torch.device, head:
             outputs = model(images)
         logits.append(outputs[head_spec.name].float().cpu())
         embeddings.append(outputs["embedding"].float().cpu())
+        if with_targets:
+            targets.append(batch[head_spec.name])
         done += len(images)
         if report_every and step % report_every == 0:
             log.info("inference: %d/%d images (%.0f img/s)", done, len(loader.dataset), done / (time.perf_counter() - started))
     all_logits = torch.cat(logits) if logits else torch.empty(0, head_spec.num_outputs)
-    return {
+    result = {
         "logits": all_logits.numpy(),
         "probabilities": probabilities(all_logits, activation).numpy(),
         "embeddings": (torch.cat(embeddings) if embeddings else torch.empty(0, model.spec.embedding_size)).numpy(),
     }
+    if with_targets:
+        result["targets"] = torch.cat(targets).numpy() if targets else np.empty(0, dtype=np.int64)
+    return result

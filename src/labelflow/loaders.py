@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,8 +29,12 @@ def build_augmentations(specs: Sequence[dict[str, Any]]) -> list[A.BasicTransfor
         if cls is None or not isinstance(cls, type):
             raise ValueError(f"data.augmentations[{i}]: albumentations has no transform {name!r}")
         try:
-            transforms.append(cls(**spec.get("params", {})))
-        except (TypeError, ValueError) as exc:
+            # albumentations only warns about unknown arguments; a typo must not silently
+            # give a do-nothing transform
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                transforms.append(cls(**spec.get("params", {})))
+        except (TypeError, ValueError, UserWarning) as exc:
             raise ValueError(f"data.augmentations[{i}] ({name}): {exc}") from exc
     return transforms
 
@@ -60,11 +65,30 @@ def decode_resized(path: str | Path, image_size: int) -> np.ndarray:
     return image
 
 
+# Self-supervised "augs" heads: code = 2*k + flip, where the image is first flipped
+# horizontally (flip=1) and then rotated by k*90 degrees counter-clockwise.
+ROTATION_CLASSES = 8
+ROTATION_MODES = ("none", "random", "seeded")
+
+
+def apply_rotation_code(image: torch.Tensor, code: int) -> torch.Tensor:
+    """Apply rotation/flip `code` (0..7) to a CHW tensor."""
+    k, flip = divmod(int(code), 2)
+    if flip:
+        image = torch.flip(image, dims=[-1])
+    return torch.rot90(image, k, dims=[-2, -1]) if k else image
+
+
 class ImageTableDataset(Dataset):
     """Images named by paths relative to `root`, resized once to `image_size`.
 
     With cache=True every image is decoded and resized once, when the dataset is built:
     small datasets then cost no decoding per epoch.
+
+    `targets` are class indices (N,) or multi-hot rows (N, C). With rotation="random"
+    (training) or "seeded" (validation: the same transform for an image on every pass)
+    each image gets a known rotation/flip and the items carry its code as `rotation`
+    and `class_rotation` targets; the code is recorded as applied, never re-derived.
     """
 
     def __init__(
@@ -75,12 +99,19 @@ class ImageTableDataset(Dataset):
         image_size: int,
         transform: A.Compose,
         cache: bool = True,
+        rotation: str = "none",
+        rotation_seed: int = 0,
     ):
+        if rotation not in ROTATION_MODES:
+            raise ValueError(f"rotation must be one of {ROTATION_MODES}, got {rotation!r}")
         self.root = Path(root)
         self.paths = list(paths)
         self.targets = None if targets is None else np.asarray(targets)
         self.image_size = image_size
         self.transform = transform
+        self.rotation = rotation
+        self.rotation_seed = rotation_seed
+        self.rng = np.random.default_rng(rotation_seed)
         self.images = [self._decode(i) for i in range(len(self.paths))] if cache else None
 
     def _decode(self, index: int) -> np.ndarray:
@@ -93,12 +124,21 @@ class ImageTableDataset(Dataset):
         image = self.images[index] if self.images is not None else self._decode(index)
         item = {"image": self.transform(image=image)["image"], "index": index}
         if self.targets is not None:
-            item["class"] = torch.as_tensor(self.targets[index])
+            target = self.targets[index]
+            item["class"] = torch.as_tensor(target, dtype=torch.float32 if target.ndim else torch.int64)
+        if self.rotation != "none":
+            rng = self.rng if self.rotation == "random" else np.random.default_rng([self.rotation_seed, index])
+            code = int(rng.integers(ROTATION_CLASSES))
+            item["image"] = apply_rotation_code(item["image"], code)
+            item["rotation"] = torch.tensor(code)
+            if self.targets is not None and self.targets[index].ndim == 0:
+                item["class_rotation"] = torch.tensor(int(self.targets[index]) * ROTATION_CLASSES + code)
         return item
 
     def reseed(self, seed: int) -> None:
         """Make the augmentation stream a function of (seed), e.g. seed+epoch, for exact resume."""
         self.transform.set_random_seed(seed)
+        self.rng = np.random.default_rng(seed)
 
 
 def _seed_worker(worker_id: int) -> None:

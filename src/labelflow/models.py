@@ -27,6 +27,7 @@ class HeadSpec:
     loss: str = "cross_entropy"
     weight: float = 1.0
     loss_params: dict[str, Any] = field(default_factory=dict)
+    threshold: float = 0.5  # multilabel decision threshold on sigmoid probabilities
 
 
 @dataclass
@@ -41,6 +42,10 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def heads_by_name(self) -> dict[str, HeadSpec]:
+        return {h.name: h for h in self.heads}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
@@ -190,10 +195,15 @@ def atomic_torch_save(payload: Any, path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f"checkpoint {path} does not exist") from None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unsafe (pickled objects) or corrupt files
+        raise WeightsError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "spec" not in checkpoint:
+        raise WeightsError(f"{path} is not a labelflow checkpoint (no model/spec); was it written by this workflow?")
+    return checkpoint
 
 
 def load_model(path: str | Path) -> MultiHeadNet:

@@ -18,24 +18,37 @@ import torch
 from labelflow import index as knn
 from labelflow.data import DatasetError, read_dataset_csv, read_tag2cls, valid_mask, write_csv_atomic, write_json_atomic
 from labelflow.inference import predict
-from labelflow.loaders import ImageTableDataset, build_transform, make_loader
+from labelflow.loaders import ROTATION_CLASSES, ImageTableDataset, build_transform, make_loader
+from labelflow.losses import get_loss
+from labelflow.metrics import activate, predict_labels
 from labelflow.models import HeadSpec, ModelSpec, create_model, load_model, load_weights_into
 from labelflow.training import StageSpec, file_digest, fingerprint, run_stage, select_device
 
 log = logging.getLogger(__name__)
 
 
+SELF_SUPERVISED_HEADS = ("rotation", "class_rotation")
+HEAD_TARGETS = ("class",) + SELF_SUPERVISED_HEADS
+
+
 def model_spec(experiment: dict[str, Any], num_classes: int) -> ModelSpec:
-    """The experiment's model section with head sizes filled in from the data."""
+    """The experiment's model section with head sizes filled in from the data.
+
+    A head's name says what it predicts: `class` (the labels), `rotation` (8 codes of
+    k*90 degree rotation x horizontal flip) or `class_rotation` (class x rotation code).
+    """
+    sizes = {"class": num_classes, "rotation": ROTATION_CLASSES, "class_rotation": num_classes * ROTATION_CLASSES}
     heads = []
     for head in experiment["heads"]:
-        if head["name"] == "class":
-            num_outputs = num_classes  # the class count always comes from the data
-        elif "num_outputs" in head:
-            num_outputs = head["num_outputs"]
-        else:
-            raise ValueError(f"head {head['name']!r} needs `num_outputs` in the experiment file")
-        heads.append(HeadSpec(head["name"], num_outputs, head["loss"], head["weight"], head.get("params", {})))
+        if head["name"] not in sizes:
+            raise ValueError(
+                f"experiment head {head['name']!r} is unknown; a head is named by its target, one of {HEAD_TARGETS}"
+            )
+        heads.append(
+            HeadSpec(head["name"], sizes[head["name"]], head["loss"], head["weight"], head.get("params", {}), head["threshold"])
+        )
+    if heads[0].name != "class":
+        raise ValueError("the first head of an experiment must be `class` (the main head)")
     m = experiment["model"]
     return ModelSpec(
         arch=m["arch"], heads=heads, embedding_size=m["embedding_size"], dropout=m["dropout"],
@@ -43,9 +56,41 @@ def model_spec(experiment: dict[str, Any], num_classes: int) -> ModelSpec:
     )
 
 
-def _datasets(dataset: pd.DataFrame, root: str | Path, data_cfg: dict[str, Any], seed: int, train_augment: bool = True):
+def uses_rotation(spec: ModelSpec) -> bool:
+    return any(h.name in SELF_SUPERVISED_HEADS for h in spec.heads)
+
+
+def is_multilabel(dataset: pd.DataFrame) -> bool:
+    """A dataset from a labels CSV with at least one image carrying several labels."""
+    return "labels" in dataset.columns and bool(dataset["labels"].str.contains(";").any())
+
+
+def class_targets(dataset: pd.DataFrame, tag2cls: dict[str, int]) -> np.ndarray:
+    """Class indices (N,) for single-label data, multi-hot rows (N, C) for multilabel data."""
+    if not is_multilabel(dataset):
+        return dataset["class"].to_numpy()
+    targets = np.zeros((len(dataset), len(tag2cls)), dtype=np.float32)
+    for row, labels in enumerate(dataset["labels"]):
+        targets[row, [tag2cls[label] for label in labels.split(";")]] = 1.0
+    return targets
+
+
+def check_heads_fit_data(spec: ModelSpec, multilabel: bool, experiment_name: str = "") -> None:
+    if not multilabel:
+        return
+    for head in spec.heads:
+        if head.name == "class" and get_loss(head.loss).activation == "softmax":
+            raise DatasetError(
+                f"experiment {experiment_name or ''} trains its class head with {head.loss} (one class per "
+                "image) but the dataset is multilabel; use an experiment with loss bce or focal"
+            )
+        if head.name == "class_rotation":
+            raise DatasetError("a class_rotation head needs single-label data; remove it for multilabel datasets")
+
+
+def _transforms(data_cfg: dict[str, Any], seed: int):
     norm = {"mean": data_cfg["mean"], "std": data_cfg["std"]}
-    train_tf = build_transform(data_cfg["augmentations"], train=train_augment, seed=seed, **norm)
+    train_tf = build_transform(data_cfg["augmentations"], train=True, seed=seed, **norm)
     eval_tf = build_transform(train=False, **norm)
     return train_tf, eval_tf
 
@@ -67,28 +112,41 @@ def train_stage(
     state_dir: str | Path,
     init_checkpoint: str | Path | None = None,
     want_gpu: bool = False,
+    experiment_name: str = "",
 ) -> dict[str, Any]:
-    """Train one stage of an experiment; stage2 starts from stage1's best weights."""
+    """Train one stage of an experiment; a later stage starts from the previous stage's best."""
     dataset = read_dataset_csv(dataset_csv, root)
     tag2cls = read_tag2cls(tag2cls_json)
     spec = model_spec(experiment, len(tag2cls))
+    check_heads_fit_data(spec, is_multilabel(dataset), experiment_name)
     stage_spec = StageSpec.from_dict(stage, experiment["stages"][stage])
     device = select_device(want_gpu)
 
-    is_valid = valid_mask(dataset, list(valid_folds))
-    train_df, valid_df = dataset[~is_valid], dataset[is_valid]
-    if len(train_df) == 0 or len(valid_df) == 0:
+    is_valid = valid_mask(dataset, list(valid_folds)).to_numpy()
+    if is_valid.all() or not is_valid.any():
         raise DatasetError(f"{dataset_csv}: valid_folds {list(valid_folds)} leave no train or no valid images")
+    targets = class_targets(dataset, tag2cls)
+    paths = dataset["path"].to_numpy()
     data_cfg = experiment["data"]
-    train_tf, eval_tf = _datasets(dataset, root, data_cfg, seed)
+    train_tf, eval_tf = _transforms(data_cfg, seed)
     size, cache = data_cfg["image_size"], data_cfg["cache"]
-    train_ds = ImageTableDataset(root, train_df["path"], train_df["class"], size, train_tf, cache)
-    valid_ds = ImageTableDataset(root, valid_df["path"], valid_df["class"], size, eval_tf, cache)
+    rotation = uses_rotation(spec)
+    train_ds = ImageTableDataset(
+        root, paths[~is_valid], targets[~is_valid], size, train_tf, cache, rotation="random" if rotation else "none"
+    )
+    valid_ds = ImageTableDataset(
+        root, paths[is_valid], targets[is_valid], size, eval_tf, cache,
+        rotation="seeded" if rotation else "none", rotation_seed=seed,
+    )
     options = _loader_options(data_cfg, device)
     batch = stage_spec.batch_size
     # drop_last avoids a 1-image BatchNorm batch at the end of an epoch
     train_loader = make_loader(train_ds, batch_size=batch, shuffle=True, seed=seed, drop_last=len(train_ds) > batch, **options)
     valid_loader = make_loader(valid_ds, batch_size=batch, shuffle=False, seed=seed, **options)
+    upright_loader = None
+    if rotation:
+        upright_ds = ImageTableDataset(root, paths[is_valid], targets[is_valid], size, eval_tf, cache)
+        upright_loader = make_loader(upright_ds, batch_size=batch, shuffle=False, seed=seed, **options)
 
     torch.manual_seed(seed)  # model initialisation
     weights = experiment["model"]["weights"] if init_checkpoint is None else "none"
@@ -104,6 +162,7 @@ def train_stage(
     return run_stage(
         model, train_loader, valid_loader, stage_spec,
         out_dir=out_dir, state_dir=state_dir, device=device, seed=seed, stage_fingerprint=stage_fp,
+        upright_loader=upright_loader,
     )
 
 
@@ -111,37 +170,71 @@ def infer(
     *,
     checkpoint: str | Path,
     dataset_csv: str | Path,
+    tag2cls_json: str | Path,
     root: str | Path,
     experiment: dict[str, Any],
     valid_folds: Sequence[int],
+    seed: int,
     out_dir: str | Path,
     batch_size: int = 256,
     want_gpu: bool = False,
 ) -> pd.DataFrame:
-    """Best model over train and valid → logits/probabilities/embeddings .npy + predictions.csv."""
+    """Best model over train and valid → logits/probabilities/embeddings .npy + predictions.csv.
+
+    Images are un-rotated and un-augmented. For rotation heads, the valid images are also
+    predicted under their seeded rotation codes → heads.csv (path, head, true, predicted).
+    """
     dataset = read_dataset_csv(dataset_csv, root)
+    tag2cls = read_tag2cls(tag2cls_json)
+    classes = sorted(tag2cls, key=tag2cls.get)
     device = select_device(want_gpu)
     model = load_model(checkpoint)
     data_cfg = experiment["data"]
-    _, eval_tf = _datasets(dataset, root, data_cfg, 0)
-    ds = ImageTableDataset(root, dataset["path"], None, data_cfg["image_size"], eval_tf, data_cfg["cache"])
-    loader = make_loader(ds, batch_size=batch_size, shuffle=False, seed=0, **_loader_options(data_cfg, device))
-    outputs = predict(model, loader, device)
+    _, eval_tf = _transforms(data_cfg, seed)
+    options = _loader_options(data_cfg, device)
+    paths = dataset["path"].to_numpy()
+    ds = ImageTableDataset(root, paths, None, data_cfg["image_size"], eval_tf, data_cfg["cache"])
+    outputs = predict(model, make_loader(ds, batch_size=batch_size, shuffle=False, seed=0, **options), device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, array in outputs.items():
         save_npy_atomic(out_dir / f"{name}.npy", array.astype(np.float32))
+
+    head = model.spec.heads[0]
     probs = outputs["probabilities"]
+    is_valid = valid_mask(dataset, list(valid_folds)).to_numpy()
+    # `class` is what the index's recall@k counts (the first label of multilabel images)
     predictions = pd.DataFrame(
-        {
-            "path": dataset["path"].to_numpy(),
-            "split": np.where(valid_mask(dataset, list(valid_folds)), "valid", "train"),
-            "true": dataset["class"].to_numpy(),
-            "predicted": probs.argmax(axis=1),
-            "confidence": probs.max(axis=1),
-        }
+        {"path": paths, "split": np.where(is_valid, "valid", "train"), "class": dataset["class"].to_numpy()}
     )
+    if is_multilabel(dataset):
+        predicted = predict_labels(probs, True, head.threshold)
+        predictions["true"] = dataset["labels"].to_numpy()
+        predictions["predicted"] = [";".join(classes[i] for i in np.flatnonzero(row)) for row in predicted]
+        predictions["confidence"] = probs.max(axis=1)
+    else:
+        predictions["true"] = dataset["class"].to_numpy()
+        predictions["predicted"] = probs.argmax(axis=1)
+        predictions["confidence"] = probs.max(axis=1)
     write_csv_atomic(predictions, out_dir / "predictions.csv")
+
+    rows = []
+    if uses_rotation(model.spec):
+        targets = class_targets(dataset, tag2cls)
+        valid_ds = ImageTableDataset(
+            root, paths[is_valid], targets[is_valid], data_cfg["image_size"], eval_tf, data_cfg["cache"],
+            rotation="seeded", rotation_seed=seed,
+        )
+        for name in SELF_SUPERVISED_HEADS:
+            if name not in model.spec.heads_by_name:
+                continue
+            loader = make_loader(valid_ds, batch_size=batch_size, shuffle=False, seed=0, **options)
+            head_out = predict(model, loader, device, head=name, with_targets=True)
+            rows += [
+                (path, name, int(t), int(p))
+                for path, t, p in zip(paths[is_valid], head_out["targets"], head_out["logits"].argmax(axis=1))
+            ]
+    write_csv_atomic(pd.DataFrame(rows, columns=["path", "head", "true", "predicted"]), out_dir / "heads.csv")
     return predictions
 
 
@@ -160,7 +253,7 @@ def _split_embeddings(predictions_csv: str | Path, embeddings_npy: str | Path):
     predictions = pd.read_csv(predictions_csv)
     embeddings = load_npy(embeddings_npy)
     is_train = (predictions["split"] == "train").to_numpy()
-    labels = predictions["true"].to_numpy()
+    labels = predictions["class"].to_numpy()
     return embeddings[is_train], labels[is_train], embeddings[~is_train], labels[~is_train]
 
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from labelflow.data import write_json_atomic
 from labelflow.losses import get_loss
+from labelflow.metrics import head_metrics
 from labelflow.models import MultiHeadNet, atomic_torch_save, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ def build_optimizer(model: torch.nn.Module, spec: StageSpec) -> torch.optim.Opti
 
 def lr_factor(spec: StageSpec, step: int, steps_per_epoch: int) -> float:
     """Multiplier of the base lr at optimizer step `step` (the scheduler is stepped per batch)."""
+    if spec.scheduler not in SCHEDULERS:
+        raise ValueError(f"stages.{spec.name}.scheduler={spec.scheduler!r}; choose one of {SCHEDULERS}")
     total = max(1, spec.epochs * steps_per_epoch)
     warmup = int(spec.warmup_epochs * steps_per_epoch)
     if step < warmup:
@@ -115,7 +118,7 @@ def lr_factor(spec: StageSpec, step: int, steps_per_epoch: int) -> float:
             return 1 / 25 + (1 - 1 / 25) * step / rise
         progress = (step - rise) / max(1, total - rise)
         return 1e-4 + (1 - 1e-4) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"stages.{spec.name}.scheduler={spec.scheduler!r}; choose one of {SCHEDULERS}")
+    raise AssertionError(spec.scheduler)  # unreachable: checked above
 
 
 def build_scheduler(optimizer, spec: StageSpec, steps_per_epoch: int):
@@ -126,43 +129,54 @@ def build_scheduler(optimizer, spec: StageSpec, steps_per_epoch: int):
 
 
 class HeadMetrics:
-    """Running loss and accuracy per head over one pass."""
+    """Loss sums over one pass and every head's logits/targets, for metrics at the end.
+
+    A head whose target is not in the batch (e.g. `rotation` on upright images) is skipped.
+    """
 
     def __init__(self, heads):
         self.heads = heads
         self.count = 0
         self.loss = 0.0
         self.head_loss = {h.name: 0.0 for h in heads}
-        self.correct = {h.name: 0 for h in heads}
-        self.seen = {h.name: 0 for h in heads}
+        self.head_count = {h.name: 0 for h in heads}
+        self.logits: dict[str, list[torch.Tensor]] = {h.name: [] for h in heads}
+        self.targets: dict[str, list[torch.Tensor]] = {h.name: [] for h in heads}
 
     def update(self, outputs, batch, losses: dict[str, torch.Tensor], total: torch.Tensor) -> None:
         n = len(batch["index"])
         self.count += n
         self.loss += float(total) * n
-        for head in self.heads:
-            self.head_loss[head.name] += float(losses[head.name]) * n
-            target = batch[head.name]
-            if target.ndim == 1:  # single-label head: argmax accuracy
-                pred = outputs[head.name].argmax(dim=1).cpu()
-                self.correct[head.name] += int((pred == target.cpu()).sum())
-                self.seen[head.name] += n
+        for name, loss in losses.items():
+            self.head_loss[name] += float(loss) * n
+            self.head_count[name] += n
+            self.logits[name].append(outputs[name].detach().float().cpu())
+            self.targets[name].append(batch[name].detach().cpu())
 
     def result(self) -> dict[str, float]:
         out = {"loss": self.loss / max(1, self.count)}
-        for i, head in enumerate(self.heads):
-            out[f"{head.name}_loss"] = self.head_loss[head.name] / max(1, self.count)
-            if self.seen[head.name]:
-                acc = self.correct[head.name] / self.seen[head.name]
-                out[f"{head.name}_accuracy"] = acc
-                if i == 0:
-                    out["accuracy"] = acc  # the first head is the main one
+        for head in self.heads:
+            if not self.head_count[head.name]:
+                continue
+            out[f"{head.name}_loss"] = self.head_loss[head.name] / self.head_count[head.name]
+            values = head_metrics(
+                torch.cat(self.logits[head.name]).numpy(),
+                torch.cat(self.targets[head.name]).numpy(),
+                get_loss(head.loss).activation,
+                head.threshold,
+            )
+            out.update({f"{head.name}_{key}": value for key, value in values.items()})
+        main = self.heads[0].name  # the first head is the main one
+        if f"{main}_accuracy" in out:
+            out["accuracy"] = out[f"{main}_accuracy"]
         return out
 
 
 def compute_losses(model: MultiHeadNet, outputs, batch, criteria) -> tuple[dict, torch.Tensor]:
-    losses = {h.name: criteria[h.name](outputs[h.name].float(), batch[h.name]) for h in model.spec.heads}
-    total = sum(h.weight * losses[h.name] for h in model.spec.heads)
+    """Loss of every head whose target the batch carries, and their weighted sum."""
+    heads = [h for h in model.spec.heads if h.name in batch]
+    losses = {h.name: criteria[h.name](outputs[h.name].float(), batch[h.name]) for h in heads}
+    total = sum(h.weight * losses[h.name] for h in heads)
     return losses, total
 
 
@@ -203,7 +217,7 @@ def train_one_epoch(
         optimizer.step()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        metrics.update(outputs, batch, losses, total.detach())
+        metrics.update(outputs, batch, {k: v.detach() for k, v in losses.items()}, total.detach())
         if on_step is not None and on_step(step, lr, float(total)):
             break  # the caller (e.g. LR finder) asked to stop
         if progress_every and step % progress_every == 0:
@@ -280,8 +294,13 @@ def run_stage(
     main_metric: str = "accuracy",
     writer=None,
     progress_every: int | None = None,
+    upright_loader: DataLoader | None = None,
 ) -> dict[str, Any]:
     """Train `model` for one stage; resume from `state_dir` when its fingerprint matches.
+
+    With `upright_loader` (self-supervised rotation heads), `valid_loader` holds the
+    rotated images: their metrics get the prefix `aug_`, and the un-rotated images give
+    the plain valid metrics, so class accuracy compares with the other experiments.
 
     Writes into out_dir at the end: best.pt, last.pt, checkpoints/ (top-k by `main_metric`
     on valid, name carries the value), metrics.json, and copies the TensorBoard log.
@@ -346,6 +365,10 @@ def run_stage(
                 epoch=epoch, progress_every=progress_every,
             )
             valid_metrics = evaluate(model, valid_loader, criteria, device)
+            if upright_loader is not None:
+                valid_metrics = {f"aug_{k}": v for k, v in valid_metrics.items()} | evaluate(
+                    model, upright_loader, criteria, device
+                )
             seconds = time.perf_counter() - started
             record = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 3), "train": train_metrics, "valid": valid_metrics}
             history.append(record)

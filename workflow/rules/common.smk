@@ -5,7 +5,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from labelflow.data import DatasetError, resolve_valid_folds
-from labelflow.reports import format_summary
+from labelflow.reports import format_experiments
 
 # Rule demo_dataset writes the digits here; any other `dataset` must already exist.
 DEMO_DATASET = "data/digits"
@@ -51,6 +51,11 @@ def _check_dataset(path):
 
 
 DATASET = _check_dataset(config["dataset"])
+if config["labels_csv"] and not os.path.isfile(config["labels_csv"]):
+    raise WorkflowError(
+        f"config key `labels_csv`: file {config['labels_csv']!r} does not exist; give a CSV with "
+        "columns path,labels or set it to null to use class folders"
+    )
 EXPERIMENTS = {name: load_experiment(name) for name in config["experiments"]}
 try:
     VALID_FOLDS = resolve_valid_folds(config["n_folds"], config["valid_folds"])
@@ -61,6 +66,13 @@ except DatasetError as exc:
 wildcard_constraints:
     experiment="|".join(re.escape(name) for name in EXPERIMENTS),
     stage=r"\w+",
+
+
+def labelling_inputs(wildcards):
+    inputs = {"dataset": DATASET}
+    if config["labels_csv"]:
+        inputs["labels_csv"] = config["labels_csv"]
+    return inputs
 
 
 def stage_names(experiment):
@@ -100,7 +112,7 @@ def all_stage_metrics(wildcards):
     ]
 
 
-def print_results_table(summary_paths):
-    table = format_summary(summary_paths)
+def print_results_table(experiments_csv):
+    table = format_experiments(experiments_csv)
     if table:
         print(f"\n{table}\n")

@@ -13,7 +13,7 @@ rule demo_dataset:
 
 rule tag2label:
     input:
-        dataset=DATASET,
+        unpack(labelling_inputs),
     output:
         dataset="results/data/dataset_raw.csv",
         labeling="results/data/tag2cls.json",

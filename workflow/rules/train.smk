@@ -29,12 +29,14 @@ rule infer:
     input:
         checkpoint=final_checkpoint,
         dataset="results/data/dataset.csv",
+        labeling="results/data/tag2cls.json",
         root=DATASET,
     output:
         logits="results/{experiment}/predictions/logits.npy",
         probabilities="results/{experiment}/predictions/probabilities.npy",
         embeddings="results/{experiment}/predictions/embeddings.npy",
         predictions="results/{experiment}/predictions/predictions.csv",
+        heads="results/{experiment}/predictions/heads.csv",
     log:
         "results/logs/{experiment}/infer.log",
     conda:
@@ -45,6 +47,7 @@ rule infer:
     params:
         experiment=lambda wildcards: EXPERIMENTS[wildcards.experiment],
         valid_folds=VALID_FOLDS,
+        seed=config["seed"],
         batch_size=config["infer_batch_size"],
         out_dir=subpath(output.predictions, parent=True),
     script:

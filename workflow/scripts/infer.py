@@ -5,9 +5,11 @@ start_job(snakemake)
 infer(
     checkpoint=snakemake.input.checkpoint,
     dataset_csv=snakemake.input.dataset,
+    tag2cls_json=snakemake.input.labeling,
     root=snakemake.input.root,
     experiment=snakemake.params.experiment,
     valid_folds=snakemake.params.valid_folds,
+    seed=snakemake.params.seed,
     out_dir=snakemake.params.out_dir,
     batch_size=snakemake.params.batch_size,
     want_gpu=wants_gpu(snakemake),

@@ -14,4 +14,5 @@ train_stage(
     state_dir=snakemake.params.state_dir,
     init_checkpoint=snakemake.input.get("init"),
     want_gpu=wants_gpu(snakemake),
+    experiment_name=snakemake.wildcards.experiment,
 )
