@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -276,6 +277,20 @@ def terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# Tests inject one failure through this variable ("<stage>:<epoch>") to exercise --retries
+# and resume; a marker file in the state folder makes it fail only once.
+FAIL_ONCE_ENV = "LABELFLOW_TEST_FAIL_ONCE"
+
+
+def _fail_for_tests(stage: str, epoch: int, state_dir: Path) -> None:
+    if os.environ.get(FAIL_ONCE_ENV) != f"{stage}:{epoch}":
+        return
+    marker = state_dir / "injected_failure"
+    if not marker.exists():
+        marker.touch()
+        raise RuntimeError(f"{FAIL_ONCE_ENV}: injected failure after epoch {epoch} of stage {stage}")
+
+
 def _better(value: float, best: float | None) -> bool:
     return best is None or value > best
 
@@ -351,63 +366,73 @@ def run_stage(
         "frozen" if spec.freeze_encoder else "trained",
     )
 
-    with terminate_on_sigterm():
-        for epoch in range(start_epoch, spec.epochs + 1):
-            # Each epoch's randomness is a function of (seed, epoch): a resumed run replays exactly.
-            epoch_seed = seed * 1000 + epoch
-            seed_everything(epoch_seed)
-            train_loader.generator.manual_seed(epoch_seed)
-            train_loader.dataset.reseed(epoch_seed)
-            started = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            train_metrics = train_one_epoch(
-                model, train_loader, criteria, optimizer, scheduler, device,
-                epoch=epoch, progress_every=progress_every,
-            )
-            valid_metrics = evaluate(model, valid_loader, criteria, device)
-            if upright_loader is not None:
-                valid_metrics = {f"aug_{k}": v for k, v in valid_metrics.items()} | evaluate(
-                    model, upright_loader, criteria, device
+    try:
+        with terminate_on_sigterm():
+            for epoch in range(start_epoch, spec.epochs + 1):
+                # Each epoch's randomness is a function of (seed, epoch): a resumed run replays exactly.
+                epoch_seed = seed * 1000 + epoch
+                seed_everything(epoch_seed)
+                train_loader.generator.manual_seed(epoch_seed)
+                train_loader.dataset.reseed(epoch_seed)
+                started = time.perf_counter()
+                lr = optimizer.param_groups[0]["lr"]
+                train_metrics = train_one_epoch(
+                    model, train_loader, criteria, optimizer, scheduler, device,
+                    epoch=epoch, progress_every=progress_every,
                 )
-            seconds = time.perf_counter() - started
-            record = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 3), "train": train_metrics, "valid": valid_metrics}
-            history.append(record)
-            log.info(
-                "stage %s epoch %d/%d lr=%.2e train_loss=%.4f train_acc=%.4f valid_loss=%.4f valid_acc=%.4f (%.1fs)",
-                spec.name, epoch, spec.epochs, lr, train_metrics["loss"], train_metrics.get("accuracy", float("nan")),
-                valid_metrics["loss"], valid_metrics.get("accuracy", float("nan")), seconds,
-            )
-            for split_name, values in (("train", train_metrics), ("valid", valid_metrics)):
-                for key, value in values.items():
-                    writer.add_scalar(f"{spec.name}/{split_name}/{key}", value, epoch)
-            writer.add_scalar(f"{spec.name}/lr", lr, epoch)
-            writer.flush()
+                valid_metrics = evaluate(model, valid_loader, criteria, device)
+                if upright_loader is not None:
+                    valid_metrics = {f"aug_{k}": v for k, v in valid_metrics.items()} | evaluate(
+                        model, upright_loader, criteria, device
+                    )
+                seconds = time.perf_counter() - started
+                record = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 3), "train": train_metrics, "valid": valid_metrics}
+                history.append(record)
+                log.info(
+                    "stage %s epoch %d/%d lr=%.2e train_loss=%.4f train_acc=%.4f valid_loss=%.4f valid_acc=%.4f (%.1fs)",
+                    spec.name, epoch, spec.epochs, lr, train_metrics["loss"], train_metrics.get("accuracy", float("nan")),
+                    valid_metrics["loss"], valid_metrics.get("accuracy", float("nan")), seconds,
+                )
+                for split_name, values in (("train", train_metrics), ("valid", valid_metrics)):
+                    for key, value in values.items():
+                        writer.add_scalar(f"{spec.name}/{split_name}/{key}", value, epoch)
+                writer.add_scalar(f"{spec.name}/lr", lr, epoch)
+                writer.flush()
 
-            value = valid_metrics[main_metric]
-            if _better(value, best_value):
-                best_value = value
-                save_checkpoint(state_dir / "best.pt", model, {"epoch": epoch, main_metric: value})
-            ckpt_name = f"epoch={epoch:03d}-{main_metric}={value:.4f}.pt"
-            if spec.top_k > 0 and (len(topk) < spec.top_k or value > topk[-1]["value"]):
-                save_checkpoint(state_dir / "checkpoints" / ckpt_name, model, {"epoch": epoch, main_metric: value})
-                topk.append({"epoch": epoch, "value": value, "file": ckpt_name})
-                topk.sort(key=lambda t: (-t["value"], t["epoch"]))
-                for dropped in topk[spec.top_k:]:
-                    (state_dir / "checkpoints" / dropped["file"]).unlink(missing_ok=True)
-                topk = topk[: spec.top_k]
-            atomic_torch_save(
-                {
-                    "fingerprint": stage_fingerprint,
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": history,
-                    "topk": topk,
-                    "best_value": best_value,
-                },
-                state_path,
-            )
+                value = valid_metrics[main_metric]
+                if _better(value, best_value):
+                    best_value = value
+                    save_checkpoint(state_dir / "best.pt", model, {"epoch": epoch, main_metric: value})
+                ckpt_name = f"epoch={epoch:03d}-{main_metric}={value:.4f}.pt"
+                if spec.top_k > 0 and (len(topk) < spec.top_k or value > topk[-1]["value"]):
+                    save_checkpoint(state_dir / "checkpoints" / ckpt_name, model, {"epoch": epoch, main_metric: value})
+                    topk.append({"epoch": epoch, "value": value, "file": ckpt_name})
+                    topk.sort(key=lambda t: (-t["value"], t["epoch"]))
+                    for dropped in topk[spec.top_k:]:
+                        (state_dir / "checkpoints" / dropped["file"]).unlink(missing_ok=True)
+                    topk = topk[: spec.top_k]
+                atomic_torch_save(
+                    {
+                        "fingerprint": stage_fingerprint,
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "history": history,
+                        "topk": topk,
+                        "best_value": best_value,
+                    },
+                    state_path,
+                )
+                _fail_for_tests(spec.name, epoch, state_dir)
+    except Terminated:
+        done = history[-1]["epoch"] if history else start_epoch - 1
+        log.error(
+            "stage %s terminated by SIGTERM; epochs up to %d are saved in %s and a rerun "
+            "(snakemake --rerun-incomplete) resumes from there", spec.name, done, state_dir,
+        )
+        writer.close()
+        raise SystemExit(143) from None
     writer.close()
 
     best_epoch = max(history, key=lambda r: (r["valid"][main_metric], -r["epoch"]))["epoch"]
