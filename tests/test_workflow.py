@@ -203,3 +203,12 @@ def test_rules_are_snakefmt_formatted():
         [str(snakefmt), "--check", "Snakefile", "workflow"], cwd=REPO, capture_output=True, text=True
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_report_builds(finished_run):
+    workdir, _ = finished_run
+    report = workdir / "report.html"
+    result = run_snakemake(workdir, "--report", str(report), configfile=workdir / "config.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    html = report.read_text(errors="replace")
+    assert len(html) > 10_000 and "experiments.png" in html and "class.png" in html

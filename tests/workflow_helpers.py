@@ -48,7 +48,7 @@ def write_tiny_config(workdir: Path, dataset: Path, experiments: dict[str, dict]
     exp_dir = workdir / "experiments"
     exp_dir.mkdir(parents=True, exist_ok=True)
     for name, experiment in experiments.items():
-        (exp_dir / f"{name}.yaml").write_text(yaml.safe_dump(experiment))
+        (exp_dir / f"{name}.yaml").write_text(yaml.safe_dump(experiment, sort_keys=False))
     config = {
         "dataset": str(dataset),
         "experiments": list(experiments),
@@ -60,12 +60,12 @@ def write_tiny_config(workdir: Path, dataset: Path, experiments: dict[str, dict]
         **overrides,
     }
     path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
 def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2"]
-    if configfile is not None:
+    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args]
+    if configfile is not None:  # last: --configfile takes several values
         cmd += ["--configfile", str(configfile)]
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -99,7 +100,18 @@ def _loader_options(data_cfg: dict[str, Any], device: torch.device) -> dict[str,
     return {"num_workers": data_cfg["num_workers"], "pin_memory": device.type == "cuda"}
 
 
-def train_stage(
+@dataclass
+class PreparedStage:
+    model: Any
+    stage_spec: StageSpec
+    device: torch.device
+    train_loader: Any
+    valid_loader: Any
+    upright_loader: Any
+    fingerprint: str
+
+
+def prepare_stage(
     *,
     dataset_csv: str | Path,
     tag2cls_json: str | Path,
@@ -108,18 +120,22 @@ def train_stage(
     stage: str,
     valid_folds: Sequence[int],
     seed: int,
-    out_dir: str | Path,
-    state_dir: str | Path,
     init_checkpoint: str | Path | None = None,
     want_gpu: bool = False,
     experiment_name: str = "",
-) -> dict[str, Any]:
-    """Train one stage of an experiment; a later stage starts from the previous stage's best."""
+    lr: float | None = None,
+) -> PreparedStage:
+    """Model, loaders and spec of one stage: what both training and the LR finder start from."""
     dataset = read_dataset_csv(dataset_csv, root)
     tag2cls = read_tag2cls(tag2cls_json)
     spec = model_spec(experiment, len(tag2cls))
     check_heads_fit_data(spec, is_multilabel(dataset), experiment_name)
-    stage_spec = StageSpec.from_dict(stage, experiment["stages"][stage])
+    stage_cfg = dict(experiment["stages"][stage])
+    if lr is not None:
+        stage_cfg["lr"] = lr
+    if stage_cfg["lr"] == "auto":
+        raise ValueError(f"stages.{stage}.lr is 'auto' but no LR finder suggestion was given")
+    stage_spec = StageSpec.from_dict(stage, stage_cfg)
     device = select_device(want_gpu)
 
     is_valid = valid_mask(dataset, list(valid_folds)).to_numpy()
@@ -155,15 +171,84 @@ def train_stage(
         load_weights_into(model, init_checkpoint)
         log.info("initialised from %s", init_checkpoint)
     stage_fp = fingerprint(
-        spec.to_dict(), experiment["stages"][stage], data_cfg, seed, list(valid_folds),
+        spec.to_dict(), stage_cfg, data_cfg, seed, list(valid_folds),
         file_digest(dataset_csv), file_digest(init_checkpoint) if init_checkpoint else None,
         experiment["model"]["weights"],
     )
+    return PreparedStage(model, stage_spec, device, train_loader, valid_loader, upright_loader, stage_fp)
+
+
+def read_lr_suggestion(path: str | Path) -> float:
+    with open(path, encoding="utf-8") as f:
+        suggestion = json.load(f)
+    return float(suggestion["suggestions"][suggestion["used"]])
+
+
+def train_stage(*, out_dir: str | Path, state_dir: str | Path, lr_json: str | Path | None = None, **setup: Any) -> dict[str, Any]:
+    """Train one stage of an experiment; a later stage starts from the previous stage's best.
+
+    `setup` is passed to prepare_stage; with `lr_json` (stage lr: auto) the LR finder's
+    suggestion is the learning rate.
+    """
+    if lr_json is not None:
+        setup["lr"] = read_lr_suggestion(lr_json)
+        log.info("lr %.3g from the LR finder (%s)", setup["lr"], lr_json)
+    prepared = prepare_stage(**setup)
     return run_stage(
-        model, train_loader, valid_loader, stage_spec,
-        out_dir=out_dir, state_dir=state_dir, device=device, seed=seed, stage_fingerprint=stage_fp,
-        upright_loader=upright_loader,
+        prepared.model, prepared.train_loader, prepared.valid_loader, prepared.stage_spec,
+        out_dir=out_dir, state_dir=state_dir, device=prepared.device, seed=setup["seed"],
+        stage_fingerprint=prepared.fingerprint, upright_loader=prepared.upright_loader,
     )
+
+
+def lr_finder(
+    *,
+    out_csv: str | Path,
+    out_json: str | Path,
+    out_png: str | Path,
+    tensorboard_dir: str | Path,
+    start_lr: float,
+    final_lr: float,
+    num_steps: int,
+    scale: str,
+    smoothing: float,
+    diverge_factor: float,
+    suggestion: str,
+    **setup: Any,
+) -> dict[str, Any]:
+    """LR range test for one stage (its model, data and optimizer); the model is then discarded."""
+    from labelflow.lrfinder import find_lr, suggest
+    from labelflow.reports import plot_lr_finder
+
+    prepared = prepare_stage(lr=start_lr, **setup)
+    records = find_lr(
+        prepared.model, prepared.train_loader, prepared.stage_spec, prepared.device,
+        start_lr=start_lr, final_lr=final_lr, num_steps=num_steps, scale=scale,
+        smoothing=smoothing, diverge_factor=diverge_factor, seed=setup["seed"],
+    )
+    suggestions = suggest(records)
+    result = {
+        "suggestions": suggestions,
+        "used": suggestion,
+        "lr": suggestions[suggestion],
+        "steps": int(len(records)),
+        "diverged": bool(len(records) < num_steps),
+        "scale": scale,
+        "start_lr": start_lr,
+        "final_lr": final_lr,
+    }
+    write_csv_atomic(records, out_csv)
+    plot_lr_finder(records, suggestions, suggestion, out_png)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(tensorboard_dir)) as writer:
+        for row in records.itertuples():
+            writer.add_scalar("lrfinder/loss", row.loss, row.step)
+            writer.add_scalar("lrfinder/smoothed_loss", row.smoothed_loss, row.step)
+            writer.add_scalar("lrfinder/lr", row.lr, row.step)
+    write_json_atomic(result, out_json)
+    log.info("lrfinder: %d steps, suggestions %s, using %s", len(records), suggestions, suggestion)
+    return result
 
 
 def infer(

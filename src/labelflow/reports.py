@@ -195,3 +195,147 @@ def format_experiments(csv_path: str | Path) -> str:
         return ""
     table = pd.read_csv(csv_path).dropna(axis=1, how="all")
     return "Results (valid fold)\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+
+
+def plot_lr_finder(records: pd.DataFrame, suggestions: dict[str, float], used: str, path: str | Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(records["lr"], records["loss"], alpha=0.3, label="loss")
+    ax.plot(records["lr"], records["smoothed_loss"], label="smoothed loss")
+    for name, lr in suggestions.items():
+        ax.axvline(lr, linestyle="--" if name != used else "-", color="red" if name == used else "grey")
+        ax.text(lr, ax.get_ylim()[1], f" {name}{' (used)' if name == used else ''}\n {lr:.2g}", va="top", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title("LR finder")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _final_stage_metrics(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    metrics = _read_json(path)
+    best = next(e for e in metrics["epochs"] if e["epoch"] == metrics["best"]["epoch"])
+    return best, metrics["epochs"]
+
+
+def kfold_summary(
+    *,
+    experiment: str,
+    folds: dict[int, dict[str, str | Path]],
+    out_csv: str | Path,
+    out_json: str | Path,
+    out_png: str | Path,
+    out_oof: str | Path,
+) -> dict[str, Any]:
+    """One row per fold (best valid metrics of the final stage, index recall), mean ± std,
+    per-fold learning curves with their mean, and the out-of-fold predictions.
+
+    `folds[k]` holds the paths of fold k's run: "metrics" (final stage metrics.json),
+    "summary" (summary.json) and "predictions" (predictions.csv).
+    """
+    rows, curves, oof = [], {}, []
+    for fold, paths in sorted(folds.items()):
+        best, epochs = _final_stage_metrics(paths["metrics"])
+        summary = _read_json(paths["summary"])
+        rows.append(
+            {
+                "fold": fold,
+                "valid_accuracy": summary["valid"]["accuracy"],
+                "valid_loss": summary["valid"]["loss"],
+                **{k: v for k, v in summary["index"].items() if k.startswith("recall@")},
+                "best_epoch": best["epoch"],
+                "train_minutes": sum(e["seconds"] for e in epochs) / 60,
+            }
+        )
+        curves[fold] = [e["valid"]["accuracy"] for e in epochs]
+        predictions = pd.read_csv(paths["predictions"], dtype={"path": str}, keep_default_na=False)
+        valid = predictions[predictions["split"] == "valid"].assign(fold=fold)
+        oof.append(valid)
+    table = pd.DataFrame(rows)
+    write_csv_atomic(table, out_csv)
+    metrics = [c for c in table.columns if c not in ("fold", "best_epoch")]
+    summary = {
+        "experiment": experiment,
+        "n_folds": len(rows),
+        # sample std (ddof=1): the spread one would expect from another fold
+        **{m: {"mean": float(table[m].mean()), "std": float(table[m].std(ddof=1)) if len(table) > 1 else 0.0} for m in metrics},
+    }
+    write_json_atomic(summary, out_json)
+    oof_table = pd.concat(oof, ignore_index=True).sort_values("path", kind="stable")
+    write_csv_atomic(oof_table, out_oof)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for fold, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), curve, alpha=0.5, label=f"fold {fold}")
+    if curves:
+        length = min(len(c) for c in curves.values())
+        mean = np.mean([c[:length] for c in curves.values()], axis=0)
+        ax.plot(range(1, length + 1), mean, color="black", linewidth=2, label="mean")
+    ax.set_xlabel("epoch (final stage)")
+    ax.set_ylabel("valid accuracy")
+    ax.set_title(f"{experiment}: k-fold, accuracy {summary['valid_accuracy']['mean']:.4f} ± {summary['valid_accuracy']['std']:.4f}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out_png)
+    return summary
+
+
+def grid_comparison(
+    *,
+    runs: dict[str, dict[str, Any]],
+    metrics_paths: dict[str, str | Path],
+    configs_out: dict[str, str | Path],
+    out_csv: str | Path,
+    out_png: str | Path,
+    tensorboard_dir: str | Path,
+) -> pd.DataFrame:
+    """comparison.csv (varied values, best valid metrics of the final stage, epochs, wall time),
+    sorted best first; comparison.png; each run's resolved config; TensorBoard hparams."""
+    import yaml
+    from torch.utils.tensorboard import SummaryWriter
+
+    rows, curves = [], {}
+    for run_id, run in runs.items():
+        best, epochs = _final_stage_metrics(metrics_paths[run_id])
+        rows.append(
+            {
+                "run": run_id,
+                **{key: value for key, value in run["values"].items()},
+                "valid_accuracy": best["valid"]["accuracy"],
+                "valid_loss": best["valid"]["loss"],
+                "best_epoch": best["epoch"],
+                "epochs": len(epochs),
+                "train_minutes": sum(e["seconds"] for e in epochs) / 60,
+            }
+        )
+        curves[run_id] = [e["valid"]["accuracy"] for e in epochs]
+        tmp = Path(configs_out[run_id]).with_suffix(".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(yaml.safe_dump(run["experiment"], sort_keys=False), encoding="utf-8")
+        tmp.replace(configs_out[run_id])
+    table = pd.DataFrame(rows).sort_values(["valid_accuracy", "valid_loss"], ascending=[False, True], kind="stable")
+    write_csv_atomic(table, out_csv)
+    for row in table.itertuples(index=False):
+        values = runs[row.run]["values"]
+        with SummaryWriter(log_dir=str(Path(tensorboard_dir) / row.run.replace("/", "_"))) as writer:
+            writer.add_hparams(
+                {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()},
+                {"hparam/valid_accuracy": row.valid_accuracy, "hparam/valid_loss": row.valid_loss},
+                run_name=".",
+            )
+
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(11, 4))
+    bars.barh(table["run"], table["valid_accuracy"])
+    bars.invert_yaxis()
+    bars.set_xlabel("best valid accuracy")
+    bars.set_xlim(max(0.0, table["valid_accuracy"].min() - 0.05), 1.0)
+    for run_id, curve in curves.items():
+        lines.plot(range(1, len(curve) + 1), curve, label=run_id)
+    lines.set_xlabel("epoch (final stage)")
+    lines.set_ylabel("valid accuracy")
+    lines.legend(fontsize=7)
+    fig.suptitle("grid search")
+    fig.tight_layout()
+    save_figure(fig, out_png)
+    return table

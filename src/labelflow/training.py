@@ -219,7 +219,7 @@ def train_one_epoch(
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics.update(outputs, batch, {k: v.detach() for k, v in losses.items()}, total.detach())
-        if on_step is not None and on_step(step, lr, float(total)):
+        if on_step is not None and on_step(step, lr, float(total.detach())):
             break  # the caller (e.g. LR finder) asked to stop
         if progress_every and step % progress_every == 0:
             log.info(

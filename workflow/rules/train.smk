@@ -1,6 +1,6 @@
 rule train_stage:
     input:
-        unpack(stage_inputs),
+        unpack(train_inputs),
     output:
         best="results/{experiment}/{stage}/best.pt",
         last="results/{experiment}/{stage}/last.pt",
@@ -15,8 +15,8 @@ rule train_stage:
     resources:
         gpu=config["gpu"],
     params:
-        experiment=lambda wildcards: EXPERIMENTS[wildcards.experiment],
-        valid_folds=VALID_FOLDS,
+        experiment=run_experiment,
+        valid_folds=run_valid_folds,
         seed=config["seed"],
         out_dir=subpath(output.best, parent=True),
         # resumable training state; not an output, so a failed job keeps it
@@ -45,8 +45,8 @@ rule infer:
     resources:
         gpu=config["gpu"],
     params:
-        experiment=lambda wildcards: EXPERIMENTS[wildcards.experiment],
-        valid_folds=VALID_FOLDS,
+        experiment=run_experiment,
+        valid_folds=run_valid_folds,
         seed=config["seed"],
         batch_size=config["infer_batch_size"],
         out_dir=subpath(output.predictions, parent=True),

@@ -13,6 +13,7 @@ train_stage(
     out_dir=snakemake.params.out_dir,
     state_dir=snakemake.params.state_dir,
     init_checkpoint=snakemake.input.get("init"),
+    lr_json=snakemake.input.get("lr_json"),
     want_gpu=wants_gpu(snakemake),
     experiment_name=snakemake.wildcards.experiment,
 )
