@@ -13,10 +13,11 @@
 # (accounting daemon; without it `sacct` fails and the snakemake SLURM plugin hangs),
 # slurmctld (controller), slurmd (the one compute node: this machine).
 #
-# Everything lives in $SLURM_CI_STATE (default /tmp/slurm-ci): configs' state, pid files,
-# logs, the database. The only files written outside it are /etc/slurm/{slurm,slurmdbd,gres}.conf
-# (where every SLURM command looks; marked as ours, and never overwritten if someone else's)
-# and the runtime folders /run/munge and /run/mysqld.
+# Everything lives in $SLURM_CI_STATE (default /tmp/slurm-ci): SLURM's state and spool, pid
+# files, logs, the database. Written outside it: /etc/slurm/{slurm,slurmdbd,gres}.conf (where
+# every SLURM command looks; marked as ours, and never overwriting a file without the mark),
+# /etc/munge/munge.key if the package made none, and the runtime folders /run/munge, /run/mysqld.
+# If `start` fails, the daemons it started keep running for inspection; `stop` ends them.
 #
 # The node advertises 2 fake GPUs (gres `gpu`, backed by /dev/null and /dev/zero), so jobs that
 # ask for `--gpus=1` are scheduled like on a GPU cluster; they get CUDA_VISIBLE_DEVICES but no
@@ -29,7 +30,6 @@ FAKE_GPUS=${SLURM_CI_FAKE_GPUS:-2}
 MARK="# written by .ci/slurm-cluster.sh"
 ETC=/etc/slurm
 MYSQL_SOCKET=/run/mysqld/mysqld.sock
-PACKAGES=(slurm-wlm munge slurmdbd mariadb-server)
 
 say() { echo "[slurm-cluster] $*"; }
 die() {
@@ -79,7 +79,7 @@ install_packages() {
     command -v slurmdbd >/dev/null || missing+=(slurmdbd)
     command -v mariadbd >/dev/null || missing+=(mariadb-server)
     if ((${#missing[@]} == 0)); then
-        say "packages present: ${PACKAGES[*]}"
+        say "packages present: slurm-wlm munge slurmdbd mariadb-server"
         return
     fi
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
@@ -255,6 +255,7 @@ start_slurm() {
     say "starting slurmd"
     slurmd || fail_with_log "slurmd did not start" "$STATE/log/slurmd.log"
     say "waiting for the node to be idle"
+    # shellcheck disable=SC2016  # expanded by the inner bash, on each try
     wait_for 60 bash -c '[[ $(sinfo -h -o %t) == idle ]]' || {
         sinfo -N -l >&2 || true
         fail_with_log "node not idle after 60 s" "$STATE/log/slurmctld.log"
@@ -283,12 +284,14 @@ status() {
         pidfile=$STATE/$name.pid
         pid=$(cat "$pidfile" 2>/dev/null || true)
         if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-            say "$name running (pid $pid)"
+            say "${name#*/} running (pid $pid)"
         else
-            say "$name not running"
+            say "${name#*/} not running"
         fi
     done
-    command -v sinfo >/dev/null && sinfo 2>&1 || true
+    if command -v sinfo >/dev/null; then
+        timeout 5 sinfo 2>&1 || true
+    fi
 }
 
 case ${1:-} in
