@@ -3,6 +3,8 @@ rule demo_dataset:
         directory(DEMO_DATASET),
     log:
         "results/logs/demo_dataset.log",
+    benchmark:
+        "results/benchmarks/demo_dataset.tsv"
     conda:
         "../../envs/torch.yaml"
     params:
@@ -21,6 +23,8 @@ rule tag2label:
         duplicates="results/data/duplicates.csv",
     log:
         "results/logs/tag2label.log",
+    benchmark:
+        "results/benchmarks/tag2label.tsv"
     conda:
         "../../envs/torch.yaml"
     script:
@@ -35,6 +39,8 @@ rule split:
         "results/data/dataset.csv",
     log:
         "results/logs/split.log",
+    benchmark:
+        "results/benchmarks/split.tsv"
     conda:
         "../../envs/torch.yaml"
     params:

@@ -8,6 +8,8 @@ rule pca_index:
         info="results/{experiment}/index/index.json",
     log:
         "results/logs/{experiment}/pca_index.log",
+    benchmark:
+        "results/benchmarks/{experiment}/pca_index.tsv"
     conda:
         "../../envs/index.yaml"
     params:
@@ -31,6 +33,8 @@ rule evaluate_index:
         "results/{experiment}/index/recall.json",
     log:
         "results/logs/{experiment}/evaluate_index.log",
+    benchmark:
+        "results/benchmarks/{experiment}/evaluate_index.tsv"
     conda:
         "../../envs/index.yaml"
     params:

@@ -20,6 +20,8 @@ rule summary:
         tensorboard=directory("results/{experiment}/summary_tensorboard"),
     log:
         "results/logs/{experiment}/summary.log",
+    benchmark:
+        "results/benchmarks/{experiment}/summary.tsv"
     conda:
         "../../envs/torch.yaml"
     params:
@@ -45,6 +47,8 @@ rule compare_experiments:
         ),
     log:
         "results/logs/compare_experiments.log",
+    benchmark:
+        "results/benchmarks/compare_experiments.tsv"
     conda:
         "../../envs/torch.yaml"
     params:

@@ -9,6 +9,8 @@ rule train_stage:
         tensorboard=directory("results/{experiment}/{stage}/tensorboard"),
     log:
         "results/logs/{experiment}/{stage}.log",
+    benchmark:
+        "results/benchmarks/{experiment}/{stage}.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: config["threads"]
@@ -39,6 +41,8 @@ rule infer:
         heads="results/{experiment}/predictions/heads.csv",
     log:
         "results/logs/{experiment}/infer.log",
+    benchmark:
+        "results/benchmarks/{experiment}/infer.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: config["threads"]
