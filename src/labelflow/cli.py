@@ -148,5 +148,71 @@ def _split(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- embed / query
+
+
+def _experiment_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--experiment-dir",
+        required=True,
+        help="results/<experiment>: its index/rejection.json names the model, preprocessing and index",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--gpu", action="store_true", help="use CUDA when available (default: CPU)")
+
+
+def _embed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SOURCE", help="folder of images (searched recursively) or CSV with a `path` column")
+    p.add_argument("--out-dir", required=True, help="folder for embeddings.npy and index.csv (path,label)")
+    p.add_argument("--root", help="folder the CSV's relative paths start from (default: the CSV's folder)")
+    _experiment_dir_arg(p)
+
+
+@command("embed", "embed a folder or CSV of images with an experiment's trained model", _embed_args)
+def _embed(args: argparse.Namespace) -> int:
+    from labelflow.embeddings import embed_images, read_model
+
+    preprocessing, checkpoint, classes = read_model(args.experiment_dir)
+    table = embed_images(
+        checkpoint=checkpoint, source=args.source, out_dir=args.out_dir, data_cfg=preprocessing,
+        classes=classes, root=args.root, batch_size=args.batch_size, want_gpu=args.gpu,
+    )
+    print(f"embedded {len(table)} images of {args.source} → {args.out_dir}/embeddings.npy, index.csv")
+    return 0
+
+
+def _query_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files or folders of images")
+    p.add_argument("-k", type=int, help="neighbours to return (default: config query.k used for the index)")
+    p.add_argument("--out", help="also write the answers as JSON to this file")
+    _experiment_dir_arg(p)
+
+
+@command(
+    "query",
+    "nearest indexed images and a kNN label (or `unknown`) for each image",
+    _query_args,
+)
+def _query(args: argparse.Namespace) -> int:
+    from labelflow.embeddings import query_images
+
+    answers = query_images(
+        experiment_dir=args.experiment_dir, images=args.images, k=args.k,
+        batch_size=args.batch_size, want_gpu=args.gpu,
+    )
+    for a in answers:
+        relation = ">" if a["rejected"] else "<="
+        print(
+            f"{a['path']}: {a['predicted']} (kNN vote {a['vote']}; nearest distance "
+            f"{a['nearest_distance']:.4f} {relation} threshold {a['threshold']:.4f})"
+        )
+        for rank, n in enumerate(a["neighbours"], start=1):
+            print(f"  {rank:>2}. {n['distance']:.4f}  {n['label']}  {n['path']}")
+    if args.out:
+        data.write_json_atomic(answers, args.out)
+        print(f"wrote {len(answers)} answers to {args.out}")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,10 +22,10 @@ def start_job(smk: Any) -> logging.Logger:
     )
     logger = logging.getLogger(f"labelflow.rule.{smk.rule}")
     threads = getattr(smk, "threads", None)
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
+    # Only jobs that already imported torch (model jobs) size its pool: importing it costs
+    # seconds that light jobs (tables, plots) should not pay.
+    if threads and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(threads))
     logger.info("rule %s, wildcards %s, threads %s", smk.rule, dict(smk.wildcards), threads)
     return logger
 

@@ -15,5 +15,6 @@ train_stage(
     init_checkpoint=snakemake.input.get("init"),
     lr_json=snakemake.input.get("lr_json"),
     want_gpu=wants_gpu(snakemake),
-    experiment_name=snakemake.wildcards.experiment,
+    # rules whose runs are not named by an {experiment} wildcard (autolabel rounds) name them
+    experiment_name=snakemake.params.get("experiment_name") or snakemake.wildcards.get("experiment"),
 )

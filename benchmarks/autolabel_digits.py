@@ -1,0 +1,142 @@
+"""Autolabel benchmark on scikit-learn's digits: 10 % labelled (clean), 90 % as the raw pile.
+
+Builds, in --out (default: a new temporary folder):
+
+    data/clean/<digit>/<n>.png   the labelled 10 % (stratified, seeded)
+    data/raw/<a>/<n>.png         the other 90 %, in folders that say nothing about the class
+    data/truth.csv               path,label of the raw images (used only for evaluation)
+    work/                        the snakemake working directory (results/autolabel/...)
+
+runs `snakemake autolabel` with the default autolabel settings and the default `softmax`
+recipe (config/experiments/softmax.yaml), and prints precision and coverage per round from
+results/autolabel/evaluation.json. The issue's target: >= 99 % precision at >= 90 % coverage.
+
+    python benchmarks/autolabel_digits.py                 # the real thing (slow on CPU)
+    python benchmarks/autolabel_digits.py --quick         # fewer epochs, 16 px images
+    python benchmarks/autolabel_digits.py --out /tmp/bench --cores 4
+
+--quick keeps the loop and its settings and only shortens training (stage1 1 epoch,
+stage2 4 epochs, 16 px images), to check the plumbing and get rough figures on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_split(out: Path, labelled_fraction: float, seed: int, image_size: int) -> tuple[Path, Path, Path]:
+    from sklearn.model_selection import train_test_split
+
+    from labelflow.data import write_digits_dataset
+
+    digits = out / "digits"
+    if not digits.exists():
+        write_digits_dataset(digits, image_size=image_size)
+    files = sorted(digits.glob("*/*.png"))
+    labels = [f.parent.name for f in files]
+    clean_files, raw_files = train_test_split(
+        files, train_size=labelled_fraction, stratify=labels, random_state=seed
+    )
+    clean, raw = out / "clean", out / "raw"
+    for folder in (clean, raw):
+        if folder.exists():
+            shutil.rmtree(folder)
+    for f in clean_files:
+        (clean / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, clean / f.parent.name / f.name)
+    truth = []
+    for f in sorted(raw_files):
+        n = int(f.stem)
+        rel = Path(f"{n % 7}") / f.name  # some nesting that carries no label
+        (raw / rel.parent).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, raw / rel)
+        truth.append((rel.as_posix(), f.parent.name))
+    truth_csv = out / "truth.csv"
+    pd.DataFrame(truth, columns=["path", "label"]).to_csv(truth_csv, index=False)
+    print(f"digits: {len(clean_files)} labelled (clean), {len(raw_files)} raw", flush=True)
+    return clean, raw, truth_csv
+
+
+def quick_experiment() -> dict:
+    experiment = yaml.safe_load((REPO / "config/experiments/softmax.yaml").read_text())
+    experiment["data"]["image_size"] = 16
+    experiment["stages"]["stage1"]["epochs"] = 1
+    experiment["stages"]["stage2"]["epochs"] = 4
+    return experiment
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, help="working folder (default: a new temporary folder)")
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and 16 px images")
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--labelled-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the labelled/raw split")
+    parser.add_argument("--max-rounds", type=int, help="override autolabel.max_rounds (default: the config's)")
+    args = parser.parse_args(argv)
+
+    out = args.out or Path(tempfile.mkdtemp(prefix="autolabel_digits_"))
+    data, work = out / "data", out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    clean, raw, truth = build_split(data, args.labelled_fraction, args.seed, 16 if args.quick else 32)
+
+    autolabel = {"clean": str(clean), "raw": str(raw), "truth_csv": str(truth)}
+    if args.max_rounds:
+        autolabel["max_rounds"] = args.max_rounds
+    config = {"experiments": ["softmax"], "autolabel": autolabel}
+    if args.quick:
+        exp_dir = out / "experiments"
+        exp_dir.mkdir(exist_ok=True)
+        (exp_dir / "softmax.yaml").write_text(yaml.safe_dump(quick_experiment()))
+        config["experiments_dir"] = str(exp_dir)
+    config_file = out / "autolabel.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+
+    snakemake = Path(sys.executable).parent / "snakemake"
+    cmd = [
+        str(snakemake), "-s", str(REPO / "Snakefile"), "-d", str(work), "autolabel",
+        "--cores", str(args.cores), "--resources", "gpu=1", "--configfile", str(config_file),
+    ]
+    print("running:", " ".join(cmd), flush=True)
+    started = time.perf_counter()
+    result = subprocess.run(cmd)
+    minutes = (time.perf_counter() - started) / 60
+    if result.returncode != 0:
+        print(f"snakemake failed (exit {result.returncode}); logs in {work}/results/logs/autolabel", file=sys.stderr)
+        return result.returncode
+
+    results = work / "results/autolabel"
+    evaluation = json.loads((results / "evaluation.json").read_text())
+    rounds = pd.read_csv(results / "rounds.csv").set_index("round")
+    print(f"\nautolabel on digits ({'quick' if args.quick else 'default'} recipe), {minutes:.1f} min, "
+          f"{evaluation['with_truth']} raw images with truth")
+    print(f"{'round':>5} {'accepted':>8} {'valid acc':>9} {'T':>6} {'ECE before':>10} {'ECE after':>9} "
+          f"{'precision':>9} {'coverage':>8} {'new prec':>8}")
+    for row in evaluation["rounds"]:
+        r = rounds.loc[row["round"]]
+        fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        print(f"{row['round']:>5} {row['new']:>8} {100 * r['valid_accuracy']:>9.2f} {r['temperature']:>6.2f} "
+              f"{r['ece_before']:>10.4f} {r['ece_after']:>9.4f} {fmt(row['precision']):>9} "
+              f"{fmt(row['coverage']):>8} {fmt(row['new_precision']):>8}")
+    final = evaluation["final"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+    print(f"stopped after round {final['round']}: {rounds.iloc[-1]['reason']}; "
+          f"final precision {pct(final['precision'])} at coverage {pct(final['coverage'])}")
+    print(f"results: {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

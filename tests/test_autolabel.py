@@ -1,0 +1,380 @@
+"""Autolabel unit tests: calibration, the selection policy, the tables (no training here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_tiny_dataset
+from labelflow import autolabel as al
+from labelflow.calibration import (
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    calibrate,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    scaled_probabilities,
+    top_confidence,
+)
+from labelflow.data import DatasetError, valid_mask
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _calibrated_softmax_sample(n: int, classes: int, seed: int):
+    """Logits whose softmax is the true label distribution (calibrated by construction)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 1.5, (n, classes))
+    logits[np.arange(n), rng.integers(classes, size=n)] += 2.0
+    probs = scaled_probabilities(logits, 1.0, "softmax")
+    labels = np.array([rng.choice(classes, p=p) for p in probs])
+    return logits, labels
+
+
+@pytest.mark.parametrize("true_temperature", [0.5, 2.0, 3.0])
+def test_temperature_recovers_known_value_softmax(true_temperature):
+    logits, labels = _calibrated_softmax_sample(20000, 5, seed=1)
+    # dividing calibrated logits by T0 gives a model that needs temperature T0 back
+    fitted = fit_temperature(logits / true_temperature, labels, "softmax")
+    assert fitted == pytest.approx(1.0 / true_temperature, rel=0.08)
+
+
+def test_temperature_recovers_known_value_sigmoid():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0.0, 2.0, (8000, 4))
+    targets = (rng.random(logits.shape) < 1.0 / (1.0 + np.exp(-logits))).astype(np.float64)
+    fitted = fit_temperature(logits * 2.5, targets, "sigmoid")
+    assert fitted == pytest.approx(2.5, rel=0.08)
+
+
+def test_scaling_lowers_ece_of_overconfident_logits():
+    logits, labels = _calibrated_softmax_sample(5000, 4, seed=2)
+    overconfident = logits * 4.0
+    cal = calibrate(overconfident, labels, "softmax")
+    assert cal.temperature == pytest.approx(4.0, rel=0.1)
+    assert cal.ece_before > 0.1
+    assert cal.ece_after < 0.03 and cal.ece_after < cal.ece_before / 4
+    assert cal.nll_after < cal.nll_before
+    # scaling never changes the predicted class, only the confidence
+    pred_before, _ = top_confidence(overconfident, 1.0, "softmax")
+    pred_after, conf = top_confidence(overconfident, cal.temperature, "softmax")
+    assert (pred_before == pred_after).all() and ((conf > 0) & (conf <= 1)).all()
+    assert cal.accuracy == pytest.approx((pred_before == labels).mean())
+
+
+def test_sigmoid_calibration_lowers_ece():
+    logits, labels = _calibrated_softmax_sample(4000, 4, seed=5)
+    cal = calibrate(logits * 4.0, labels, "sigmoid")
+    assert cal.activation == "sigmoid" and cal.temperature > 4.0
+    assert cal.nll_after < cal.nll_before
+    assert cal.ece_before > 0.2 and cal.ece_after < 0.06
+
+
+def test_ece_values():
+    # all confidence 0.8, 80 % correct → perfectly calibrated
+    assert expected_calibration_error(np.full(10, 0.8), np.array([1] * 8 + [0] * 2)) == pytest.approx(0.0)
+    # two bins: conf 0.95 all wrong (half the rows) and conf 0.55 all right
+    conf = np.array([0.95, 0.95, 0.55, 0.55])
+    assert expected_calibration_error(conf, np.array([0, 0, 1, 1])) == pytest.approx(0.5 * 0.95 + 0.5 * 0.45)
+    assert np.isnan(expected_calibration_error(np.array([]), np.array([])))
+
+
+def test_temperature_edge_cases():
+    assert fit_temperature(np.zeros((0, 3)), np.zeros(0, dtype=int)) == 1.0
+    # all correct with big margins: T shrinks (sharper), but stays within its bounds
+    logits = np.array([[5.0, 0.0], [0.0, 5.0]] * 10)
+    labels = np.array([0, 1] * 10)
+    assert MIN_TEMPERATURE <= fit_temperature(logits, labels) < 0.5
+    # mostly wrong: T grows (flatter) up to its bound, never to infinity
+    assert 1.0 < fit_temperature(logits, 1 - labels) <= MAX_TEMPERATURE
+    assert nll(logits, labels, "softmax", MIN_TEMPERATURE) < nll(logits, labels, "softmax")
+    with pytest.raises(ValueError, match="activation"):
+        fit_temperature(logits, labels, "tanh")
+
+
+# --------------------------------------------------------------------------- selection policy
+
+
+def _candidates(rows):
+    return pd.DataFrame(rows, columns=["path", "tag", "confidence"])
+
+
+HUMAN = {"cat": 4, "dog": 2, "eel": 10}
+
+
+def test_threshold_and_class_thresholds():
+    cands = _candidates(
+        [
+            ("raw/a.png", "cat", 0.95),
+            ("raw/b.png", "cat", 0.85),
+            ("raw/c.png", "dog", 0.80),
+            ("raw/d.png", "dog", 0.70),
+            ("raw/e.png", "eel", 0.90),  # exactly at the threshold: accepted
+        ]
+    )
+    out = al.select_pseudo_labels(cands, HUMAN, threshold=0.9, class_thresholds={"dog": 0.75}, max_new_per_class=None)
+    assert list(out["path"]) == list(cands["path"])  # input order kept
+    assert dict(zip(out["path"], out["decision"])) == {
+        "raw/a.png": al.ACCEPTED,
+        "raw/b.png": al.BELOW_THRESHOLD,
+        "raw/c.png": al.ACCEPTED,
+        "raw/d.png": al.BELOW_THRESHOLD,
+        "raw/e.png": al.ACCEPTED,
+    }
+    assert list(out["threshold"]) == [0.9, 0.9, 0.75, 0.75, 0.9]
+
+
+def test_class_cap_keeps_the_most_confident():
+    cands = _candidates(
+        [(f"raw/dog{i}.png", "dog", c) for i, c in enumerate([0.91, 0.99, 0.95, 0.97])]
+        + [(f"raw/cat{i}.png", "cat", 0.99) for i in range(3)]
+        + [("raw/tie_b.png", "eel", 0.93), ("raw/tie_a.png", "eel", 0.93)]
+    )
+    out = al.select_pseudo_labels(cands, HUMAN, threshold=0.9, max_new_per_class=0.5).set_index("path")
+    accepted = set(out.index[out["decision"] == al.ACCEPTED])
+    # dog: 0.5 x 2 human = 1 → only the most confident; cat: 0.5 x 4 = 2 of 3 (ties by path)
+    assert accepted == {"raw/dog1.png", "raw/cat0.png", "raw/cat1.png", "raw/tie_a.png", "raw/tie_b.png"}
+    assert (out["decision"] == al.OVER_CAP).sum() == 4
+    # no cap at all
+    out = al.select_pseudo_labels(cands, HUMAN, threshold=0.9, max_new_per_class=None)
+    assert (out["decision"] == al.ACCEPTED).all()
+    # a zero cap accepts nothing
+    out = al.select_pseudo_labels(cands, HUMAN, threshold=0.9, max_new_per_class=0)
+    assert not (out["decision"] == al.ACCEPTED).any()
+    # tie-break with one slot: the smaller path wins
+    out = al.select_pseudo_labels(cands, {"cat": 4, "dog": 2, "eel": 1}, threshold=0.9, max_new_per_class=1.0)
+    assert out.set_index("path").loc["raw/tie_a.png", "decision"] == al.ACCEPTED
+    assert out.set_index("path").loc["raw/tie_b.png", "decision"] == al.OVER_CAP
+
+
+def test_labelled_images_are_never_relabelled():
+    cands = _candidates([("clean/cat/x.png", "dog", 0.999), ("raw/y.png", "dog", 0.999), ("raw/z.png", "dog", 0.99)])
+    out = al.select_pseudo_labels(
+        cands, HUMAN, threshold=0.5, max_new_per_class=None, labelled=["clean/cat/x.png", "raw/z.png"]
+    ).set_index("path")
+    assert out.loc["clean/cat/x.png", "decision"] == al.ALREADY_LABELLED
+    assert out.loc["raw/z.png", "decision"] == al.ALREADY_LABELLED
+    assert out.loc["raw/y.png", "decision"] == al.ACCEPTED
+    # already-labelled rows do not use up a class's cap
+    out = al.select_pseudo_labels(cands, {"dog": 1}, 0.5, None, 1.0, labelled=["clean/cat/x.png"]).set_index("path")
+    assert out.loc["raw/y.png", "decision"] == al.ACCEPTED
+
+
+def test_selection_errors():
+    cands = _candidates([("raw/a.png", "cat", 0.9)])
+    with pytest.raises(DatasetError, match="autolabel.class_thresholds"):
+        al.select_pseudo_labels(cands, HUMAN, class_thresholds={"cow": 0.5})
+    with pytest.raises(DatasetError, match="twice"):
+        al.select_pseudo_labels(pd.concat([cands, cands]), HUMAN)
+
+
+@pytest.mark.parametrize(
+    ("accepted", "remaining", "last", "reason"),
+    [
+        (5, 10, False, None),
+        (5, 10, True, "max_rounds reached"),
+        (0, 10, False, "nothing accepted"),
+        (0, 10, True, "nothing accepted"),
+        (5, 0, False, "nothing left"),
+        (0, 0, True, "nothing left"),
+    ],
+)
+def test_round_status(accepted, remaining, last, reason):
+    status = al.round_status(3, accepted, remaining, last)
+    assert status == {"round": 3, "accepted": accepted, "remaining": remaining, "stop": reason is not None, "reason": reason}
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.fixture
+def piles(tmp_path):
+    """clean: 3 classes x 6; raw: same basenames in nested folders, a duplicate, junk."""
+    clean = make_tiny_dataset(tmp_path / "clean", per_class=6, seed=0)
+    source = make_tiny_dataset(tmp_path / "source", per_class=4, seed=1)
+    raw = tmp_path / "raw"
+    for c, class_dir in enumerate(sorted(source.iterdir())):
+        target = raw / f"box{c}" / "deeper" if c == 2 else raw / f"box{c}"
+        target.mkdir(parents=True)
+        for image in class_dir.iterdir():
+            shutil.copy(image, target / image.name)  # img_000.png ... as in clean
+    shutil.copy(clean / "class_01" / "img_002.png", raw / "copy_of_clean.png")
+    (raw / "broken.png").write_bytes(b"\x89PNG not really")
+    (raw / "notes.txt").write_text("hello")
+    (raw / ".hidden.png").write_bytes(b"")
+    return clean, raw
+
+
+def _prepare(tmp_path, clean, raw, n_folds=3):
+    out = tmp_path / "results"
+    paths = {
+        "root_dir": out / "root",
+        "human_csv": out / "human.csv",
+        "labeling_json": out / "tag2cls.json",
+        "raw_csv": out / "raw.csv",
+        "skipped_csv": out / "skipped.csv",
+    }
+    summary = al.prepare(clean=clean, raw=raw, n_folds=n_folds, seed=0, **paths)
+    return summary, paths
+
+
+def test_prepare_tables_and_root(tmp_path, piles):
+    clean, raw = piles
+    before = (_tree(clean), _tree(raw))
+    summary, paths = _prepare(tmp_path, clean, raw)
+    assert (_tree(clean), _tree(raw)) == before  # inputs untouched: nothing added, moved or changed
+    root = paths["root_dir"]
+    assert os.readlink(root / "clean") == str(clean.resolve()) and os.readlink(root / "raw") == str(raw.resolve())
+
+    human = al.read_table(paths["human_csv"])
+    assert list(human.columns) == ["path", "tag", "class", "fold"] and len(human) == 18
+    assert human["path"].str.startswith("clean/").all()
+    assert sorted(human["fold"].unique()) == [0, 1, 2]
+    assert (human.groupby(["fold", "tag"]).size() == 2).all()  # stratified
+
+    table = al.read_table(paths["raw_csv"]).fillna("")
+    assert list(table.columns) == al.RAW_COLUMNS and len(table) == 13
+    # same basenames as clean files, but distinct identities (path relative to its root)
+    assert "raw/box0/img_000.png" in set(table["path"]) and "raw/box2/deeper/img_000.png" in set(table["path"])
+    assert "clean/class_00/img_000.png" in set(human["path"])
+    assert not table["path"].duplicated().any()
+    dup = table.set_index("path").loc["raw/copy_of_clean.png"]
+    assert dup["tag"] == "class_01" and dup["duplicate_of"] == "clean/class_01/img_002.png"
+    assert (table["tag"] != "").sum() == 1  # same basename is not a duplicate: bytes differ
+
+    skipped = al.read_table(paths["skipped_csv"]).set_index("path")["reason"]
+    assert set(skipped.index) == {"raw/broken.png", "raw/notes.txt", "raw/.hidden.png"}
+    assert summary == {"human": 18, "classes": 3, "raw": 13, "human_duplicates": 1, "skipped": 3}
+    # every path in the tables resolves through the root
+    for path in list(human["path"]) + list(table["path"]):
+        assert (root / path).is_file()
+
+
+def test_prepare_errors(tmp_path, piles):
+    clean, raw = piles
+    with pytest.raises(DatasetError, match="autolabel.raw"):
+        _prepare(tmp_path, clean, tmp_path / "missing")
+    with pytest.raises(DatasetError, match="autolabel.clean"):
+        _prepare(tmp_path, tmp_path / "missing", raw)
+    with pytest.raises(DatasetError, match="n_folds"):
+        _prepare(tmp_path, clean, raw, n_folds=7)
+
+
+def _write_accepted(path: Path, rows, round_: int, tag2cls):
+    table = pd.DataFrame(rows, columns=["path", "tag", "confidence"])
+    table["class"] = table["tag"].map(tag2cls)
+    table["round"] = round_
+    table[al.ACCEPTED_COLUMNS].to_csv(path, index=False)
+    return path
+
+
+def test_round_dataset_pseudo_rows_never_validate(tmp_path, piles):
+    clean, raw = piles
+    _, paths = _prepare(tmp_path, clean, raw)
+    tag2cls = json.loads(paths["labeling_json"].read_text())
+    acc0 = _write_accepted(tmp_path / "acc0.csv", [("raw/box0/img_000.png", "class_00", 0.99)], 0, tag2cls)
+    acc1 = _write_accepted(tmp_path / "acc1.csv", [("raw/box1/img_001.png", "class_01", 0.97)], 1, tag2cls)
+    table = al.round_dataset(
+        human_csv=paths["human_csv"], accepted_csvs=[acc0, acc1], labeling_json=paths["labeling_json"],
+        out_csv=tmp_path / "round.csv",
+    )
+    assert list(table.columns) == ["path", "tag", "class", "fold"] and len(table) == 20
+    pseudo = table[table["path"].str.startswith("raw/")]
+    assert (pseudo["fold"] == -1).all() and list(pseudo["class"]) == [0, 1]
+    for folds in ([0], [2], [0, 1]):
+        assert table[valid_mask(table, folds)]["path"].str.startswith("clean/").all()
+    assert pd.read_csv(tmp_path / "round.csv").equals(table)
+
+    candidates = al.remaining_candidates(al.read_table(paths["raw_csv"]), table)
+    # neither the accepted rows nor the human duplicate are candidates
+    assert len(candidates) == 13 - 2 - 1
+    assert not {"raw/box0/img_000.png", "raw/box1/img_001.png", "raw/copy_of_clean.png"} & set(candidates["path"])
+
+    clash = _write_accepted(tmp_path / "clash.csv", [("clean/class_00/img_000.png", "class_01", 0.99)], 0, tag2cls)
+    with pytest.raises(DatasetError, match="relabel human"):
+        al.round_dataset(
+            human_csv=paths["human_csv"], accepted_csvs=[clash], labeling_json=paths["labeling_json"],
+            out_csv=tmp_path / "bad.csv",
+        )
+
+
+def test_assemble_evaluate_materialize(tmp_path, piles):
+    clean, raw = piles
+    _, paths = _prepare(tmp_path, clean, raw)
+    tag2cls = json.loads(paths["labeling_json"].read_text())
+    raw_table = al.read_table(paths["raw_csv"]).fillna("")
+    accepted = [
+        _write_accepted(tmp_path / "a0.csv", [("raw/box0/img_000.png", "class_00", 0.99), ("raw/box1/img_000.png", "class_00", 0.95)], 0, tag2cls),
+        _write_accepted(tmp_path / "a1.csv", [("raw/box2/deeper/img_000.png", "class_02", 0.93)], 1, tag2cls),
+    ]
+    statuses, metrics = [], []
+    for r, (n, left) in enumerate([(2, 10), (1, 9)]):
+        statuses.append(tmp_path / f"s{r}.json")
+        statuses[-1].write_text(json.dumps(al.round_status(r, n, left, r == 1)))
+        metrics.append(tmp_path / f"m{r}.json")
+        calibration = {"temperature": 1.5, "ece_before": 0.2, "ece_after": 0.05}
+        metrics[-1].write_text(json.dumps({"candidates": n + left, "valid_accuracy": 0.8 + r / 10, "calibration": calibration}))
+    predictions = tmp_path / "pred.csv"
+    pd.DataFrame({"path": raw_table["path"], "tag": "class_02", "confidence": 0.5}).to_csv(predictions, index=False)
+    out = tmp_path / "final"
+    table = al.assemble(
+        human_csv=paths["human_csv"], raw_csv=paths["raw_csv"], accepted_csvs=accepted, status_jsons=statuses,
+        metrics_jsons=metrics, predictions_csv=predictions, dataset_csv=out / "dataset.csv",
+        unlabelled_csv=out / "unlabelled.csv", rounds_csv=out / "rounds.csv",
+    )
+    assert list(table.columns) == al.DATASET_COLUMNS
+    assert table["source"].value_counts().to_dict() == {"human": 18, "pseudo": 3, "human-duplicate": 1}
+    assert (table.loc[table["source"] != "pseudo", "round"] == 0).all()
+    assert table.set_index("path").loc["raw/box2/deeper/img_000.png", "round"] == 1
+    # clean/class_00/img_000.png and raw/box0/img_000.png: same basename, two rows
+    assert {"clean/class_00/img_000.png", "raw/box0/img_000.png"} <= set(table["path"])
+    unlabelled = al.read_table(out / "unlabelled.csv")
+    assert len(unlabelled) == 13 - 3 - 1 and unlabelled["label"].isna().all()
+    assert set(unlabelled["path"]) | set(table["path"]) >= set(raw_table["path"])
+    assert not set(unlabelled["path"]) & set(table["path"])
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert list(rounds["accepted"]) == [2, 1] and list(rounds["labelled_raw"]) == [3, 4]
+    assert rounds["coverage"].iloc[-1] == pytest.approx(4 / 13)
+
+    al.plot_progress(rounds_csv=out / "rounds.csv", out_png=out / "progress.png")
+    assert (out / "progress.png").read_bytes()[:4] == b"\x89PNG"
+
+    truth = tmp_path / "truth.csv"
+    pd.DataFrame(
+        {"path": ["box0/img_000.png", "box1/img_000.png", "box2/deeper/img_000.png", "copy_of_clean.png", "box0/img_001.png", "gone.png"],
+         "label": ["class_00", "class_01", "class_02", "class_01", "class_00", "class_00"]}
+    ).to_csv(truth, index=False)
+    result = al.evaluate(
+        dataset_csv=out / "dataset.csv", raw_csv=paths["raw_csv"], rounds_csv=out / "rounds.csv", truth_csv=truth,
+        out_json=out / "evaluation.json",
+    )
+    assert result["with_truth"] == 5 and result["truth_not_in_raw"] == 1
+    r0, r1 = result["rounds"]
+    assert r0["precision"] == pytest.approx(0.5) and r0["coverage"] == pytest.approx(3 / 5)
+    assert r1["precision"] == pytest.approx(2 / 3) and r1["new_precision"] == 1.0 and r1["coverage"] == pytest.approx(4 / 5)
+    assert json.loads((out / "evaluation.json").read_text())["final"] == r1
+
+    for mode in ("symlink", "copy"):
+        tree = tmp_path / f"tree_{mode}"
+        assert al.materialize(dataset_csv=out / "dataset.csv", root=paths["root_dir"], out_dir=tree, mode=mode) == 22
+        a = tree / "class_00" / "clean" / "class_00" / "img_000.png"
+        b = tree / "class_00" / "raw" / "box0" / "img_000.png"
+        assert a.read_bytes() == (clean / "class_00" / "img_000.png").read_bytes()
+        assert b.read_bytes() == (raw / "box0" / "img_000.png").read_bytes()
+        assert a.is_symlink() == (mode == "symlink")
+        assert len([p for p in tree.rglob("*") if p.is_file()]) == 22
