@@ -21,7 +21,6 @@ The loop (driven by Snakemake checkpoints, see workflow/rules/autolabel.smk):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -37,10 +36,11 @@ import numpy as np
 import pandas as pd
 
 from labelflow.data import (
-    SNAKEMAKE_TIMESTAMP,
     DatasetError,
     PathLike,
-    check_image,
+    file_sha1,
+    inspect_image,
+    walk_images,
     read_dataset_csv,
     read_tag2cls,
     split,
@@ -77,22 +77,6 @@ def read_table(path: PathLike, text_columns: Sequence[str] = ("path", "tag", "la
     return pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=[""])
 
 
-def _sha1(path: PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha1").hexdigest()
-
-
-def _inspect(path: str) -> tuple[str | None, str | None]:
-    """(why the file is unusable, or None; sha1 of its bytes when usable)."""
-    reason = check_image(path)
-    if reason is not None:
-        return reason, None
-    try:
-        return None, _sha1(path)
-    except OSError as err:
-        return f"unreadable: {err.strerror}", None
-
-
 def scan_raw(raw_dir: PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every readable image below ``raw_dir`` (recursively, symlinks followed once).
 
@@ -104,32 +88,9 @@ def scan_raw(raw_dir: PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise DatasetError(f"config key `autolabel.raw`: folder {raw_dir} does not exist")
     rel = lambda p: Path(os.path.relpath(p, raw_dir)).as_posix()  # noqa: E731
     skipped: list[tuple[str, str]] = []
-    candidates: list[str] = []
-    seen: set[tuple[int, int]] = set()
-
-    def unreadable(err: OSError) -> None:
-        skipped.append((rel(err.filename), f"unreadable folder: {err.strerror}"))
-
-    for dirpath, dirnames, filenames in os.walk(raw_dir, onerror=unreadable, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            skipped.append((rel(dirpath), "folder already visited (symlink loop)"))
-            dirnames.clear()
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        for name in sorted(d for d in dirnames if d.startswith(".")):
-            skipped.append((rel(os.path.join(dirpath, name)), "hidden folder"))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            if name == SNAKEMAKE_TIMESTAMP:
-                continue
-            if name.startswith("."):
-                skipped.append((rel(path), "hidden file"))
-            else:
-                candidates.append(path)
+    candidates = list(walk_images(str(raw_dir), rel, skipped))
     with ThreadPoolExecutor() as pool:  # decoding releases the GIL; order is kept
-        checked = list(pool.map(_inspect, candidates))
+        checked = list(pool.map(inspect_image, candidates))
     rows = []
     for path, (reason, digest) in zip(candidates, checked, strict=True):
         if reason is None:
@@ -196,7 +157,7 @@ def prepare(
         raise DatasetError(f"config key `autolabel.clean`: {err}") from None
     check_class_thresholds(class_thresholds or {}, labelled.tag2cls)
     human = labelled.dataset.copy()
-    clean_digests = [_sha1(Path(clean) / p) for p in human["path"]]
+    clean_digests = [file_sha1(Path(clean) / p) for p in human["path"]]
     human["path"] = human_paths = _prefixed(human["path"], CLEAN)
     human = split(human, labelled.tag2cls, n_folds, seed)
 

@@ -232,12 +232,12 @@ def tag2label(dataset_dir: PathLike) -> Tag2LabelResult:
                 skipped.append((entry.name, "hidden folder" if entry.is_dir() else "hidden file"))
             elif entry.is_dir():
                 tags.append(entry.name)
-                candidates += [(entry.name, p) for p in _walk_class(entry.path, rel, skipped)]
+                candidates += [(entry.name, p) for p in walk_images(entry.path, rel, skipped)]
             else:
                 skipped.append((entry.name, "not inside a class folder"))
 
     with ThreadPoolExecutor() as pool:  # decoding releases the GIL; order is preserved
-        checked = list(pool.map(_inspect, [path for _, path in candidates]))
+        checked = list(pool.map(inspect_image, [path for _, path in candidates]))
 
     rows: list[tuple[str, str, str]] = []  # tag, path, sha1
     for (tag, path), (reason, digest) in zip(candidates, checked, strict=True):
@@ -277,7 +277,7 @@ def tag2label(dataset_dir: PathLike) -> Tag2LabelResult:
     )
 
 
-def _walk_class(
+def walk_images(
     class_dir: str, rel: Callable[[PathLike], str], skipped: list[tuple[str, str]]
 ) -> Iterator[str]:
     """Yield candidate file paths below ``class_dir``; record hidden/looping entries."""
@@ -306,14 +306,18 @@ def _walk_class(
                 yield path
 
 
-def _inspect(path: str) -> tuple[str | None, str | None]:
+def file_sha1(path: PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
+
+
+def inspect_image(path: str) -> tuple[str | None, str | None]:
     """(reason it is unusable or None, sha1 of its bytes if usable)."""
     reason = check_image(path)
     if reason is not None:
         return reason, None
     try:
-        with open(path, "rb") as f:
-            return None, hashlib.file_digest(f, "sha1").hexdigest()
+        return None, file_sha1(path)
     except OSError as err:
         return f"unreadable: {err.strerror}", None
 
@@ -346,7 +350,7 @@ def tag2label_csv(labels_csv: PathLike, root: PathLike) -> Tag2LabelResult:
         if problem is None and not labels:
             problem = "no labels"
         if problem is None:
-            problem, digest = _inspect(os.path.join(base, path))
+            problem, digest = inspect_image(os.path.join(base, path))
         if problem is not None:
             skipped.append((path, problem))
             continue

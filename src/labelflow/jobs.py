@@ -33,3 +33,20 @@ def start_job(smk: Any) -> logging.Logger:
 def wants_gpu(smk: Any) -> bool:
     """The job asked for a GPU through `resources: gpu=N`."""
     return int(getattr(smk.resources, "gpu", 0) or 0) > 0
+
+
+def stage_setup(smk: Any) -> dict[str, Any]:
+    """The arguments of pipeline.prepare_stage from a training-like rule (train, LR finder)."""
+    return {
+        "dataset_csv": smk.input.dataset,
+        "tag2cls_json": smk.input.labeling,
+        "root": smk.input.root,
+        "experiment": smk.params.experiment,
+        "stage": smk.wildcards.stage,
+        "valid_folds": smk.params.valid_folds,
+        "seed": smk.params.seed,
+        "init_checkpoint": smk.input.get("init"),
+        "want_gpu": wants_gpu(smk),
+        # rules whose runs are not named by an {experiment} wildcard (autolabel rounds) name them
+        "experiment_name": smk.params.get("experiment_name") or smk.wildcards.get("experiment"),
+    }

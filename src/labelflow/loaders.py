@@ -87,7 +87,8 @@ class ImageTableDataset(Dataset):
 
     `targets` are class indices (N,) or multi-hot rows (N, C). With rotation="random"
     (training) or "seeded" (validation: the same transform for an image on every pass)
-    each image gets a known rotation/flip and the items carry its code as `rotation`
+    each image gets a known rotation/flip (with probability `rotation_p`, else it stays
+    upright: code 0) and the items carry its code as `rotation`
     and `class_rotation` targets; the code is recorded as applied, never re-derived.
     """
 
@@ -101,6 +102,7 @@ class ImageTableDataset(Dataset):
         cache: bool = True,
         rotation: str = "none",
         rotation_seed: int = 0,
+        rotation_p: float = 1.0,
     ):
         if rotation not in ROTATION_MODES:
             raise ValueError(f"rotation must be one of {ROTATION_MODES}, got {rotation!r}")
@@ -111,6 +113,7 @@ class ImageTableDataset(Dataset):
         self.transform = transform
         self.rotation = rotation
         self.rotation_seed = rotation_seed
+        self.rotation_p = rotation_p
         self.rng = np.random.default_rng(rotation_seed)
         self.images = [self._decode(i) for i in range(len(self.paths))] if cache else None
 
@@ -128,7 +131,8 @@ class ImageTableDataset(Dataset):
             item["class"] = torch.as_tensor(target, dtype=torch.float32 if target.ndim else torch.int64)
         if self.rotation != "none":
             rng = self.rng if self.rotation == "random" else np.random.default_rng([self.rotation_seed, index])
-            code = int(rng.integers(ROTATION_CLASSES))
+            # with probability 1 - rotation_p the image stays upright (code 0)
+            code = int(rng.integers(ROTATION_CLASSES)) if rng.random() < self.rotation_p else 0
             item["image"] = apply_rotation_code(item["image"], code)
             item["rotation"] = torch.tensor(code)
             if self.targets is not None and self.targets[index].ndim == 0:

@@ -21,7 +21,7 @@ from labelflow.data import DatasetError, read_dataset_csv, read_tag2cls, valid_m
 from labelflow.inference import predict
 from labelflow.loaders import ROTATION_CLASSES, ImageTableDataset, build_transform, make_loader
 from labelflow.losses import get_loss
-from labelflow.metrics import activate, predict_labels
+from labelflow.metrics import predict_labels
 from labelflow.models import HeadSpec, ModelSpec, create_model, load_model, load_weights_into
 from labelflow.training import StageSpec, file_digest, fingerprint, run_stage, select_device
 
@@ -148,11 +148,12 @@ def prepare_stage(
     size, cache = data_cfg["image_size"], data_cfg["cache"]
     rotation = uses_rotation(spec)
     train_ds = ImageTableDataset(
-        root, paths[~is_valid], targets[~is_valid], size, train_tf, cache, rotation="random" if rotation else "none"
+        root, paths[~is_valid], targets[~is_valid], size, train_tf, cache,
+        rotation="random" if rotation else "none", rotation_p=data_cfg["rotation_p"],
     )
     valid_ds = ImageTableDataset(
         root, paths[is_valid], targets[is_valid], size, eval_tf, cache,
-        rotation="seeded" if rotation else "none", rotation_seed=seed,
+        rotation="seeded" if rotation else "none", rotation_seed=seed, rotation_p=data_cfg["rotation_p"],
     )
     options = _loader_options(data_cfg, device)
     batch = stage_spec.batch_size
@@ -308,7 +309,7 @@ def infer(
         targets = class_targets(dataset, tag2cls)
         valid_ds = ImageTableDataset(
             root, paths[is_valid], targets[is_valid], data_cfg["image_size"], eval_tf, data_cfg["cache"],
-            rotation="seeded", rotation_seed=seed,
+            rotation="seeded", rotation_seed=seed, rotation_p=data_cfg["rotation_p"],
         )
         for name in SELF_SUPERVISED_HEADS:
             if name not in model.spec.heads_by_name:
