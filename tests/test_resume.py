@@ -85,7 +85,10 @@ def test_retries_resume_after_an_injected_failure(reference, tmp_path):
            "--configfile", str(config), "--retries", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # snakemake reports the failed attempt (the retry's log replaces the job log)...
+    assert "injected failure after epoch 3" in result.stdout + result.stderr
+    assert (workdir / "results/softmax/state/stage2/injected_failure").exists()
+    # ...and the retry resumed after the last saved epoch instead of starting over
     log = (workdir / "results/logs/softmax/stage2.log").read_text()
-    assert "injected failure after epoch 3" in log
     assert "resuming stage stage2 at epoch 4" in log
     assert _epochs(workdir) == _epochs(ref_workdir)
