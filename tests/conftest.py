@@ -59,3 +59,15 @@ def make_tiny_dataset(
 def tiny_dataset(tmp_path: Path) -> Path:
     """3 classes x 12 RGB 16x16 PNGs under ``tmp_path / "tiny"``."""
     return make_tiny_dataset(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far faster when the 2 CPUs are shared
+    with other jobs (spinning OpenMP threads then stall every op)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -35,14 +35,7 @@ class NotATensor:
         self.value = value
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """These tensors are tiny: one intra-op thread is as fast, and far faster when the 2 CPUs
-    are shared with other jobs (spinning OpenMP threads then stall every op)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _spec(num_classes: int = 3, embedding_size: int = 16, extra_head: bool = True) -> ModelSpec:
