@@ -402,3 +402,21 @@ def test_write_digits_dataset_is_deterministic(tmp_path: Path) -> None:
     write_digits_dataset(tmp_path / "b", image_size=12)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     assert load_image(tmp_path / "a" / "0" / "0000.png").shape == (12, 12, 3)
+
+
+def test_very_large_image_is_resized_once(tmp_path):
+    from labelflow.loaders import decode_resized
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.full((2000, 3000, 3), 200, dtype=np.uint8)).save(path)
+    assert check_image(path) is None
+    small = decode_resized(path, 32)
+    assert small.shape == (32, 32, 3) and int(small.mean()) == 200
+
+
+def test_decompression_bomb_is_skipped_with_a_reason(tmp_path, monkeypatch):
+    # Pillow refuses images over twice MAX_IMAGE_PIXELS; lower the limit instead of writing GBs
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = tmp_path / "bomb.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(path)
+    assert check_image(path).startswith("too large")
