@@ -328,7 +328,7 @@ def run_round(
     # heavy imports (torch) only where a model runs
     from labelflow.calibration import calibrate, top_confidence
     from labelflow.inference import predict
-    from labelflow.loaders import ImageTableDataset, build_transform, make_loader
+    from labelflow.loaders import eval_loader
     from labelflow.losses import get_loss
     from labelflow.models import load_model
     from labelflow.training import select_device
@@ -346,10 +346,8 @@ def run_round(
     model = load_model(checkpoint)
     activation = get_loss(model.spec.heads[0].loss).activation
     data_cfg = experiment["data"]
-    eval_tf = build_transform(train=False, mean=data_cfg["mean"], std=data_cfg["std"])
     paths = np.concatenate([valid["path"].to_numpy(), candidates["path"].to_numpy()]).astype(str)
-    ds = ImageTableDataset(root, paths, None, data_cfg["image_size"], eval_tf, data_cfg["cache"])
-    loader = make_loader(ds, batch_size=batch_size, shuffle=False, seed=0, num_workers=data_cfg["num_workers"])
+    loader = eval_loader(root, paths, data_cfg, batch_size=batch_size, device=device)
     logits = predict(model, loader, device)["logits"].astype(np.float64)
     valid_logits, cand_logits = logits[: len(valid)], logits[len(valid):]
 

@@ -172,19 +172,10 @@ def embed_paths(
 ) -> np.ndarray:
     """Embeddings (N, embedding_size) float32 of images under deterministic eval transforms."""
     from labelflow.inference import predict
-    from labelflow.loaders import ImageTableDataset, build_transform, make_loader
+    from labelflow.loaders import eval_loader
 
-    transform = build_transform(train=False, mean=data_cfg["mean"], std=data_cfg["std"])
     # decoded per batch, not cached: a large set need not fit in memory
-    dataset = ImageTableDataset(root, list(paths), None, data_cfg["image_size"], transform, cache=False)
-    loader = make_loader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        seed=0,
-        num_workers=data_cfg.get("num_workers", 0),
-        pin_memory=device.type == "cuda",
-    )
+    loader = eval_loader(root, paths, data_cfg, batch_size=batch_size, device=device, cache=False)
     return predict(model, loader, device)["embeddings"].astype(np.float32)
 
 

@@ -176,3 +176,27 @@ def make_loader(
 
 def default_num_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
+
+
+def eval_loader(
+    root: str | Path,
+    paths: Sequence[str],
+    data_cfg: dict[str, Any],
+    *,
+    batch_size: int,
+    device: torch.device | None = None,
+    targets: Sequence[int] | np.ndarray | None = None,
+    cache: bool | None = None,
+    **dataset_options: Any,
+) -> DataLoader:
+    """Deterministic, un-augmented loader over `paths` with an experiment's data section:
+    what inference, embedding and autolabel prediction all run on."""
+    transform = build_transform(train=False, mean=data_cfg["mean"], std=data_cfg["std"])
+    dataset = ImageTableDataset(
+        root, list(paths), targets, data_cfg["image_size"], transform,
+        data_cfg.get("cache", True) if cache is None else cache, **dataset_options,
+    )
+    return make_loader(
+        dataset, batch_size=batch_size, shuffle=False, seed=0,
+        num_workers=data_cfg.get("num_workers", 0), pin_memory=device is not None and device.type == "cuda",
+    )

@@ -19,7 +19,7 @@ import torch
 from labelflow import index as knn
 from labelflow.data import DatasetError, read_dataset_csv, read_tag2cls, valid_mask, write_csv_atomic, write_json_atomic
 from labelflow.inference import predict
-from labelflow.loaders import ROTATION_CLASSES, ImageTableDataset, build_transform, make_loader
+from labelflow.loaders import ROTATION_CLASSES, ImageTableDataset, build_transform, eval_loader, make_loader
 from labelflow.losses import get_loss
 from labelflow.metrics import predict_labels
 from labelflow.models import HeadSpec, ModelSpec, create_model, load_model, load_weights_into
@@ -276,11 +276,8 @@ def infer(
     device = select_device(want_gpu)
     model = load_model(checkpoint)
     data_cfg = experiment["data"]
-    _, eval_tf = _transforms(data_cfg, seed)
-    options = _loader_options(data_cfg, device)
     paths = dataset["path"].to_numpy()
-    ds = ImageTableDataset(root, paths, None, data_cfg["image_size"], eval_tf, data_cfg["cache"])
-    outputs = predict(model, make_loader(ds, batch_size=batch_size, shuffle=False, seed=0, **options), device)
+    outputs = predict(model, eval_loader(root, paths, data_cfg, batch_size=batch_size, device=device), device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, array in outputs.items():
@@ -307,14 +304,13 @@ def infer(
     rows = []
     if uses_rotation(model.spec):
         targets = class_targets(dataset, tag2cls)
-        valid_ds = ImageTableDataset(
-            root, paths[is_valid], targets[is_valid], data_cfg["image_size"], eval_tf, data_cfg["cache"],
+        loader = eval_loader(
+            root, paths[is_valid], data_cfg, batch_size=batch_size, device=device, targets=targets[is_valid],
             rotation="seeded", rotation_seed=seed, rotation_p=data_cfg["rotation_p"],
         )
         for name in SELF_SUPERVISED_HEADS:
             if name not in model.spec.heads_by_name:
                 continue
-            loader = make_loader(valid_ds, batch_size=batch_size, shuffle=False, seed=0, **options)
             head_out = predict(model, loader, device, head=name, with_targets=True)
             rows += [
                 (path, name, int(t), int(p))
