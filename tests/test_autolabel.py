@@ -100,6 +100,28 @@ def test_temperature_edge_cases():
         fit_temperature(logits, labels, "tanh")
 
 
+def test_min_temperature_keeps_an_all_correct_validation_fold_from_sharpening():
+    # a small validation fold the model gets all right: a free fit sharpens to the bound,
+    # and a wrong prediction elsewhere with a 0.8 softmax would then claim ~1.0
+    logits = np.array([[2.0, 0.0], [0.0, 2.0]] * 15)
+    labels = np.array([0, 1] * 15)
+    free = calibrate(logits, labels, "softmax")
+    assert free.temperature < 0.2 and free.accuracy == 1.0
+    _, conf = top_confidence(np.array([[1.4, 0.0]]), free.temperature, "softmax")
+    assert conf[0] > 0.999
+    floored = calibrate(logits, labels, "softmax", min_temperature=1.0)
+    assert floored.temperature == 1.0 and floored.min_temperature == 1.0
+    _, conf = top_confidence(np.array([[1.4, 0.0]]), floored.temperature, "softmax")
+    assert conf[0] == pytest.approx(1 / (1 + np.exp(-1.4)))
+    # softening an overconfident model is still allowed above the floor
+    overconfident, y = _calibrated_softmax_sample(5000, 4, seed=2)
+    assert calibrate(overconfident * 4.0, y, "softmax", min_temperature=1.0).temperature == pytest.approx(4.0, rel=0.1)
+    # a floor above 1 is honoured even when no scaling would fit better
+    assert calibrate(overconfident, y, "softmax", min_temperature=1.5).temperature >= 1.5
+    with pytest.raises(ValueError, match="min_temperature"):
+        calibrate(logits, labels, "softmax", min_temperature=0.0)
+
+
 # --------------------------------------------------------------------------- selection policy
 
 

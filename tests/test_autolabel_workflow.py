@@ -119,7 +119,9 @@ def test_round_outputs_and_policy(autolabel_run):
         metrics = json.loads((out / f"round_{r}/metrics.json").read_text())
         cal = metrics["calibration"]
         assert metrics["valid_images"] == 8 and 0 <= metrics["valid_accuracy"] <= 1
-        assert cal["temperature"] > 0 and 0 <= cal["ece_before"] <= 1 and 0 <= cal["ece_after"] <= 1
+        assert 0 <= cal["ece_before"] <= 1 and 0 <= cal["ece_after"] <= 1
+        # the default floor: calibration may soften the model, never sharpen it
+        assert cal["min_temperature"] == 1.0 and cal["temperature"] >= 1.0
         assert metrics["ece_bins"] == 15
     # round 1 trains on round 0's pseudo-labels, never validates on them
     round1 = pd.read_csv(out / "round_1/dataset.csv")
@@ -236,3 +238,16 @@ def test_bad_autolabel_config_names_the_key(tmp_path, autolabel, expected):
     assert not (tmp_path / "work" / "results").exists()
     # the default target does not care about the autolabel section
     assert run_snakemake(tmp_path / "work", "-n", configfile=config).returncode == 0
+
+
+def test_out_of_range_min_temperature_fails_validation(tmp_path):
+    clean = make_tiny_dataset(tmp_path / "clean", per_class=3)
+    config = write_tiny_config(
+        tmp_path / "work", clean, autolabel={"clean": str(clean), "raw": str(clean), "min_temperature": 0.0}
+    )
+    # the config is validated once, for every target: a bad value stops the default run too
+    for target in ("autolabel", "all"):
+        result = run_snakemake(tmp_path / "work", target, "-n", configfile=config)
+        out = result.stdout + result.stderr
+        assert result.returncode != 0 and "min_temperature" in out and "0.05" in out
+    assert not (tmp_path / "work" / "results").exists()

@@ -323,8 +323,12 @@ def run_round(
     metrics_json: PathLike,
     batch_size: int = 256,
     want_gpu: bool = False,
+    min_temperature: float = 1.0,
 ) -> dict[str, Any]:
-    """Predict the unlabelled raw images with the round's model, calibrate, select, report."""
+    """Predict the unlabelled raw images with the round's model, calibrate, select, report.
+
+    The temperature is fitted on the round's human validation fold, not below ``min_temperature``.
+    """
     # heavy imports (torch) only where a model runs
     from labelflow.calibration import calibrate, top_confidence
     from labelflow.inference import predict
@@ -351,7 +355,7 @@ def run_round(
     logits = predict(model, loader, device)["logits"].astype(np.float64)
     valid_logits, cand_logits = logits[: len(valid)], logits[len(valid):]
 
-    calibration = calibrate(valid_logits, valid["class"].to_numpy(), activation)
+    calibration = calibrate(valid_logits, valid["class"].to_numpy(), activation, min_temperature=min_temperature)
     _, raw_conf = top_confidence(cand_logits, 1.0, activation)
     predicted, conf = top_confidence(cand_logits, calibration.temperature, activation)
     scored = pd.DataFrame(

@@ -92,6 +92,7 @@ checkpoint autolabel_round:
         valid_folds=VALID_FOLDS,
         threshold=config["autolabel"]["threshold"],
         class_thresholds=config["autolabel"]["class_thresholds"],
+        min_temperature=config["autolabel"]["min_temperature"],
         max_new_per_class=config["autolabel"]["max_new_per_class"],
         last_round=autolabel_is_last_round,
         batch_size=config["infer_batch_size"],

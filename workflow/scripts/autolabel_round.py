@@ -13,6 +13,7 @@ run_round(
     round_=int(snakemake.wildcards.round),
     threshold=snakemake.params.threshold,
     class_thresholds=snakemake.params.class_thresholds,
+    min_temperature=snakemake.params.min_temperature,
     max_new_per_class=snakemake.params.max_new_per_class,
     last_round=snakemake.params.last_round,
     status_json=snakemake.output.status,
