@@ -16,11 +16,15 @@ from conftest import make_tiny_dataset
 from labelflow.data import (
     IMAGE_EXTENSIONS,
     DatasetError,
+    atomic_directory,
+    atomic_output,
     check_image,
     load_image,
+    load_npy,
     read_dataset_csv,
     read_tag2cls,
     resolve_valid_folds,
+    save_npy_atomic,
     split,
     tag2label,
     valid_mask,
@@ -370,6 +374,49 @@ def test_atomic_writers_round_trip(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="distinct class 0..n-1"):
         read_tag2cls(tmp_path / "m.json")
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["m.json", "x.csv"]
+
+
+def test_atomic_output_keeps_the_old_file_when_the_writer_fails(tmp_path: Path) -> None:
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_output(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary left behind
+
+    with atomic_output(target, suffix=".png") as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".png" and not tmp.exists()
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    # the umask decides the mode, as for any file the user's tools write (tempfile: 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_atomic_directory_replaces_the_folder_only_on_success(tmp_path: Path) -> None:
+    out = tmp_path / "tree"
+    (out / "old").mkdir(parents=True)
+    with pytest.raises(OSError):
+        with atomic_directory(out) as tmp:
+            (tmp / "new.txt").write_text("x")
+            raise OSError("killed")
+    assert sorted(p.name for p in out.iterdir()) == ["old"]
+    with atomic_directory(out) as tmp:
+        (tmp / "new.txt").write_text("x")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
+
+
+def test_npy_round_trip_refuses_pickled_objects(tmp_path: Path) -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    save_npy_atomic(tmp_path / "x.npy", x)
+    np.testing.assert_array_equal(load_npy(tmp_path / "x.npy"), x)
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_npy(tmp_path / "obj.npy")
 
 
 # --------------------------------------------------------------------------- digits

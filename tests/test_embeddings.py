@@ -21,9 +21,9 @@ import torch
 from conftest import make_tiny_dataset
 from labelflow import embeddings as emb
 from labelflow.cli import main
-from labelflow.data import DatasetError, split, tag2label, write_csv_atomic, write_json_atomic
+from labelflow.data import DatasetError, save_npy_atomic, split, tag2label, write_csv_atomic, write_json_atomic
 from labelflow.models import HeadSpec, ModelSpec, create_model, save_checkpoint
-from labelflow.pipeline import infer, pca_index, save_npy_atomic
+from labelflow.pipeline import infer, pca_index
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_CFG = {

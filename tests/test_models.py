@@ -225,7 +225,7 @@ def test_checkpoint_roundtrip_gives_identical_outputs(tmp_path: Path):
         assert torch.equal(a[key], b[key]), key
     checkpoint = load_checkpoint(path)
     assert checkpoint["epoch"] == 5 and checkpoint["accuracy"] == 0.75
-    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary behind
+    assert not list(tmp_path.glob(".*"))  # the atomic write left no temporary behind
 
 
 def test_load_weights_into_same_spec_copies_everything(tmp_path: Path):

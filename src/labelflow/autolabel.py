@@ -21,12 +21,10 @@ The loop (driven by Snakemake checkpoints, see workflow/rules/autolabel.smk):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,11 +35,13 @@ import pandas as pd
 
 from labelflow.data import (
     DatasetError,
+    atomic_directory,
     PathLike,
     file_sha1,
     inspect_image,
     walk_images,
     read_dataset_csv,
+    read_json,
     read_tag2cls,
     split,
     tag2label,
@@ -472,8 +472,8 @@ def assemble(
     )
     unlabelled.insert(1, "label", "")
 
-    statuses = [json.loads(Path(p).read_text()) for p in status_jsons]
-    metrics = [json.loads(Path(p).read_text()) for p in metrics_jsons]
+    statuses = [read_json(p) for p in status_jsons]
+    metrics = [read_json(p) for p in metrics_jsons]
     n_raw = len(raw)
     n_dup = len(dup)
     cumulative = n_dup
@@ -516,6 +516,8 @@ def plot_progress(*, rounds_csv: PathLike, out_png: PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from labelflow.reports import save_figure
+
     rounds = pd.read_csv(rounds_csv)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     x = rounds["round"]
@@ -534,11 +536,7 @@ def plot_progress(*, rounds_csv: PathLike, out_png: PathLike) -> None:
     if last is not None:
         fig.suptitle(f"autolabel: {len(rounds)} round(s), stopped because {last['reason'] or '-'}")
     fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp-{uuid.uuid4().hex}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_png)
+    save_figure(fig, out_png)
 
 
 def read_truth(truth_csv: PathLike) -> pd.DataFrame:
@@ -624,9 +622,7 @@ def materialize(*, dataset_csv: PathLike, root: PathLike, out_dir: PathLike, mod
     if mode not in ("symlink", "copy"):
         raise DatasetError(f"config key `autolabel.materialize` must be symlink or copy, got {mode!r}")
     table = read_table(dataset_csv)
-    out = Path(out_dir)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
-    try:
+    with atomic_directory(out_dir) as tmp:
         for path, label in zip(table["path"], table["label"]):
             source = os.path.realpath(Path(root) / path)
             target = tmp / label / path
@@ -635,12 +631,5 @@ def materialize(*, dataset_csv: PathLike, root: PathLike, out_dir: PathLike, mod
                 os.symlink(source, target)
             else:
                 shutil.copy2(source, target)
-        tmp.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("materialised %d labelled images as %ss under %s", len(table), mode, out)
+    log.info("materialised %d labelled images as %ss under %s", len(table), mode, out_dir)
     return len(table)

@@ -561,25 +561,52 @@ def _quote(items: Sequence[Any]) -> str:
 
 
 @contextmanager
-def _atomic_text(path: PathLike) -> Iterator[IO[str]]:
-    """Open a temp file beside ``path`` for writing; move it over ``path`` on success.
+def atomic_output(path: PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temp path beside ``path`` for a writer to fill; moved over ``path`` on success.
 
-    Readers (and Snakemake) never see a half-written file. The temp name is created
-    with ``open(..., "x")`` rather than ``tempfile`` so the umask, not 0600, decides
-    the final file's permissions.
+    Readers (and Snakemake) never see a half-written file: the rename is atomic within a
+    directory, and the content is on disk before it. The writer creates the temp file
+    itself, so the umask (not 0600 as with ``tempfile``) decides the file's permissions.
+    On any error the temp file is removed and ``path`` is left as it was. ``suffix`` is
+    for writers that pick a format from the extension (matplotlib's ``savefig``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}{suffix}"
     try:
-        with open(tmp, "x", encoding="utf-8", newline="") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())  # content on disk before the rename makes it visible
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_directory(path: PathLike) -> Iterator[Path]:
+    """A temp folder beside ``path`` to fill; it replaces ``path`` (and what was there) on
+    success and is removed on any error, leaving ``path`` as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def _atomic_text(path: PathLike) -> Iterator[IO[str]]:
+    with atomic_output(path) as tmp, open(tmp, "x", encoding="utf-8", newline="") as f:
+        yield f
 
 
 def write_csv_atomic(df: pd.DataFrame, path: PathLike) -> None:
@@ -602,3 +629,17 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def save_npy_atomic(path: PathLike, array: np.ndarray) -> None:
+    with atomic_output(path) as tmp, open(tmp, "xb") as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def load_npy(path: PathLike) -> np.ndarray:
+    return np.load(path, allow_pickle=False)
+
+
+def read_json(path: PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

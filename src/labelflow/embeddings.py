@@ -17,11 +17,9 @@ hnswlib index, ``inference.predict``) rather than re-implementing them:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,9 +35,13 @@ from labelflow.data import (
     IMAGE_EXTENSIONS,
     SNAKEMAKE_TIMESTAMP,
     DatasetError,
+    atomic_directory,
     check_image,
+    load_npy,
     read_dataset_csv,
+    read_json,
     read_tag2cls,
+    save_npy_atomic,
     write_csv_atomic,
     write_json_atomic,
 )
@@ -63,19 +65,10 @@ SPRITE_MAX_PIXELS = 8192  # TensorBoard's projector refuses larger sprite images
 PathLike = str | os.PathLike[str]
 
 
-def load_npy(path: PathLike) -> np.ndarray:
-    return np.load(path, allow_pickle=False)
-
-
 def class_names(tag2cls_json: PathLike) -> list[str]:
     """Class names in class-index order."""
     tag2cls = read_tag2cls(tag2cls_json)
     return sorted(tag2cls, key=tag2cls.get)
-
-
-def _read_json(path: PathLike) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 # --------------------------------------------------------------------------- image sets
@@ -197,7 +190,6 @@ def embed_images(
     The model's classes (``tag2cls_json`` or ``classes``) let class sub-folders give labels.
     """
     from labelflow.models import load_model
-    from labelflow.pipeline import save_npy_atomic
     from labelflow.training import select_device
 
     if classes is None:
@@ -240,7 +232,7 @@ def read_model(experiment_dir: PathLike) -> tuple[dict[str, Any], Path, list[str
         raise DatasetError(
             f"{path} does not exist; build it first with `snakemake {path.as_posix()}` (or target query_all)"
         )
-    card = _read_json(path)
+    card = read_json(path)
     return card["model"], path.parent / card["model"]["checkpoint"], card["classes"]
 
 
@@ -333,16 +325,11 @@ def write_projector(
 
     columns = ["path", "split", "label", "predicted", "correct"]
     metadata = [[_tsv_cell(v) for v in record] for record in chosen[columns].itertuples(index=False)]
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with SummaryWriter(log_dir=str(tmp)) as writer:
+    with atomic_directory(out_dir) as tmp, SummaryWriter(log_dir=str(tmp)) as writer:
         writer.add_embedding(
             embeddings[rows], metadata=metadata, metadata_header=columns, label_img=label_img,
             global_step=0, tag=PROJECTOR_TAG,
         )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
     info = {
         "n_images": int(len(rows)),
         "n_total": int(len(table)),
@@ -460,7 +447,7 @@ class SimilaritySearch:
         threshold: float = math.inf,
         quantile: float | None = None,
     ) -> SimilaritySearch:
-        info = _read_json(index_json)
+        info = read_json(index_json)
         predictions = pd.read_csv(predictions_csv, dtype={"path": str}, keep_default_na=False)
         paths = predictions["path"][predictions["split"] == "train"].to_numpy()
         labels = np.asarray(info["labels"], dtype=np.int64)
@@ -485,7 +472,7 @@ class SimilaritySearch:
         path = Path(rejection_json)
         if not path.is_file():
             raise DatasetError(f"{path} does not exist; build it first with `snakemake {path}`")
-        card = _read_json(path)
+        card = read_json(path)
         files = {name: path.parent / rel for name, rel in card["files"].items()}
         return cls.from_files(
             transform_npz=files["transform"],

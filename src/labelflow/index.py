@@ -7,8 +7,7 @@ workflow ever has to unpickle a file; the index uses hnswlib's own binary format
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -17,28 +16,11 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
+from labelflow.data import atomic_output
+
 SPACES = ("cosine", "ip", "l2")
 
 PathLike = str | os.PathLike[str]
-
-
-def _atomic_write(path: PathLike, write: Callable[[str], None], suffix: str) -> Path:
-    """Let ``write`` fill a temp file next to ``path``, then rename it into place.
-
-    Same directory so ``os.replace`` is an atomic rename: a crashed or killed job never
-    leaves a truncated file that Snakemake would take for a finished output.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
@@ -114,12 +96,10 @@ class EmbeddingTransform:
     def save(self, path: PathLike) -> Path:
         arrays = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
 
-        def write(tmp: str) -> None:
-            # Write through a file object: np.savez would append ".npz" to a bare name.
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-
-        return _atomic_write(path, write, suffix=".npz")
+        # Write through a file object: np.savez would append ".npz" to a bare name.
+        with atomic_output(path) as tmp, open(tmp, "xb") as fh:
+            np.savez(fh, **arrays)
+        return Path(path)
 
     @classmethod
     def load(cls, path: PathLike) -> EmbeddingTransform:
@@ -168,7 +148,9 @@ def build_index(
 
 
 def save_index(index: hnswlib.Index, path: PathLike) -> Path:
-    return _atomic_write(path, index.save_index, suffix=".tmp")
+    with atomic_output(path) as tmp:
+        index.save_index(str(tmp))
+    return Path(path)
 
 
 def load_index(path: PathLike, dim: int, space: str = "cosine", ef: int = 64) -> hnswlib.Index:

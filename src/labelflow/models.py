@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import urllib.error
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
+
+from labelflow.data import atomic_output
 
 ENCODERS = ("resnet18", "resnet34", "resnet50")
 
@@ -181,16 +182,8 @@ def save_checkpoint(path: str | Path, model: MultiHeadNet, extra: dict[str, Any]
 
 
 def atomic_torch_save(payload: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

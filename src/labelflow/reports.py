@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,14 +14,9 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 
-from labelflow.data import write_csv_atomic, write_json_atomic  # noqa: E402
+from labelflow.data import atomic_output, load_npy, read_json, write_csv_atomic, write_json_atomic  # noqa: E402
 from labelflow.losses import get_loss  # noqa: E402
 from labelflow.models import load_checkpoint  # noqa: E402
-
-
-def _read_json(path: str | Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def summarize(
@@ -57,7 +51,7 @@ def summarize(
     if list(predictions["path"]) != list(dataset["path"]):
         raise ValueError(f"{predictions_csv} and {dataset_csv} list different images; rerun infer")
     is_valid = (predictions["split"] == "valid").to_numpy()
-    logits = np.load(logits_npy, allow_pickle=False)[is_valid]
+    logits = load_npy(logits_npy)[is_valid]
     targets = class_targets(dataset, tag2cls)[is_valid]
     head = load_checkpoint(checkpoint)["spec"]["heads"][0]
     spec = get_loss(head["loss"])
@@ -70,7 +64,7 @@ def summarize(
     valid["per_class_f1"] = dict(zip(classes, per_class_f1(targets, predicted, len(classes))))
     valid["n_images"] = int(is_valid.sum())
 
-    index = _read_json(index_metrics_json)
+    index = read_json(index_metrics_json)
     summary: dict[str, Any] = {
         "experiment": experiment,
         "multilabel": multilabel,
@@ -95,7 +89,7 @@ def summarize(
                 f"{experiment}: rotation (valid)",
             )
     for stage, path in stage_metrics.items():
-        metrics = _read_json(path)
+        metrics = read_json(path)
         summary["stages"][stage] = {
             "epochs": len(metrics["epochs"]),
             "best_epoch": metrics["best"]["epoch"],
@@ -114,7 +108,7 @@ def summarize(
 
 def training_seconds(stage_metrics_paths: Sequence[str | Path]) -> float:
     """Wall time spent in training epochs, summed over stages (from metrics.json)."""
-    return float(sum(e["seconds"] for p in stage_metrics_paths for e in _read_json(p)["epochs"]))
+    return float(sum(e["seconds"] for p in stage_metrics_paths for e in read_json(p)["epochs"]))
 
 
 def plot_confusion(y_true, y_pred, classes: Sequence[str], path: str | Path, title: str = "") -> Path:
@@ -137,12 +131,11 @@ def plot_confusion(y_true, y_pred, classes: Sequence[str], path: str | Path, tit
 
 
 def save_figure(fig, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_output(path, suffix=Path(path).suffix) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def compare_experiments(
@@ -154,7 +147,7 @@ def compare_experiments(
     """experiments.csv (one row per experiment) and a bar chart of the main metrics."""
     rows = []
     for name, path in summaries.items():
-        s = _read_json(path)
+        s = read_json(path)
         valid = s["valid"]
         rows.append(
             {
@@ -214,7 +207,7 @@ def plot_lr_finder(records: pd.DataFrame, suggestions: dict[str, float], used: s
 
 
 def _final_stage_metrics(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    metrics = _read_json(path)
+    metrics = read_json(path)
     best = next(e for e in metrics["epochs"] if e["epoch"] == metrics["best"]["epoch"])
     return best, metrics["epochs"]
 
@@ -237,7 +230,7 @@ def kfold_summary(
     rows, curves, oof = [], {}, []
     for fold, paths in sorted(folds.items()):
         best, epochs = _final_stage_metrics(paths["metrics"])
-        summary = _read_json(paths["summary"])
+        summary = read_json(paths["summary"])
         rows.append(
             {
                 "fold": fold,
@@ -310,10 +303,8 @@ def grid_comparison(
             }
         )
         curves[run_id] = [e["valid"]["accuracy"] for e in epochs]
-        tmp = Path(configs_out[run_id]).with_suffix(".tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(yaml.safe_dump(run["experiment"], sort_keys=False), encoding="utf-8")
-        tmp.replace(configs_out[run_id])
+        with atomic_output(configs_out[run_id]) as tmp:
+            tmp.write_text(yaml.safe_dump(run["experiment"], sort_keys=False), encoding="utf-8")
     table = pd.DataFrame(rows).sort_values(["valid_accuracy", "valid_loss"], ascending=[False, True], kind="stable")
     write_csv_atomic(table, out_csv)
     for row in table.itertuples(index=False):
