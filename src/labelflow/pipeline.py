@@ -6,7 +6,6 @@ outputs are written atomically.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,17 @@ import pandas as pd
 import torch
 
 from labelflow import index as knn
-from labelflow.data import DatasetError, read_dataset_csv, read_tag2cls, valid_mask, write_csv_atomic, write_json_atomic
+from labelflow.data import (
+    DatasetError,
+    load_npy,
+    read_dataset_csv,
+    read_json,
+    read_tag2cls,
+    save_npy_atomic,
+    valid_mask,
+    write_csv_atomic,
+    write_json_atomic,
+)
 from labelflow.inference import predict
 from labelflow.loaders import ROTATION_CLASSES, ImageTableDataset, build_transform, eval_loader, make_loader
 from labelflow.losses import get_loss
@@ -111,6 +120,55 @@ class PreparedStage:
     fingerprint: str
 
 
+def stage_loaders(
+    root: str | Path,
+    dataset: pd.DataFrame,
+    targets: np.ndarray,
+    is_valid: np.ndarray,
+    data_cfg: dict[str, Any],
+    *,
+    batch_size: int,
+    rotation: bool,
+    seed: int,
+    device: torch.device,
+):
+    """(train, valid, upright) loaders of a stage. Only training augments; with a rotation
+    head the train images get random rotations, the valid ones a fixed seeded set, and the
+    upright loader (None without a rotation head) scores the class head on upright images."""
+    train_tf, eval_tf = _transforms(data_cfg, seed)
+    size, cache, rotation_p = data_cfg["image_size"], data_cfg["cache"], data_cfg["rotation_p"]
+    paths = dataset["path"].to_numpy()
+    train_ds = ImageTableDataset(
+        root, paths[~is_valid], targets[~is_valid], size, train_tf, cache,
+        rotation="random" if rotation else "none", rotation_p=rotation_p,
+    )
+    valid_ds = ImageTableDataset(
+        root, paths[is_valid], targets[is_valid], size, eval_tf, cache,
+        rotation="seeded" if rotation else "none", rotation_seed=seed, rotation_p=rotation_p,
+    )
+    options = _loader_options(data_cfg, device)
+    # drop_last avoids a 1-image BatchNorm batch at the end of an epoch
+    train_loader = make_loader(
+        train_ds, batch_size=batch_size, shuffle=True, seed=seed, drop_last=len(train_ds) > batch_size, **options
+    )
+    valid_loader = make_loader(valid_ds, batch_size=batch_size, shuffle=False, seed=seed, **options)
+    upright_loader = None
+    if rotation:
+        upright_ds = ImageTableDataset(root, paths[is_valid], targets[is_valid], size, eval_tf, cache)
+        upright_loader = make_loader(upright_ds, batch_size=batch_size, shuffle=False, seed=seed, **options)
+    return train_loader, valid_loader, upright_loader
+
+
+def stage_model(spec: ModelSpec, weights: str, init_checkpoint: str | Path | None, seed: int):
+    """A fresh model (seeded init, encoder ``weights``), or the previous stage's weights."""
+    torch.manual_seed(seed)
+    model = create_model(spec, weights if init_checkpoint is None else "none")
+    if init_checkpoint is not None:
+        load_weights_into(model, init_checkpoint)
+        log.info("initialised from %s", init_checkpoint)
+    return model
+
+
 def prepare_stage(
     *,
     dataset_csv: str | Path,
@@ -141,47 +199,22 @@ def prepare_stage(
     is_valid = valid_mask(dataset, list(valid_folds)).to_numpy()
     if is_valid.all() or not is_valid.any():
         raise DatasetError(f"{dataset_csv}: valid_folds {list(valid_folds)} leave no train or no valid images")
-    targets = class_targets(dataset, tag2cls)
-    paths = dataset["path"].to_numpy()
     data_cfg = experiment["data"]
-    train_tf, eval_tf = _transforms(data_cfg, seed)
-    size, cache = data_cfg["image_size"], data_cfg["cache"]
-    rotation = uses_rotation(spec)
-    train_ds = ImageTableDataset(
-        root, paths[~is_valid], targets[~is_valid], size, train_tf, cache,
-        rotation="random" if rotation else "none", rotation_p=data_cfg["rotation_p"],
+    loaders = stage_loaders(
+        root, dataset, class_targets(dataset, tag2cls), is_valid, data_cfg,
+        batch_size=stage_spec.batch_size, rotation=uses_rotation(spec), seed=seed, device=device,
     )
-    valid_ds = ImageTableDataset(
-        root, paths[is_valid], targets[is_valid], size, eval_tf, cache,
-        rotation="seeded" if rotation else "none", rotation_seed=seed, rotation_p=data_cfg["rotation_p"],
-    )
-    options = _loader_options(data_cfg, device)
-    batch = stage_spec.batch_size
-    # drop_last avoids a 1-image BatchNorm batch at the end of an epoch
-    train_loader = make_loader(train_ds, batch_size=batch, shuffle=True, seed=seed, drop_last=len(train_ds) > batch, **options)
-    valid_loader = make_loader(valid_ds, batch_size=batch, shuffle=False, seed=seed, **options)
-    upright_loader = None
-    if rotation:
-        upright_ds = ImageTableDataset(root, paths[is_valid], targets[is_valid], size, eval_tf, cache)
-        upright_loader = make_loader(upright_ds, batch_size=batch, shuffle=False, seed=seed, **options)
-
-    torch.manual_seed(seed)  # model initialisation
-    weights = experiment["model"]["weights"] if init_checkpoint is None else "none"
-    model = create_model(spec, weights)
-    if init_checkpoint is not None:
-        load_weights_into(model, init_checkpoint)
-        log.info("initialised from %s", init_checkpoint)
+    model = stage_model(spec, experiment["model"]["weights"], init_checkpoint, seed)
     stage_fp = fingerprint(
         spec.to_dict(), stage_cfg, data_cfg, seed, list(valid_folds),
         file_digest(dataset_csv), file_digest(init_checkpoint) if init_checkpoint else None,
         experiment["model"]["weights"],
     )
-    return PreparedStage(model, stage_spec, device, train_loader, valid_loader, upright_loader, stage_fp)
+    return PreparedStage(model, stage_spec, device, *loaders, stage_fp)
 
 
 def read_lr_suggestion(path: str | Path) -> float:
-    with open(path, encoding="utf-8") as f:
-        suggestion = json.load(f)
+    suggestion = read_json(path)
     return float(suggestion["suggestions"][suggestion["used"]])
 
 
@@ -320,17 +353,6 @@ def infer(
     return predictions
 
 
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    tmp.replace(path)
-
-
-def load_npy(path: str | Path) -> np.ndarray:
-    return np.load(path, allow_pickle=False)
-
-
 def _split_embeddings(predictions_csv: str | Path, embeddings_npy: str | Path):
     predictions = pd.read_csv(predictions_csv)
     embeddings = load_npy(embeddings_npy)
@@ -393,8 +415,7 @@ def evaluate_index(
 ) -> dict[str, Any]:
     """Query the saved index with the valid vectors: recall@k and kNN vote accuracy."""
     _, _, valid_x, valid_y = _split_embeddings(predictions_csv, embeddings_npy)
-    with open(index_json, encoding="utf-8") as f:
-        info = json.load(f)
+    info = read_json(index_json)
     transform = knn.EmbeddingTransform.load(transform_npz)
     index = knn.load_index(index_bin, dim=info["dim"], space=info["space"], ef=info["ef"])
     train_labels = np.asarray(info["labels"])

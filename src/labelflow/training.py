@@ -19,7 +19,7 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from labelflow.data import write_json_atomic
+from labelflow.data import atomic_output, write_json_atomic
 from labelflow.losses import get_loss
 from labelflow.metrics import head_metrics
 from labelflow.models import MultiHeadNet, atomic_torch_save, save_checkpoint
@@ -291,8 +291,72 @@ def _fail_for_tests(stage: str, epoch: int, state_dir: Path) -> None:
         raise RuntimeError(f"{FAIL_ONCE_ENV}: injected failure after epoch {epoch} of stage {stage}")
 
 
-def _better(value: float, best: float | None) -> bool:
-    return best is None or value > best
+@dataclass
+class StageProgress:
+    """What a stage has done so far; saved with the model each epoch so a rerun resumes."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
+    topk: list[dict[str, Any]] = field(default_factory=list)  # {"epoch", "value", "file"}, best first
+    best_value: float | None = None
+
+    @property
+    def next_epoch(self) -> int:
+        return self.history[-1]["epoch"] + 1 if self.history else 1
+
+    def keep_checkpoints(
+        self, model: MultiHeadNet, spec: StageSpec, state_dir: Path, epoch: int, main_metric: str, value: float
+    ) -> None:
+        """best.pt when ``value`` beats the best so far; checkpoints/ keeps the top-k epochs."""
+        meta = {"epoch": epoch, main_metric: value}
+        if self.best_value is None or value > self.best_value:
+            self.best_value = value
+            save_checkpoint(state_dir / "best.pt", model, meta)
+        if spec.top_k > 0 and (len(self.topk) < spec.top_k or value > self.topk[-1]["value"]):
+            name = f"epoch={epoch:03d}-{main_metric}={value:.4f}.pt"
+            save_checkpoint(state_dir / "checkpoints" / name, model, meta)
+            self.topk.append({"epoch": epoch, "value": value, "file": name})
+            self.topk.sort(key=lambda t: (-t["value"], t["epoch"]))
+            for dropped in self.topk[spec.top_k:]:
+                (state_dir / "checkpoints" / dropped["file"]).unlink(missing_ok=True)
+            self.topk = self.topk[: spec.top_k]
+
+
+def _save_state(path: Path, stage_fingerprint: str, model, optimizer, scheduler, progress: StageProgress) -> None:
+    atomic_torch_save(
+        {
+            "fingerprint": stage_fingerprint,
+            "epoch": progress.history[-1]["epoch"],
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "history": progress.history,
+            "topk": progress.topk,
+            "best_value": progress.best_value,
+        },
+        path,
+    )
+
+
+def _resume(state_dir: Path, stage_fingerprint: str, name: str, model, optimizer, scheduler) -> StageProgress:
+    """The saved progress when ``state_dir`` holds this very stage (same fingerprint), else a
+    fresh start (a state of another config or input is removed)."""
+    state_path = state_dir / "state.pt"
+    if not state_path.exists():
+        return StageProgress()
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != stage_fingerprint:
+        log.info(
+            "starting stage %s fresh: saved state %s belongs to another config or input "
+            "(fingerprint %s, now %s)", name, state_path, state.get("fingerprint"), stage_fingerprint,
+        )
+        shutil.rmtree(state_dir)
+        return StageProgress()
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    progress = StageProgress(state["history"], state["topk"], state["best_value"])
+    log.info("resuming stage %s at epoch %d from %s", name, progress.next_epoch, state_path)
+    return progress
 
 
 def run_stage(
@@ -330,26 +394,8 @@ def run_stage(
     criteria = build_criteria(model)
     optimizer = build_optimizer(model, spec)
     scheduler = build_scheduler(optimizer, spec, len(train_loader))
-    history: list[dict[str, Any]] = []
-    topk: list[dict[str, Any]] = []  # {"epoch", "value", "file"} kept sorted best first
-    best_value: float | None = None
-    start_epoch = 1
-
-    if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == stage_fingerprint:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            history, topk, best_value = state["history"], state["topk"], state["best_value"]
-            start_epoch = state["epoch"] + 1
-            log.info("resuming stage %s at epoch %d from %s", spec.name, start_epoch, state_path)
-        else:
-            log.info(
-                "starting stage %s fresh: saved state %s belongs to another config or input "
-                "(fingerprint %s, now %s)", spec.name, state_path, state.get("fingerprint"), stage_fingerprint,
-            )
-            shutil.rmtree(state_dir)
+    progress = _resume(state_dir, stage_fingerprint, spec.name, model, optimizer, scheduler)
+    history = progress.history
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "checkpoints").mkdir(exist_ok=True)
     if writer is None:
@@ -368,7 +414,7 @@ def run_stage(
 
     try:
         with terminate_on_sigterm():
-            for epoch in range(start_epoch, spec.epochs + 1):
+            for epoch in range(progress.next_epoch, spec.epochs + 1):
                 # Each epoch's randomness is a function of (seed, epoch): a resumed run replays exactly.
                 epoch_seed = seed * 1000 + epoch
                 seed_everything(epoch_seed)
@@ -399,34 +445,11 @@ def run_stage(
                 writer.add_scalar(f"{spec.name}/lr", lr, epoch)
                 writer.flush()
 
-                value = valid_metrics[main_metric]
-                if _better(value, best_value):
-                    best_value = value
-                    save_checkpoint(state_dir / "best.pt", model, {"epoch": epoch, main_metric: value})
-                ckpt_name = f"epoch={epoch:03d}-{main_metric}={value:.4f}.pt"
-                if spec.top_k > 0 and (len(topk) < spec.top_k or value > topk[-1]["value"]):
-                    save_checkpoint(state_dir / "checkpoints" / ckpt_name, model, {"epoch": epoch, main_metric: value})
-                    topk.append({"epoch": epoch, "value": value, "file": ckpt_name})
-                    topk.sort(key=lambda t: (-t["value"], t["epoch"]))
-                    for dropped in topk[spec.top_k:]:
-                        (state_dir / "checkpoints" / dropped["file"]).unlink(missing_ok=True)
-                    topk = topk[: spec.top_k]
-                atomic_torch_save(
-                    {
-                        "fingerprint": stage_fingerprint,
-                        "epoch": epoch,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "history": history,
-                        "topk": topk,
-                        "best_value": best_value,
-                    },
-                    state_path,
-                )
+                progress.keep_checkpoints(model, spec, state_dir, epoch, main_metric, valid_metrics[main_metric])
+                _save_state(state_path, stage_fingerprint, model, optimizer, scheduler, progress)
                 _fail_for_tests(spec.name, epoch, state_dir)
     except Terminated:
-        done = history[-1]["epoch"] if history else start_epoch - 1
+        done = progress.next_epoch - 1
         log.error(
             "stage %s terminated by SIGTERM; epochs up to %d are saved in %s and a rerun "
             "(snakemake --rerun-incomplete) resumes from there", spec.name, done, state_dir,
@@ -440,7 +463,7 @@ def run_stage(
         "stage": spec.name,
         "spec": asdict(spec),
         "main_metric": f"valid/{main_metric}",
-        "best": {"epoch": best_epoch, "value": best_value},
+        "best": {"epoch": best_epoch, "value": progress.best_value},
         "epochs": history,
     }
     _publish(out_dir, state_dir, model, metrics)
@@ -452,8 +475,8 @@ def _publish(out_dir: Path, state_dir: Path, model: MultiHeadNet, metrics: dict[
     out_dir.mkdir(parents=True, exist_ok=True)
     last_epoch = metrics["epochs"][-1]["epoch"]
     save_checkpoint(out_dir / "last.pt", model, {"epoch": last_epoch})
-    shutil.copyfile(state_dir / "best.pt", out_dir / ".best.pt.tmp")
-    (out_dir / ".best.pt.tmp").replace(out_dir / "best.pt")
+    with atomic_output(out_dir / "best.pt") as tmp:
+        shutil.copyfile(state_dir / "best.pt", tmp)
     for name in ("checkpoints", "tensorboard"):
         target = out_dir / name
         if target.exists():
