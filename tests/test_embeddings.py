@@ -20,6 +20,7 @@ import torch
 
 from conftest import make_tiny_dataset
 from labelflow import embeddings as emb
+from labelflow import search as sim
 from labelflow.cli import main
 from labelflow.data import DatasetError, save_npy_atomic, split, tag2label, write_csv_atomic, write_json_atomic
 from labelflow.models import HeadSpec, ModelSpec, create_model, save_checkpoint
@@ -61,7 +62,7 @@ def experiment(tmp_path_factory):
         predictions_csv=exp / "predictions/predictions.csv", embeddings_npy=exp / "predictions/embeddings.npy",
         n_components=8, space="cosine", M=16, ef_construction=100, ef=32, seed=0, **files,
     )
-    emb.calibrate_rejection(
+    sim.calibrate_rejection(
         predictions_csv=exp / "predictions/predictions.csv", embeddings_npy=exp / "predictions/embeddings.npy",
         tag2cls_json=base / "tag2cls.json", checkpoint=checkpoint, data_cfg=DATA_CFG,
         out_json=exp / "index/rejection.json", quantile=0.99, k=4, vote_k=3, **files,
@@ -209,7 +210,7 @@ def _synthetic_run(folder: Path, n_classes: int = 3, per_class: int = 30, seed: 
         predictions_csv=folder / "predictions/predictions.csv", embeddings_npy=folder / "predictions/embeddings.npy",
         n_components=8, space="cosine", M=16, ef_construction=100, ef=32, seed=0, **files,
     )
-    emb.calibrate_rejection(
+    sim.calibrate_rejection(
         predictions_csv=folder / "predictions/predictions.csv", embeddings_npy=folder / "predictions/embeddings.npy",
         tag2cls_json=folder / "tag2cls.json", checkpoint=folder / "stage2/best.pt", data_cfg=DATA_CFG,
         out_json=folder / "index/rejection.json", quantile=0.99, k=5, vote_k=3, **files,
@@ -223,7 +224,7 @@ def test_rejection_threshold_rejects_far_query_and_accepts_training_image(tmp_pa
     card = json.loads((tmp_path / "index/rejection.json").read_text())
     assert card["calibration"]["n_valid"] == 30 and card["calibration"]["n_correct"] == 30
     assert 0 < card["threshold"] < 0.5 and card["model"]["checkpoint"] == "../stage2/best.pt"
-    search = emb.SimilaritySearch.load(tmp_path / "index/rejection.json")
+    search = sim.SimilaritySearch.load(tmp_path / "index/rejection.json")
 
     train = search.search(data["train"][:5])
     assert not train.rejected.any() and np.all(train.nearest < 1e-4)
@@ -235,7 +236,7 @@ def test_rejection_threshold_rejects_far_query_and_accepts_training_image(tmp_pa
     far = t.scaler_mean + t.scaler_scale * (t.pca_mean + 100.0 * t.components[-1])
     result = search.search(far[None].astype(np.float32))
     assert result.rejected.tolist() == [True] and result.nearest[0] > card["threshold"]
-    assert search.predicted_names(result) == [emb.UNKNOWN]
+    assert search.predicted_names(result) == [sim.UNKNOWN]
     (record,) = search.as_records(result, ["far.png"])
     assert record["predicted"] == "unknown" and record["rejected"] and len(record["neighbours"]) == 5
 
@@ -248,7 +249,7 @@ def test_query_set_table(tmp_path):
     pd.DataFrame({"path": [f"q{i}.png" for i in range(6)], "label": ["c0", "c0", "c0", "", "", ""]}).to_csv(
         tmp_path / "set/index.csv", index=False
     )
-    answers = emb.query_set(
+    answers = sim.query_set(
         rejection_json=tmp_path / "index/rejection.json", embeddings_npy=tmp_path / "set/embeddings.npy",
         index_csv=tmp_path / "set/index.csv", out_csv=tmp_path / "answers.csv",
     )
@@ -290,7 +291,7 @@ def test_holdout_classes(experiment, tmp_path):
         "out_tag2cls_json": tmp_path / "tag2cls.json",
         "out_heldout_csv": tmp_path / "heldout.csv",
     }
-    emb.holdout_classes(dataset_csv=base / "dataset.csv", tag2cls_json=base / "tag2cls.json", held_out=["class_01"], **outputs)
+    sim.holdout_classes(dataset_csv=base / "dataset.csv", tag2cls_json=base / "tag2cls.json", held_out=["class_01"], **outputs)
     known = pd.read_csv(tmp_path / "dataset.csv")
     full = pd.read_csv(base / "dataset.csv").set_index("path")
     assert len(known) == 24 and "class_01" not in set(known["tag"])
@@ -300,13 +301,13 @@ def test_holdout_classes(experiment, tmp_path):
     heldout = pd.read_csv(tmp_path / "heldout.csv")
     assert len(heldout) == 12 and set(heldout["label"]) == {"class_01"}
     with pytest.raises(DatasetError, match="ood.classes"):
-        emb.holdout_classes(dataset_csv=base / "dataset.csv", tag2cls_json=base / "tag2cls.json", held_out=["7"], **outputs)
+        sim.holdout_classes(dataset_csv=base / "dataset.csv", tag2cls_json=base / "tag2cls.json", held_out=["7"], **outputs)
 
 
 def test_evaluate_ood_metrics(tmp_path):
     data = _synthetic_run(tmp_path)
     pd.DataFrame({"path": [f"u{i}.png" for i in range(30)], "label": "c3"}).to_csv(tmp_path / "heldout.csv", index=False)
-    result = emb.evaluate_ood(
+    result = sim.evaluate_ood(
         rejection_json=tmp_path / "index/rejection.json",
         predictions_csv=tmp_path / "predictions/predictions.csv",
         embeddings_npy=tmp_path / "predictions/embeddings.npy",

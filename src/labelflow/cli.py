@@ -194,7 +194,7 @@ def _query_args(p: argparse.ArgumentParser) -> None:
     _query_args,
 )
 def _query(args: argparse.Namespace) -> int:
-    from labelflow.embeddings import query_images
+    from labelflow.search import query_images
 
     answers = query_images(
         experiment_dir=args.experiment_dir, images=args.images, k=args.k,

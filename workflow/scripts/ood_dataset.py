@@ -1,4 +1,4 @@
-from labelflow.embeddings import holdout_classes
+from labelflow.search import holdout_classes
 from labelflow.jobs import start_job
 
 start_job(snakemake)

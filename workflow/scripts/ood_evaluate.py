@@ -1,4 +1,4 @@
-from labelflow.embeddings import evaluate_ood
+from labelflow.search import evaluate_ood
 from labelflow.jobs import start_job
 
 start_job(snakemake)

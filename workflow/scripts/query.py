@@ -1,4 +1,4 @@
-from labelflow.embeddings import query_set
+from labelflow.search import query_set
 from labelflow.jobs import start_job
 
 start_job(snakemake)

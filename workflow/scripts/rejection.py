@@ -1,4 +1,4 @@
-from labelflow.embeddings import calibrate_rejection
+from labelflow.search import calibrate_rejection
 from labelflow.jobs import start_job
 
 start_job(snakemake)
