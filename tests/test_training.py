@@ -294,26 +294,38 @@ def test_resume_after_crash_replays_exactly(tiny_table, tmp_path, monkeypatch, c
         assert torch.equal(b_last[key], value), key
 
 
-def test_same_fingerprint_skips_and_changed_fingerprint_starts_fresh(tiny_table, tmp_path, caplog):
-    first = _run(tiny_table, tmp_path, epochs=1, fp="old")
+def test_finished_stage_leaves_no_state_and_changed_fingerprint_starts_fresh(
+    tiny_table, tmp_path, monkeypatch, caplog
+):
     state_dir = tmp_path / "run" / "state"
-    caplog.set_level(logging.INFO, logger="labelflow.training")
+    _run(tiny_table, tmp_path, epochs=1, fp="old")
+    # published outputs are the record; the resume state (3x the model) is removed
+    assert (tmp_path / "run" / "out" / "best.pt").is_file() and not state_dir.exists()
 
-    # Same fingerprint, stage already finished: nothing is retrained, history comes from state.
-    again = _run(tiny_table, tmp_path, epochs=1, fp="old")
-    messages = [r.getMessage() for r in caplog.records]
-    assert any("resuming stage stage1 at epoch 2" in m for m in messages)
-    assert not any("stage stage1 epoch" in m for m in messages)
-    assert again["epochs"] == first["epochs"]  # "seconds" included: nothing was rerun
+    # an interrupted stage keeps its state...
+    real_train = training.train_one_epoch
+    calls = {"n": 0}
 
+    def crash_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tiny_table, tmp_path, epochs=2, fp="old")
+    monkeypatch.setattr(training, "train_one_epoch", real_train)
+    assert torch.load(state_dir / "state.pt", weights_only=True)["fingerprint"] == "old"
+
+    # ...but a rerun with another config or input does not resume into it
     stale = state_dir / "checkpoints" / "stale-marker.pt"
     stale.write_bytes(b"x")
-    caplog.clear()
-    metrics = _run(tiny_table, tmp_path, epochs=1, fp="new")
+    caplog.set_level(logging.INFO, logger="labelflow.training")
+    metrics = _run(tiny_table, tmp_path, epochs=2, fp="new")
     messages = [r.getMessage() for r in caplog.records]
     assert any("fresh" in m and "old" in m and "new" in m for m in messages)
     assert not any("resuming" in m for m in messages)
-    assert sum("stage stage1 epoch 1/1" in m for m in messages) == 1  # trained again
-    assert [r["epoch"] for r in metrics["epochs"]] == [1]
-    assert not stale.exists()  # the old state folder was cleared
-    assert torch.load(state_dir / "state.pt", weights_only=True)["fingerprint"] == "new"
+    assert sum("stage stage1 epoch 1/2" in m for m in messages) == 1  # trained again from epoch 1
+    assert [r["epoch"] for r in metrics["epochs"]] == [1, 2]
+    assert not stale.exists() and not state_dir.exists()

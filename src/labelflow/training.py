@@ -382,8 +382,8 @@ def run_stage(
     the plain valid metrics, so class accuracy compares with the other experiments.
 
     Writes into out_dir at the end: best.pt, last.pt, checkpoints/ (top-k by `main_metric`
-    on valid, name carries the value), metrics.json, and copies the TensorBoard log.
-    Returns the metrics history (also in metrics.json).
+    on valid, name carries the value), metrics.json, and copies the TensorBoard log; then
+    removes `state_dir`. Returns the metrics history (also in metrics.json).
     """
     out_dir, state_dir = Path(out_dir), Path(state_dir)
     state_path = state_dir / "state.pt"
@@ -467,6 +467,10 @@ def run_stage(
         "epochs": history,
     }
     _publish(out_dir, state_dir, model, metrics)
+    # The state is there to resume an interrupted stage. Once the outputs are published it
+    # would only double the disk (model + optimizer moments + copies of every checkpoint):
+    # 4.7 GB of the 8.6 GB a 10-round digits autolabel run used to leave behind.
+    shutil.rmtree(state_dir, ignore_errors=True)
     return metrics
 
 
