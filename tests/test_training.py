@@ -253,20 +253,26 @@ def test_same_seed_gives_identical_metrics(two_epoch_run, tiny_table, tmp_path):
     assert _epochs_without_seconds(on_disk) == _epochs_without_seconds(first)
 
 
+def _crash_in_epoch(monkeypatch, epoch: int):
+    """Make the n-th call of train_one_epoch raise; returns the real function to restore."""
+    real_train = training.train_one_epoch
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            raise RuntimeError(f"simulated crash in epoch {epoch}")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", crashing)
+    return real_train
+
+
 def test_resume_after_crash_replays_exactly(tiny_table, tmp_path, monkeypatch, caplog):
     # top_k=1 also exercises dropping a worse checkpoint when a better epoch arrives.
     full = _run(tiny_table, tmp_path, epochs=3, top_k=1, name="A")
 
-    real_train = training.train_one_epoch
-    calls = {"n": 0}
-
-    def crash_in_third_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash in epoch 3")
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train_one_epoch", crash_in_third_epoch)
+    real_train = _crash_in_epoch(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(tiny_table, tmp_path, epochs=3, top_k=1, name="B")
     state = torch.load(tmp_path / "B" / "state" / "state.pt", weights_only=True)
@@ -303,16 +309,7 @@ def test_finished_stage_leaves_no_state_and_changed_fingerprint_starts_fresh(
     assert (tmp_path / "run" / "out" / "best.pt").is_file() and not state_dir.exists()
 
     # an interrupted stage keeps its state...
-    real_train = training.train_one_epoch
-    calls = {"n": 0}
-
-    def crash_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("simulated crash")
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train_one_epoch", crash_in_second_epoch)
+    real_train = _crash_in_epoch(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(tiny_table, tmp_path, epochs=2, fp="old")
     monkeypatch.setattr(training, "train_one_epoch", real_train)
