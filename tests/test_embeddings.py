@@ -57,17 +57,22 @@ def experiment(tmp_path_factory):
         checkpoint=checkpoint, dataset_csv=base / "dataset.csv", tag2cls_json=base / "tag2cls.json",
         root=images, experiment=EXPERIMENT, valid_folds=[2], seed=0, out_dir=exp / "predictions",
     )
-    files = _index_files(exp)
-    pca_index(
-        predictions_csv=exp / "predictions/predictions.csv", embeddings_npy=exp / "predictions/embeddings.npy",
-        n_components=8, space="cosine", M=16, ef_construction=100, ef=32, seed=0, **files,
-    )
-    sim.calibrate_rejection(
-        predictions_csv=exp / "predictions/predictions.csv", embeddings_npy=exp / "predictions/embeddings.npy",
-        tag2cls_json=base / "tag2cls.json", checkpoint=checkpoint, data_cfg=DATA_CFG,
-        out_json=exp / "index/rejection.json", quantile=0.99, k=4, vote_k=3, **files,
-    )
+    _index_with_rejection(exp, base / "tag2cls.json", checkpoint, k=4)
     return {"base": base, "images": images, "exp": exp, "checkpoint": checkpoint, "tag2cls": base / "tag2cls.json"}
+
+
+def _index_with_rejection(folder: Path, tag2cls_json: Path, checkpoint: Path, k: int) -> None:
+    """index/ (PCA + hnswlib) and index/rejection.json from folder/predictions/."""
+    files = _index_files(folder)
+    predictions = {
+        "predictions_csv": folder / "predictions/predictions.csv",
+        "embeddings_npy": folder / "predictions/embeddings.npy",
+    }
+    pca_index(**predictions, n_components=8, space="cosine", M=16, ef_construction=100, ef=32, seed=0, **files)
+    sim.calibrate_rejection(
+        **predictions, tag2cls_json=tag2cls_json, checkpoint=checkpoint, data_cfg=DATA_CFG,
+        out_json=folder / "index/rejection.json", quantile=0.99, k=k, vote_k=3, **files,
+    )
 
 
 def _index_files(folder: Path) -> dict[str, Path]:
@@ -205,16 +210,7 @@ def _synthetic_run(folder: Path, n_classes: int = 3, per_class: int = 30, seed: 
     write_csv_atomic(predictions, folder / "predictions/predictions.csv")
     save_npy_atomic(folder / "predictions/embeddings.npy", x)
     write_json_atomic({f"c{c}": c for c in range(n_classes)}, folder / "tag2cls.json")
-    files = _index_files(folder)
-    pca_index(
-        predictions_csv=folder / "predictions/predictions.csv", embeddings_npy=folder / "predictions/embeddings.npy",
-        n_components=8, space="cosine", M=16, ef_construction=100, ef=32, seed=0, **files,
-    )
-    sim.calibrate_rejection(
-        predictions_csv=folder / "predictions/predictions.csv", embeddings_npy=folder / "predictions/embeddings.npy",
-        tag2cls_json=folder / "tag2cls.json", checkpoint=folder / "stage2/best.pt", data_cfg=DATA_CFG,
-        out_json=folder / "index/rejection.json", quantile=0.99, k=5, vote_k=3, **files,
-    )
+    _index_with_rejection(folder, folder / "tag2cls.json", folder / "stage2/best.pt", k=5)
     save_npy_atomic(folder / "unknown.npy", unknown)
     return {"train": x[split_ == "train"], "labels": labels[split_ == "train"], "unknown": unknown}
 
