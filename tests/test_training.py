@@ -65,6 +65,15 @@ def test_step_schedule_multiplies_by_gamma_every_step_epochs():
     assert lr_factor(spec, 20 * steps, steps) == pytest.approx(0.25)
 
 
+def test_min_steps_adds_epochs_only_on_a_small_loader():
+    spec = StageSpec("stage2", epochs=12, lr=0.1, min_steps=300)
+    assert spec.for_loader(3).epochs == 100  # 144 images, batch 64: 3 steps per epoch
+    assert spec.for_loader(7).epochs == 43  # rounded up: 301 steps
+    assert spec.for_loader(25).epochs == 12  # 300 steps already
+    assert spec.for_loader(3).min_steps == 300 and spec.epochs == 12  # a copy; spec unchanged
+    assert StageSpec("s", epochs=5, lr=0.1).for_loader(1).epochs == 5  # default: no minimum
+
+
 def test_constant_and_onecycle():
     const = StageSpec("s", epochs=3, lr=0.1, scheduler="constant")
     assert {lr_factor(const, s, 4) for s in range(12)} == {1.0}
@@ -159,7 +168,9 @@ def tiny_table(tmp_path_factory):
     return root, paths, targets, train, valid
 
 
-def _run(tiny_table, tmp: Path, epochs: int, *, fp: str = "fp-1", top_k: int = 3, name: str = "run") -> dict:
+def _run(
+    tiny_table, tmp: Path, epochs: int, *, fp: str = "fp-1", top_k: int = 3, name: str = "run", min_steps: int = 0
+) -> dict:
     root, paths, targets, train, valid = tiny_table
     torch.manual_seed(SEED)
     model = create_model(_model_spec())
@@ -169,7 +180,7 @@ def _run(tiny_table, tmp: Path, epochs: int, *, fp: str = "fp-1", top_k: int = 3
     valid_ds = ImageTableDataset(
         root, [paths[i] for i in valid], [targets[i] for i in valid], 16, build_transform(train=False)
     )
-    spec = StageSpec("stage1", epochs=epochs, lr=1e-3, batch_size=8, top_k=top_k)
+    spec = StageSpec("stage1", epochs=epochs, lr=1e-3, batch_size=8, top_k=top_k, min_steps=min_steps)
     return run_stage(
         model,
         make_loader(train_ds, batch_size=8, shuffle=True, seed=SEED),
@@ -192,6 +203,15 @@ def two_epoch_run(tiny_table, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_epochs")
     metrics = _run(tiny_table, tmp, epochs=2, top_k=3)
     return tmp / "run" / "out", metrics
+
+
+def test_run_stage_trains_min_steps(tiny_table, tmp_path):
+    # 16 train images, batch 8: 2 steps per epoch, so 5 steps need 3 epochs
+    metrics = _run(tiny_table, tmp_path, epochs=1, min_steps=5)
+    assert metrics["spec"]["epochs"] == 3 and metrics["spec"]["min_steps"] == 5
+    assert [r["epoch"] for r in metrics["epochs"]] == [1, 2, 3]
+    # the cosine runs over the 6 steps trained, not the 2 of the configured epoch
+    assert [r["lr"] for r in metrics["epochs"]] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in (0, 2, 4)])
 
 
 def test_run_stage_writes_outputs(two_epoch_run):

@@ -19,7 +19,7 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -53,11 +53,18 @@ class StageSpec:
     batch_size: int = 64
     freeze_encoder: bool = False
     top_k: int = 3
+    min_steps: int = 0
 
     @classmethod
     def from_dict(cls, name: str, data: dict[str, Any]) -> "StageSpec":
         known = {f for f in cls.__dataclass_fields__ if f != "name"}
         return cls(name=name, **{k: v for k, v in data.items() if k in known})
+
+    def for_loader(self, steps_per_epoch: int) -> "StageSpec":
+        """This stage on a loader of `steps_per_epoch` batches: at least `min_steps` optimizer
+        steps, so a tiny training set (an autolabel round 0) is not stopped half-trained."""
+        epochs = max(self.epochs, math.ceil(self.min_steps / max(1, steps_per_epoch)))
+        return replace(self, epochs=epochs)
 
 
 def seed_everything(seed: int) -> None:
@@ -387,6 +394,7 @@ def run_stage(
     """
     out_dir, state_dir = Path(out_dir), Path(state_dir)
     state_path = state_dir / "state.pt"
+    spec = spec.for_loader(len(train_loader))
     model.freeze_encoder(spec.freeze_encoder)
     model.to(device)
     if device.type == "cuda":
