@@ -16,7 +16,7 @@ results/autolabel/evaluation.json. The issue's target: >= 99 % precision at >= 9
     python benchmarks/autolabel_digits.py --out /tmp/bench --cores 4
 
 --quick keeps the loop and its settings and only shortens training (stage1 1 epoch,
-stage2 4 epochs, 16 px images), to check the plumbing and get rough figures on a laptop.
+stage2 4 epochs without min_steps, 16 px images), to check the plumbing and get rough figures on a laptop.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def quick_experiment() -> dict:
     experiment["data"]["image_size"] = 16
     experiment["stages"]["stage1"]["epochs"] = 1
     experiment["stages"]["stage2"]["epochs"] = 4
+    experiment["stages"]["stage2"]["min_steps"] = 0
     return experiment
 
 
