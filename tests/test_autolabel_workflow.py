@@ -123,6 +123,10 @@ def test_round_outputs_and_policy(autolabel_run):
         # the default floor: calibration may soften the model, never sharpen it
         assert cal["min_temperature"] == 1.0 and cal["temperature"] >= 1.0
         assert metrics["ece_bins"] == 15
+        for stage in ("stage1", "stage2"):  # a round keeps best and last, no top-k copies
+            assert (out / f"round_{r}/{stage}/best.pt").is_file() and (out / f"round_{r}/{stage}/last.pt").is_file()
+            assert list((out / f"round_{r}/{stage}/checkpoints").iterdir()) == []
+            assert json.loads((out / f"round_{r}/{stage}/metrics.json").read_text())["spec"]["top_k"] == 0
     # round 1 trains on round 0's pseudo-labels, never validates on them
     round1 = pd.read_csv(out / "round_1/dataset.csv")
     acc0 = pd.read_csv(out / "round_0/accepted.csv")

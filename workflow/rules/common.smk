@@ -236,7 +236,12 @@ def autolabel_experiment():
             experiment = EXPERIMENTS.get(name) or load_experiment(name)
         except WorkflowError as exc:
             raise WorkflowError(f"config key `autolabel.experiment`: {exc}") from None
-        _AUTOLABEL_EXPERIMENT[name] = experiment
+        # A round's model is used once, through best.pt: top-k checkpoint copies would add
+        # ~230 MB per round of a 10-round digits run and nothing reads them.
+        stages = {
+            stage: {**spec, "top_k": 0} for stage, spec in experiment["stages"].items()
+        }
+        _AUTOLABEL_EXPERIMENT[name] = {**experiment, "stages": stages}
     return _AUTOLABEL_EXPERIMENT[name]
 
 
