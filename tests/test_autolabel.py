@@ -190,6 +190,41 @@ def test_labelled_images_are_never_relabelled():
     assert out.loc["raw/y.png", "decision"] == al.ACCEPTED
 
 
+def test_neighbours_agree_needs_the_nearest_labelled_images_of_the_predicted_class():
+    # labelled: three cats around (1, 0), two dogs around (0, 1), by direction (cosine)
+    labelled = np.array([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.1, 1.0], [0.0, 1.0]])
+    tags = ["cat", "cat", "cat", "dog", "dog"]
+    candidates = np.array(
+        [
+            [5.0, 0.1],  # deep among the cats; the scale does not matter
+            [0.6, 0.4],  # nearest: cat (0.8, 0.2), then cats, then dog
+            [0.3, 0.7],  # nearest: dog (0.1, 1.0) ... then cat (0.8, 0.2)
+            [0.05, 1.0],  # among the dogs
+        ]
+    )
+    predicted = ["cat", "cat", "dog", "cat"]
+    # k=1: only the nearest neighbour must agree
+    assert list(al.neighbours_agree(labelled, tags, candidates, predicted, k=1)) == [True, True, True, False]
+    # k=3: a cat needs its 3 nearest to be cats; a dog only its 2 nearest (there are 2 dogs)
+    assert list(al.neighbours_agree(labelled, tags, candidates, predicted, k=3)) == [True, True, True, False]
+    # the head says cat where the neighbourhood says dog: rejected
+    assert not al.neighbours_agree(labelled, tags, candidates[2:3], ["cat"], k=1)[0]
+    # a class with no labelled image is never agreed with
+    assert not al.neighbours_agree(labelled, tags, candidates[:1], ["eel"], k=3)[0]
+    assert al.neighbours_agree(labelled, tags, np.zeros((0, 2)), [], k=3).shape == (0,)
+    with pytest.raises(ValueError, match="k >= 1"):
+        al.neighbours_agree(labelled, tags, candidates, predicted, k=0)
+
+
+def test_disagreeing_neighbours_reject_before_the_class_cap():
+    cands = _candidates([("raw/a.png", "dog", 0.99), ("raw/b.png", "dog", 0.95), ("raw/c.png", "dog", 0.5)])
+    cands["neighbours_agree"] = [False, True, True]
+    out = al.select_pseudo_labels(cands, {"dog": 1}, threshold=0.9, max_new_per_class=1.0).set_index("path")
+    assert out.loc["raw/a.png", "decision"] == al.NEIGHBOURS_DISAGREE
+    assert out.loc["raw/b.png", "decision"] == al.ACCEPTED  # the cap's one slot goes to an agreed row
+    assert out.loc["raw/c.png", "decision"] == al.BELOW_THRESHOLD
+
+
 def test_selection_errors():
     cands = _candidates([("raw/a.png", "cat", 0.9)])
     with pytest.raises(DatasetError, match="autolabel.class_thresholds"):

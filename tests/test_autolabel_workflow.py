@@ -116,16 +116,25 @@ def test_round_outputs_and_policy(autolabel_run):
         counts = pd.read_csv(out / f"round_{r}/counts.csv")
         assert counts["accepted"].sum() == len(accepted)
         assert (counts["predicted"] == counts["accepted"] + counts["rejected"]).all()
+        assert (counts["rejected"] == counts[["below_threshold", "neighbours_disagree", "over_cap"]].sum(axis=1)).all()
+        # the neighbour guard is on by default: every accepted row had agreeing neighbours
+        predictions = pd.read_csv(out / f"round_{r}/predictions.csv")
+        decided = predictions.set_index("path").loc[accepted["path"]]
+        assert decided["neighbours_agree"].all() and (decided["decision"] == "accepted").all()
+        assert ((predictions["decision"] == "neighbours disagree") == (
+            ~predictions["neighbours_agree"] & (predictions["confidence"] >= predictions["threshold"])
+        )).all()
         metrics = json.loads((out / f"round_{r}/metrics.json").read_text())
         cal = metrics["calibration"]
         assert metrics["valid_images"] == 8 and 0 <= metrics["valid_accuracy"] <= 1
         assert 0 <= cal["ece_before"] <= 1 and 0 <= cal["ece_after"] <= 1
         # the default floor: calibration may soften the model, never sharpen it
         assert cal["min_temperature"] == 1.0 and cal["temperature"] >= 1.0
-        assert metrics["ece_bins"] == 15
+        assert metrics["ece_bins"] == 15 and metrics["neighbours"] == 10
+        assert metrics["neighbours_disagree"] == counts["neighbours_disagree"].sum()
         for stage in ("stage1", "stage2"):  # a round keeps best and last, no top-k copies
             assert (out / f"round_{r}/{stage}/best.pt").is_file() and (out / f"round_{r}/{stage}/last.pt").is_file()
-            assert list((out / f"round_{r}/{stage}/checkpoints").iterdir()) == []
+            assert list((out / f"round_{r}/{stage}/checkpoints").glob("*.pt")) == []
             assert json.loads((out / f"round_{r}/{stage}/metrics.json").read_text())["spec"]["top_k"] == 0
     # round 1 trains on round 0's pseudo-labels, never validates on them
     round1 = pd.read_csv(out / "round_1/dataset.csv")

@@ -55,9 +55,10 @@ log = logging.getLogger(__name__)
 CLEAN, RAW = "clean", "raw"  # the two entries of the autolabel root
 SOURCES = ("human", "human-duplicate", "pseudo")
 STOP_REASONS = ("nothing left", "nothing accepted", "max_rounds reached")
-ACCEPTED, BELOW_THRESHOLD, OVER_CAP, ALREADY_LABELLED = (
+ACCEPTED, BELOW_THRESHOLD, NEIGHBOURS_DISAGREE, OVER_CAP, ALREADY_LABELLED = (
     "accepted",
     "below threshold",
+    "neighbours disagree",
     "over class cap",
     "already labelled",
 )
@@ -247,6 +248,37 @@ def remaining_candidates(raw: pd.DataFrame, dataset: pd.DataFrame) -> pd.DataFra
     return raw.loc[~has_human_label & ~taken, ["path"]].reset_index(drop=True)
 
 
+def neighbours_agree(
+    labelled_embeddings: np.ndarray,
+    labelled_tags: Sequence[str],
+    candidate_embeddings: np.ndarray,
+    predicted_tags: Sequence[str],
+    k: int,
+) -> np.ndarray:
+    """Whether each candidate's nearest labelled images (cosine, in the round model's embedding
+    space) all carry its predicted class: the ``min(k, n_c)`` nearest, where ``n_c`` is the
+    number of labelled images of the predicted class, so a small class is not asked for more
+    neighbours than it has. A second, non-parametric opinion next to the classifier head:
+    a confident head whose neighbourhood says otherwise is extrapolating."""
+    from sklearn.neighbors import NearestNeighbors
+
+    labelled_tags = np.asarray(labelled_tags, dtype=object)
+    predicted_tags = np.asarray(predicted_tags, dtype=object)
+    if len(candidate_embeddings) == 0:
+        return np.zeros(0, dtype=bool)
+    if k < 1 or len(labelled_tags) == 0:
+        raise ValueError(f"neighbours_agree needs k >= 1 and labelled images (k={k}, {len(labelled_tags)} labelled)")
+    tags, class_counts = np.unique(labelled_tags, return_counts=True)
+    per_class = dict(zip(tags, class_counts))
+    needed = np.array([min(k, per_class.get(t, 0)) for t in predicted_tags])
+    index = NearestNeighbors(n_neighbors=min(k, len(labelled_tags)), metric="cosine", algorithm="brute")
+    _, nearest = index.fit(labelled_embeddings).kneighbors(candidate_embeddings)
+    same = labelled_tags[nearest] == predicted_tags[:, None]
+    # all of the first `needed` neighbours share the class (a class nobody labelled: never)
+    leading = np.cumprod(same, axis=1).sum(axis=1)
+    return (needed > 0) & (leading >= needed)
+
+
 def select_pseudo_labels(
     candidates: pd.DataFrame,
     human_counts: Mapping[str, int],
@@ -258,14 +290,15 @@ def select_pseudo_labels(
     """Decide which predictions become pseudo-labels.
 
     ``candidates`` has ``path,tag,confidence`` (tag = predicted class, confidence =
-    calibrated). A row is accepted when its confidence reaches its class's threshold
-    (``class_thresholds[tag]`` or ``threshold``), and its class has not yet gained
+    calibrated) and optionally ``neighbours_agree`` (see :func:`neighbours_agree`). A row is
+    accepted when its confidence reaches its class's threshold (``class_thresholds[tag]`` or
+    ``threshold``), its neighbours agree (when given), and its class has not yet gained
     ``floor(max_new_per_class * human_counts[tag])`` pseudo-labels in this round (the most
     confident win; ties go to the smaller path). Paths in ``labelled`` (human rows, human
     duplicates, earlier pseudo-labels) are never accepted: a label is never replaced.
 
     Returns the candidates with ``threshold`` and ``decision`` (accepted, below threshold,
-    over class cap, already labelled) columns, in the input order.
+    neighbours disagree, over class cap, already labelled) columns, in the input order.
     """
     class_thresholds = dict(class_thresholds or {})
     check_class_thresholds(class_thresholds, human_counts)
@@ -279,6 +312,9 @@ def select_pseudo_labels(
     out["threshold"] = [float(class_thresholds.get(t, threshold)) for t in out["tag"]]
     confidence = out["confidence"].to_numpy(dtype=np.float64)
     decision = np.where(confidence >= out["threshold"].to_numpy(), ACCEPTED, BELOW_THRESHOLD).astype(object)
+    if "neighbours_agree" in out:
+        disagree = ~out["neighbours_agree"].to_numpy(dtype=bool)
+        decision[(decision == ACCEPTED) & disagree] = NEIGHBOURS_DISAGREE
     decision[out["path"].isin(set(labelled)).to_numpy()] = ALREADY_LABELLED
     if max_new_per_class is not None:
         accepted = out[decision == ACCEPTED]
@@ -324,10 +360,13 @@ def run_round(
     batch_size: int = 256,
     want_gpu: bool = False,
     min_temperature: float = 1.0,
+    neighbours: int = 10,
 ) -> dict[str, Any]:
     """Predict the unlabelled raw images with the round's model, calibrate, select, report.
 
     The temperature is fitted on the round's human validation fold, not below ``min_temperature``.
+    With ``neighbours`` > 0 a prediction also needs its nearest labelled images (human and
+    earlier pseudo-labels, in the round model's embedding) to agree (:func:`neighbours_agree`).
     """
     # heavy imports (torch) only where a model runs
     from labelflow.calibration import calibrate, top_confidence
@@ -350,10 +389,12 @@ def run_round(
     model = load_model(checkpoint)
     activation = get_loss(model.spec.heads[0].loss).activation
     data_cfg = experiment["data"]
-    paths = np.concatenate([valid["path"].to_numpy(), candidates["path"].to_numpy()]).astype(str)
+    # every labelled image (for the neighbours; valid rows among them) and every candidate
+    paths = np.concatenate([dataset["path"].to_numpy(), candidates["path"].to_numpy()]).astype(str)
     loader = eval_loader(root, paths, data_cfg, batch_size=batch_size, device=device)
-    logits = predict(model, loader, device)["logits"].astype(np.float64)
-    valid_logits, cand_logits = logits[: len(valid)], logits[len(valid):]
+    outputs = predict(model, loader, device)
+    logits = outputs["logits"].astype(np.float64)
+    valid_logits, cand_logits = logits[dataset.index.get_indexer(valid.index)], logits[len(dataset):]
 
     calibration = calibrate(valid_logits, valid["class"].to_numpy(), activation, min_temperature=min_temperature)
     _, raw_conf = top_confidence(cand_logits, 1.0, activation)
@@ -361,6 +402,11 @@ def run_round(
     scored = pd.DataFrame(
         {"path": candidates["path"], "tag": [classes[i] for i in predicted], "confidence": conf, "uncalibrated": raw_conf}
     )
+    if neighbours > 0:
+        embeddings = outputs["embeddings"]
+        scored["neighbours_agree"] = neighbours_agree(
+            embeddings[: len(dataset)], dataset["tag"].astype(str).to_numpy(), embeddings[len(dataset):], scored["tag"], neighbours
+        )
     decided = select_pseudo_labels(
         scored, human_counts, threshold, class_thresholds, max_new_per_class, labelled=dataset["path"]
     )
@@ -383,11 +429,12 @@ def run_round(
         ("predicted", None),
         ("accepted", ACCEPTED),
         ("below_threshold", BELOW_THRESHOLD),
+        ("neighbours_disagree", NEIGHBOURS_DISAGREE),
         ("over_cap", OVER_CAP),
     ):
         rows = decided if decision is None else decided[decided["decision"] == decision]
         counts[name] = counts["tag"].map(rows.groupby("tag").size()).fillna(0).astype(int)
-    counts["rejected"] = counts["below_threshold"] + counts["over_cap"]
+    counts["rejected"] = counts["below_threshold"] + counts["neighbours_disagree"] + counts["over_cap"]
 
     status = round_status(round_, len(accepted_table), len(candidates) - len(accepted_table), last_round)
     metrics = {
@@ -403,10 +450,12 @@ def run_round(
         "accepted": int(len(accepted_table)),
         "rejected": int(counts["rejected"].sum()),
         "below_threshold": int(counts["below_threshold"].sum()),
+        "neighbours_disagree": int(counts["neighbours_disagree"].sum()),
         "over_cap": int(counts["over_cap"].sum()),
         "threshold": threshold,
         "class_thresholds": dict(class_thresholds),
         "max_new_per_class": max_new_per_class,
+        "neighbours": neighbours,
         "mean_accepted_confidence": float(accepted_table["confidence"].mean()) if len(accepted_table) else None,
     }
     write_csv_atomic(decided.sort_values("path"), predictions_csv)
@@ -416,9 +465,10 @@ def run_round(
     write_json_atomic(status, status_json)
     log.info(
         "round %d: valid accuracy %.4f, T=%.3f, ECE %.4f -> %.4f; %d candidates, %d accepted, "
-        "%d below threshold, %d over the class cap",
+        "%d below threshold, %d with disagreeing neighbours, %d over the class cap",
         round_, calibration.accuracy, calibration.temperature, calibration.ece_before, calibration.ece_after,
-        len(candidates), len(accepted_table), metrics["below_threshold"], metrics["over_cap"],
+        len(candidates), len(accepted_table), metrics["below_threshold"], metrics["neighbours_disagree"],
+        metrics["over_cap"],
     )
     log.info("round %d: %s", round_, f"stop ({status['reason']})" if status["stop"] else "go on")
     return status

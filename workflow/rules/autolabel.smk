@@ -94,6 +94,7 @@ checkpoint autolabel_round:
         class_thresholds=config["autolabel"]["class_thresholds"],
         min_temperature=config["autolabel"]["min_temperature"],
         max_new_per_class=config["autolabel"]["max_new_per_class"],
+        neighbours=config["autolabel"]["neighbours"],
         last_round=autolabel_is_last_round,
         batch_size=config["infer_batch_size"],
     script:

@@ -15,6 +15,7 @@ run_round(
     class_thresholds=snakemake.params.class_thresholds,
     min_temperature=snakemake.params.min_temperature,
     max_new_per_class=snakemake.params.max_new_per_class,
+    neighbours=snakemake.params.neighbours,
     last_round=snakemake.params.last_round,
     status_json=snakemake.output.status,
     accepted_csv=snakemake.output.accepted,
