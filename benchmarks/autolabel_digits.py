@@ -123,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     rounds = pd.read_csv(results / "rounds.csv").set_index("round")
     print(f"\nautolabel on digits ({'quick' if args.quick else 'default'} recipe), {minutes:.1f} min, "
           f"{evaluation['with_truth']} raw images with truth")
-    print(f"{'round':>5} {'accepted':>8} {'valid acc':>9} {'T':>6} {'ECE before':>10} {'ECE after':>9} "
+    print(f"{'round':>5} {'accepted':>8} {'nbr rej':>7} {'valid acc':>9} {'T':>6} {'ECE before':>10} {'ECE after':>9} "
           f"{'precision':>9} {'coverage':>8} {'new prec':>8}")
     for row in evaluation["rounds"]:
         r = rounds.loc[row["round"]]
         fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-        print(f"{row['round']:>5} {row['new']:>8} {100 * r['valid_accuracy']:>9.2f} {r['temperature']:>6.2f} "
+        print(f"{row['round']:>5} {row['new']:>8} {r['neighbours_disagree']:>7} {100 * r['valid_accuracy']:>9.2f} "
+              f"{r['temperature']:>6.2f} "
               f"{r['ece_before']:>10.4f} {r['ece_after']:>9.4f} {fmt(row['precision']):>9} "
               f"{fmt(row['coverage']):>8} {fmt(row['new_precision']):>8}")
     final = evaluation["final"]

@@ -102,6 +102,11 @@ def test_rounds_stop_for_the_right_reason(autolabel_run):
     assert not (out / "round_2").exists()
     rounds = pd.read_csv(out / "rounds.csv")
     assert list(rounds["round"]) == [0, 1] and list(rounds["reason"].fillna("")) == ["", "max_rounds reached"]
+    for r in (0, 1):
+        decisions = rounds.loc[r, ["accepted", "below_threshold", "neighbours_disagree", "over_cap"]]
+        assert decisions.sum() == rounds.loc[r, "candidates"]
+        metrics = json.loads((out / f"round_{r}/metrics.json").read_text())
+        assert rounds.loc[r, "neighbours_disagree"] == metrics["neighbours_disagree"]
 
 
 def test_round_outputs_and_policy(autolabel_run):
