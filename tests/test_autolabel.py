@@ -385,7 +385,10 @@ def test_assemble_evaluate_materialize(tmp_path, piles):
         statuses[-1].write_text(json.dumps(al.round_status(r, n, left, r == 1)))
         metrics.append(tmp_path / f"m{r}.json")
         calibration = {"temperature": 1.5, "ece_before": 0.2, "ece_after": 0.05}
-        metrics[-1].write_text(json.dumps({"candidates": n + left, "valid_accuracy": 0.8 + r / 10, "calibration": calibration}))
+        rejected = {"below_threshold": left - r, "neighbours_disagree": r, "over_cap": 0}
+        metrics[-1].write_text(
+            json.dumps({"candidates": n + left, "valid_accuracy": 0.8 + r / 10, "calibration": calibration, **rejected})
+        )
     predictions = tmp_path / "pred.csv"
     pd.DataFrame({"path": raw_table["path"], "tag": "class_02", "confidence": 0.5}).to_csv(predictions, index=False)
     out = tmp_path / "final"
@@ -406,6 +409,7 @@ def test_assemble_evaluate_materialize(tmp_path, piles):
     assert not set(unlabelled["path"]) & set(table["path"])
     rounds = pd.read_csv(out / "rounds.csv")
     assert list(rounds["accepted"]) == [2, 1] and list(rounds["labelled_raw"]) == [3, 4]
+    assert list(rounds["below_threshold"]) == [10, 8] and list(rounds["neighbours_disagree"]) == [0, 1]
     assert rounds["coverage"].iloc[-1] == pytest.approx(4 / 13)
 
     al.plot_progress(rounds_csv=out / "rounds.csv", out_png=out / "progress.png")
