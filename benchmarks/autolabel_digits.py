@@ -11,7 +11,7 @@ runs `snakemake autolabel` with the default autolabel settings and the default `
 recipe (config/experiments/softmax.yaml), and prints precision and coverage per round from
 results/autolabel/evaluation.json. The issue's target: >= 99 % precision at >= 90 % coverage.
 
-    python benchmarks/autolabel_digits.py                 # the real thing (13-15 min on 2 CPU cores)
+    python benchmarks/autolabel_digits.py                 # the real thing (about 23 min on 2 CPU cores)
     python benchmarks/autolabel_digits.py --quick         # fewer epochs, 16 px images
     python benchmarks/autolabel_digits.py --out /tmp/bench --cores 4
 
