@@ -271,6 +271,8 @@ def neighbours_agree(
     tags, class_counts = np.unique(labelled_tags, return_counts=True)
     per_class = dict(zip(tags, class_counts))
     needed = np.array([min(k, per_class.get(t, 0)) for t in predicted_tags])
+    # exact search: a round has a few thousand labelled images at most, and a guard should not
+    # depend on an approximate index's recall (labelflow.index's HNSW serves the big search index)
     index = NearestNeighbors(n_neighbors=min(k, len(labelled_tags)), metric="cosine", algorithm="brute")
     _, nearest = index.fit(labelled_embeddings).kneighbors(candidate_embeddings)
     same = labelled_tags[nearest] == predicted_tags[:, None]
