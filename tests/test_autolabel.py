@@ -225,6 +225,14 @@ def test_disagreeing_neighbours_reject_before_the_class_cap():
     assert out.loc["raw/c.png", "decision"] == al.BELOW_THRESHOLD
 
 
+def test_round_recipe_keeps_no_top_k_copies_and_leaves_the_experiment_alone():
+    experiment = {"model": {"arch": "resnet18"}, "stages": {"stage1": {"epochs": 2, "top_k": 3}, "stage2": {"epochs": 5}}}
+    recipe = al.round_recipe(experiment)
+    assert recipe["stages"] == {"stage1": {"epochs": 2, "top_k": 0}, "stage2": {"epochs": 5, "top_k": 0}}
+    assert recipe["model"] == experiment["model"] and list(recipe["stages"]) == ["stage1", "stage2"]
+    assert experiment["stages"]["stage1"]["top_k"] == 3 and "top_k" not in experiment["stages"]["stage2"]
+
+
 def test_selection_errors():
     cands = _candidates([("raw/a.png", "cat", 0.9)])
     with pytest.raises(DatasetError, match="autolabel.class_thresholds"):

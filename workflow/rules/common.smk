@@ -4,6 +4,7 @@ import re
 import yaml
 from snakemake.exceptions import WorkflowError
 
+from labelflow.autolabel import round_recipe
 from labelflow.data import DatasetError, resolve_valid_folds
 from labelflow.variants import GridError, grid_runs
 
@@ -236,12 +237,7 @@ def autolabel_experiment():
             experiment = EXPERIMENTS.get(name) or load_experiment(name)
         except WorkflowError as exc:
             raise WorkflowError(f"config key `autolabel.experiment`: {exc}") from None
-        # A round's model is used once, through best.pt: top-k checkpoint copies would add
-        # ~230 MB per round of a 10-round digits run and nothing reads them.
-        stages = {
-            stage: {**spec, "top_k": 0} for stage, spec in experiment["stages"].items()
-        }
-        _AUTOLABEL_EXPERIMENT[name] = {**experiment, "stages": stages}
+        _AUTOLABEL_EXPERIMENT[name] = round_recipe(experiment)
     return _AUTOLABEL_EXPERIMENT[name]
 
 
