@@ -28,8 +28,9 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/index.smk"
 include: "workflow/rules/report.smk"
-include: "workflow/rules/variants.smk"
+include: "workflow/rules/autolabel_inputs.smk"
 include: "workflow/rules/autolabel.smk"
+include: "workflow/rules/embed_inputs.smk"
 include: "workflow/rules/embed.smk"
 
 

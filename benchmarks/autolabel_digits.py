@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 def build_split(out: Path, labelled_fraction: float, seed: int, image_size: int) -> tuple[Path, Path, Path]:
     from sklearn.model_selection import train_test_split
 
-    from labelflow.data import write_digits_dataset
+    from labelflow.demo import write_digits_dataset
 
     digits = out / "digits"
     if not digits.exists():

@@ -24,10 +24,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from labelflow.data import tag2label, write_digits_dataset  # noqa: E402
+from labelflow.dataset import tag2label  # noqa: E402
+from labelflow.demo import write_digits_dataset  # noqa: E402
+from labelflow.experiment import model_spec  # noqa: E402
 from labelflow.inference import predict  # noqa: E402
 from labelflow.loaders import ImageTableDataset, build_transform, make_loader  # noqa: E402
-from labelflow.pipeline import model_spec  # noqa: E402
 from labelflow.models import create_model  # noqa: E402
 from labelflow.training import StageSpec, build_criteria, build_optimizer, build_scheduler, train_one_epoch  # noqa: E402
 
@@ -35,13 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_recipe(name: str) -> dict:
-    """The experiment file with the schema's defaults that the benchmark needs."""
+    """The experiment file, validated against the schema (which fills the defaults)."""
+    from snakemake.utils import validate
+
     experiment = yaml.safe_load((REPO / "config/experiments" / f"{name}.yaml").read_text())
-    experiment["model"].setdefault("dropout", 0.0)
-    for head in experiment["heads"]:
-        head.setdefault("loss", "cross_entropy")
-        head.setdefault("weight", 1.0)
-        head.setdefault("threshold", 0.5)
+    validate(experiment, str(REPO / "config/schemas/experiment.schema.yaml"))
     return experiment
 
 

@@ -71,3 +71,27 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT_SCHEMA = REPO / "config" / "schemas" / "experiment.schema.yaml"
+
+
+def validated_experiment(experiment: dict) -> dict:
+    """A copy of ``experiment`` validated against the schema, which fills every default (the
+    one place defaults are stated), as the workflow does before any job runs."""
+    import copy
+
+    from snakemake.utils import validate
+
+    experiment = copy.deepcopy(experiment)
+    validate(experiment, str(EXPERIMENT_SCHEMA))
+    return experiment
+
+
+def stage_spec(name: str = "stage1", **values):
+    """A StageSpec from the given stage keys and the schema's defaults for the rest."""
+    from labelflow.training import StageSpec
+
+    experiment = validated_experiment({"heads": [{"name": "class"}], "stages": {name: values}})
+    return StageSpec.from_dict(name, experiment["stages"][name])

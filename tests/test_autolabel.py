@@ -12,7 +12,11 @@ import pandas as pd
 import pytest
 
 from conftest import make_tiny_dataset
-from labelflow import autolabel as al
+from labelflow import io
+from labelflow.autolabel import policy, results
+from labelflow.autolabel import prepare as prep
+from labelflow.autolabel import round as rnd
+from labelflow.autolabel.policy import BELOW_MIN_CONFIDENCE, RoundSettings, select_pseudo_labels
 from labelflow.calibration import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
@@ -20,10 +24,11 @@ from labelflow.calibration import (
     expected_calibration_error,
     fit_temperature,
     nll,
-    scaled_probabilities,
     top_confidence,
 )
-from labelflow.data import DatasetError, valid_mask
+from labelflow.dataset import valid_mask
+from labelflow.io import DatasetError
+from labelflow.losses import probabilities
 
 
 # --------------------------------------------------------------------------- calibration
@@ -34,7 +39,7 @@ def _calibrated_softmax_sample(n: int, classes: int, seed: int):
     rng = np.random.default_rng(seed)
     logits = rng.normal(0.0, 1.5, (n, classes))
     logits[np.arange(n), rng.integers(classes, size=n)] += 2.0
-    probs = scaled_probabilities(logits, 1.0, "softmax")
+    probs = probabilities(logits, "softmax")
     labels = np.array([rng.choice(classes, p=p) for p in probs])
     return logits, labels
 
@@ -132,7 +137,14 @@ def _candidates(rows):
 HUMAN = {"cat": 4, "dog": 2, "eel": 10}
 
 
-def test_threshold_and_class_thresholds():
+def _settings(min_confidence=0.9, *, max_new_per_class=1.0, class_min_confidence=None) -> RoundSettings:
+    return RoundSettings(
+        min_confidence=min_confidence, min_temperature=1.0, max_new_per_class=max_new_per_class,
+        neighbours=0, class_min_confidence=class_min_confidence or {},
+    )
+
+
+def test_min_confidence_and_class_min_confidence():
     cands = _candidates(
         [
             ("raw/a.png", "cat", 0.95),
@@ -142,16 +154,16 @@ def test_threshold_and_class_thresholds():
             ("raw/e.png", "eel", 0.90),  # exactly at the threshold: accepted
         ]
     )
-    out = al.select_pseudo_labels(cands, HUMAN, threshold=0.9, class_thresholds={"dog": 0.75}, max_new_per_class=None)
+    out = select_pseudo_labels(cands, HUMAN, _settings(0.9, max_new_per_class=None, class_min_confidence={"dog": 0.75}))
     assert list(out["path"]) == list(cands["path"])  # input order kept
     assert dict(zip(out["path"], out["decision"])) == {
-        "raw/a.png": al.ACCEPTED,
-        "raw/b.png": al.BELOW_THRESHOLD,
-        "raw/c.png": al.ACCEPTED,
-        "raw/d.png": al.BELOW_THRESHOLD,
-        "raw/e.png": al.ACCEPTED,
+        "raw/a.png": policy.ACCEPTED,
+        "raw/b.png": BELOW_MIN_CONFIDENCE,
+        "raw/c.png": policy.ACCEPTED,
+        "raw/d.png": BELOW_MIN_CONFIDENCE,
+        "raw/e.png": policy.ACCEPTED,
     }
-    assert list(out["threshold"]) == [0.9, 0.9, 0.75, 0.75, 0.9]
+    assert list(out["min_confidence"]) == [0.9, 0.9, 0.75, 0.75, 0.9]
 
 
 def test_class_cap_keeps_the_most_confident():
@@ -160,34 +172,34 @@ def test_class_cap_keeps_the_most_confident():
         + [(f"raw/cat{i}.png", "cat", 0.99) for i in range(3)]
         + [("raw/tie_b.png", "eel", 0.93), ("raw/tie_a.png", "eel", 0.93)]
     )
-    out = al.select_pseudo_labels(cands, HUMAN, threshold=0.9, max_new_per_class=0.5).set_index("path")
-    accepted = set(out.index[out["decision"] == al.ACCEPTED])
+    out = select_pseudo_labels(cands, HUMAN, _settings(0.9, max_new_per_class=0.5)).set_index("path")
+    accepted = set(out.index[out["decision"] == policy.ACCEPTED])
     # dog: 0.5 x 2 human = 1 → only the most confident; cat: 0.5 x 4 = 2 of 3 (ties by path)
     assert accepted == {"raw/dog1.png", "raw/cat0.png", "raw/cat1.png", "raw/tie_a.png", "raw/tie_b.png"}
-    assert (out["decision"] == al.OVER_CAP).sum() == 4
+    assert (out["decision"] == policy.OVER_CAP).sum() == 4
     # no cap at all
-    out = al.select_pseudo_labels(cands, HUMAN, threshold=0.9, max_new_per_class=None)
-    assert (out["decision"] == al.ACCEPTED).all()
+    out = select_pseudo_labels(cands, HUMAN, _settings(0.9, max_new_per_class=None))
+    assert (out["decision"] == policy.ACCEPTED).all()
     # a zero cap accepts nothing
-    out = al.select_pseudo_labels(cands, HUMAN, threshold=0.9, max_new_per_class=0)
-    assert not (out["decision"] == al.ACCEPTED).any()
+    out = select_pseudo_labels(cands, HUMAN, _settings(0.9, max_new_per_class=0))
+    assert not (out["decision"] == policy.ACCEPTED).any()
     # tie-break with one slot: the smaller path wins
-    out = al.select_pseudo_labels(cands, {"cat": 4, "dog": 2, "eel": 1}, threshold=0.9, max_new_per_class=1.0)
-    assert out.set_index("path").loc["raw/tie_a.png", "decision"] == al.ACCEPTED
-    assert out.set_index("path").loc["raw/tie_b.png", "decision"] == al.OVER_CAP
+    out = select_pseudo_labels(cands, {"cat": 4, "dog": 2, "eel": 1}, _settings(0.9, max_new_per_class=1.0))
+    assert out.set_index("path").loc["raw/tie_a.png", "decision"] == policy.ACCEPTED
+    assert out.set_index("path").loc["raw/tie_b.png", "decision"] == policy.OVER_CAP
 
 
 def test_labelled_images_are_never_relabelled():
     cands = _candidates([("clean/cat/x.png", "dog", 0.999), ("raw/y.png", "dog", 0.999), ("raw/z.png", "dog", 0.99)])
-    out = al.select_pseudo_labels(
-        cands, HUMAN, threshold=0.5, max_new_per_class=None, labelled=["clean/cat/x.png", "raw/z.png"]
+    out = select_pseudo_labels(
+        cands, HUMAN, _settings(0.5, max_new_per_class=None), labelled=["clean/cat/x.png", "raw/z.png"]
     ).set_index("path")
-    assert out.loc["clean/cat/x.png", "decision"] == al.ALREADY_LABELLED
-    assert out.loc["raw/z.png", "decision"] == al.ALREADY_LABELLED
-    assert out.loc["raw/y.png", "decision"] == al.ACCEPTED
+    assert out.loc["clean/cat/x.png", "decision"] == policy.ALREADY_LABELLED
+    assert out.loc["raw/z.png", "decision"] == policy.ALREADY_LABELLED
+    assert out.loc["raw/y.png", "decision"] == policy.ACCEPTED
     # already-labelled rows do not use up a class's cap
-    out = al.select_pseudo_labels(cands, {"dog": 1}, 0.5, None, 1.0, labelled=["clean/cat/x.png"]).set_index("path")
-    assert out.loc["raw/y.png", "decision"] == al.ACCEPTED
+    out = select_pseudo_labels(cands, {"dog": 1}, _settings(0.5, max_new_per_class=1.0), labelled=["clean/cat/x.png"]).set_index("path")
+    assert out.loc["raw/y.png", "decision"] == policy.ACCEPTED
 
 
 def test_neighbours_agree_needs_the_nearest_labelled_images_of_the_predicted_class():
@@ -204,30 +216,30 @@ def test_neighbours_agree_needs_the_nearest_labelled_images_of_the_predicted_cla
     )
     predicted = ["cat", "cat", "dog", "cat"]
     # k=1: only the nearest neighbour must agree
-    assert list(al.neighbours_agree(labelled, tags, candidates, predicted, k=1)) == [True, True, True, False]
+    assert list(policy.neighbours_agree(labelled, tags, candidates, predicted, k=1)) == [True, True, True, False]
     # k=3: a cat needs its 3 nearest to be cats; a dog only its 2 nearest (there are 2 dogs)
-    assert list(al.neighbours_agree(labelled, tags, candidates, predicted, k=3)) == [True, True, True, False]
+    assert list(policy.neighbours_agree(labelled, tags, candidates, predicted, k=3)) == [True, True, True, False]
     # the head says cat where the neighbourhood says dog: rejected
-    assert not al.neighbours_agree(labelled, tags, candidates[2:3], ["cat"], k=1)[0]
+    assert not policy.neighbours_agree(labelled, tags, candidates[2:3], ["cat"], k=1)[0]
     # a class with no labelled image is never agreed with
-    assert not al.neighbours_agree(labelled, tags, candidates[:1], ["eel"], k=3)[0]
-    assert al.neighbours_agree(labelled, tags, np.zeros((0, 2)), [], k=3).shape == (0,)
+    assert not policy.neighbours_agree(labelled, tags, candidates[:1], ["eel"], k=3)[0]
+    assert policy.neighbours_agree(labelled, tags, np.zeros((0, 2)), [], k=3).shape == (0,)
     with pytest.raises(ValueError, match="k >= 1"):
-        al.neighbours_agree(labelled, tags, candidates, predicted, k=0)
+        policy.neighbours_agree(labelled, tags, candidates, predicted, k=0)
 
 
 def test_disagreeing_neighbours_reject_before_the_class_cap():
     cands = _candidates([("raw/a.png", "dog", 0.99), ("raw/b.png", "dog", 0.95), ("raw/c.png", "dog", 0.5)])
     cands["neighbours_agree"] = [False, True, True]
-    out = al.select_pseudo_labels(cands, {"dog": 1}, threshold=0.9, max_new_per_class=1.0).set_index("path")
-    assert out.loc["raw/a.png", "decision"] == al.NEIGHBOURS_DISAGREE
-    assert out.loc["raw/b.png", "decision"] == al.ACCEPTED  # the cap's one slot goes to an agreed row
-    assert out.loc["raw/c.png", "decision"] == al.BELOW_THRESHOLD
+    out = select_pseudo_labels(cands, {"dog": 1}, _settings(0.9, max_new_per_class=1.0)).set_index("path")
+    assert out.loc["raw/a.png", "decision"] == policy.NEIGHBOURS_DISAGREE
+    assert out.loc["raw/b.png", "decision"] == policy.ACCEPTED  # the cap's one slot goes to an agreed row
+    assert out.loc["raw/c.png", "decision"] == BELOW_MIN_CONFIDENCE
 
 
 def test_round_recipe_keeps_no_top_k_copies_and_leaves_the_experiment_alone():
     experiment = {"model": {"arch": "resnet18"}, "stages": {"stage1": {"epochs": 2, "top_k": 3}, "stage2": {"epochs": 5}}}
-    recipe = al.round_recipe(experiment)
+    recipe = rnd.round_recipe(experiment)
     assert recipe["stages"] == {"stage1": {"epochs": 2, "top_k": 0}, "stage2": {"epochs": 5, "top_k": 0}}
     assert recipe["model"] == experiment["model"] and list(recipe["stages"]) == ["stage1", "stage2"]
     assert experiment["stages"]["stage1"]["top_k"] == 3 and "top_k" not in experiment["stages"]["stage2"]
@@ -235,10 +247,10 @@ def test_round_recipe_keeps_no_top_k_copies_and_leaves_the_experiment_alone():
 
 def test_selection_errors():
     cands = _candidates([("raw/a.png", "cat", 0.9)])
-    with pytest.raises(DatasetError, match="autolabel.class_thresholds"):
-        al.select_pseudo_labels(cands, HUMAN, class_thresholds={"cow": 0.5})
+    with pytest.raises(DatasetError, match="autolabel.class_min_confidence"):
+        select_pseudo_labels(cands, HUMAN, _settings(class_min_confidence={"cow": 0.5}))
     with pytest.raises(DatasetError, match="twice"):
-        al.select_pseudo_labels(pd.concat([cands, cands]), HUMAN)
+        select_pseudo_labels(pd.concat([cands, cands]), HUMAN, _settings())
 
 
 @pytest.mark.parametrize(
@@ -253,7 +265,7 @@ def test_selection_errors():
     ],
 )
 def test_round_status(accepted, remaining, last, reason):
-    status = al.round_status(3, accepted, remaining, last)
+    status = policy.round_status(3, accepted, remaining, last)
     assert status == {"round": 3, "accepted": accepted, "remaining": remaining, "stop": reason is not None, "reason": reason}
 
 
@@ -290,11 +302,11 @@ def _prepare(tmp_path, clean, raw, n_folds=3):
     paths = {
         "root_dir": out / "root",
         "human_csv": out / "human.csv",
-        "labeling_json": out / "tag2cls.json",
+        "tag2cls_json": out / "tag2cls.json",
         "raw_csv": out / "raw.csv",
         "skipped_csv": out / "skipped.csv",
     }
-    summary = al.prepare(clean=clean, raw=raw, n_folds=n_folds, seed=0, **paths)
+    summary = prep.prepare(clean=clean, raw=raw, n_folds=n_folds, seed=0, **paths)
     return summary, paths
 
 
@@ -306,14 +318,14 @@ def test_prepare_tables_and_root(tmp_path, piles):
     root = paths["root_dir"]
     assert os.readlink(root / "clean") == str(clean.resolve()) and os.readlink(root / "raw") == str(raw.resolve())
 
-    human = al.read_table(paths["human_csv"])
+    human = io.read_table(paths["human_csv"])
     assert list(human.columns) == ["path", "tag", "class", "fold"] and len(human) == 18
     assert human["path"].str.startswith("clean/").all()
     assert sorted(human["fold"].unique()) == [0, 1, 2]
     assert (human.groupby(["fold", "tag"]).size() == 2).all()  # stratified
 
-    table = al.read_table(paths["raw_csv"]).fillna("")
-    assert list(table.columns) == al.RAW_COLUMNS and len(table) == 13
+    table = io.read_table(paths["raw_csv"]).fillna("")
+    assert list(table.columns) == prep.RAW_COLUMNS and len(table) == 13
     # same basenames as clean files, but distinct identities (path relative to its root)
     assert "raw/box0/img_000.png" in set(table["path"]) and "raw/box2/deeper/img_000.png" in set(table["path"])
     assert "clean/class_00/img_000.png" in set(human["path"])
@@ -322,7 +334,7 @@ def test_prepare_tables_and_root(tmp_path, piles):
     assert dup["tag"] == "class_01" and dup["duplicate_of"] == "clean/class_01/img_002.png"
     assert (table["tag"] != "").sum() == 1  # same basename is not a duplicate: bytes differ
 
-    skipped = al.read_table(paths["skipped_csv"]).set_index("path")["reason"]
+    skipped = io.read_table(paths["skipped_csv"]).set_index("path")["reason"]
     assert set(skipped.index) == {"raw/broken.png", "raw/notes.txt", "raw/.hidden.png"}
     assert summary == {"human": 18, "classes": 3, "raw": 13, "human_duplicates": 1, "skipped": 3}
     # every path in the tables resolves through the root
@@ -344,18 +356,18 @@ def _write_accepted(path: Path, rows, round_: int, tag2cls):
     table = pd.DataFrame(rows, columns=["path", "tag", "confidence"])
     table["class"] = table["tag"].map(tag2cls)
     table["round"] = round_
-    table[al.ACCEPTED_COLUMNS].to_csv(path, index=False)
+    table[rnd.ACCEPTED_COLUMNS].to_csv(path, index=False)
     return path
 
 
 def test_round_dataset_pseudo_rows_never_validate(tmp_path, piles):
     clean, raw = piles
     _, paths = _prepare(tmp_path, clean, raw)
-    tag2cls = json.loads(paths["labeling_json"].read_text())
+    tag2cls = json.loads(paths["tag2cls_json"].read_text())
     acc0 = _write_accepted(tmp_path / "acc0.csv", [("raw/box0/img_000.png", "class_00", 0.99)], 0, tag2cls)
     acc1 = _write_accepted(tmp_path / "acc1.csv", [("raw/box1/img_001.png", "class_01", 0.97)], 1, tag2cls)
-    table = al.round_dataset(
-        human_csv=paths["human_csv"], accepted_csvs=[acc0, acc1], labeling_json=paths["labeling_json"],
+    table = rnd.round_dataset(
+        human_csv=paths["human_csv"], accepted_csvs=[acc0, acc1], tag2cls_json=paths["tag2cls_json"],
         out_csv=tmp_path / "round.csv",
     )
     assert list(table.columns) == ["path", "tag", "class", "fold"] and len(table) == 20
@@ -365,15 +377,15 @@ def test_round_dataset_pseudo_rows_never_validate(tmp_path, piles):
         assert table[valid_mask(table, folds)]["path"].str.startswith("clean/").all()
     assert pd.read_csv(tmp_path / "round.csv").equals(table)
 
-    candidates = al.remaining_candidates(al.read_table(paths["raw_csv"]), table)
+    candidates = policy.remaining_candidates(io.read_table(paths["raw_csv"]), table)
     # neither the accepted rows nor the human duplicate are candidates
     assert len(candidates) == 13 - 2 - 1
     assert not {"raw/box0/img_000.png", "raw/box1/img_001.png", "raw/copy_of_clean.png"} & set(candidates["path"])
 
     clash = _write_accepted(tmp_path / "clash.csv", [("clean/class_00/img_000.png", "class_01", 0.99)], 0, tag2cls)
     with pytest.raises(DatasetError, match="relabel human"):
-        al.round_dataset(
-            human_csv=paths["human_csv"], accepted_csvs=[clash], labeling_json=paths["labeling_json"],
+        rnd.round_dataset(
+            human_csv=paths["human_csv"], accepted_csvs=[clash], tag2cls_json=paths["tag2cls_json"],
             out_csv=tmp_path / "bad.csv",
         )
 
@@ -381,8 +393,8 @@ def test_round_dataset_pseudo_rows_never_validate(tmp_path, piles):
 def test_assemble_evaluate_materialize(tmp_path, piles):
     clean, raw = piles
     _, paths = _prepare(tmp_path, clean, raw)
-    tag2cls = json.loads(paths["labeling_json"].read_text())
-    raw_table = al.read_table(paths["raw_csv"]).fillna("")
+    tag2cls = json.loads(paths["tag2cls_json"].read_text())
+    raw_table = io.read_table(paths["raw_csv"]).fillna("")
     accepted = [
         _write_accepted(tmp_path / "a0.csv", [("raw/box0/img_000.png", "class_00", 0.99), ("raw/box1/img_000.png", "class_00", 0.95)], 0, tag2cls),
         _write_accepted(tmp_path / "a1.csv", [("raw/box2/deeper/img_000.png", "class_02", 0.93)], 1, tag2cls),
@@ -390,37 +402,37 @@ def test_assemble_evaluate_materialize(tmp_path, piles):
     statuses, metrics = [], []
     for r, (n, left) in enumerate([(2, 10), (1, 9)]):
         statuses.append(tmp_path / f"s{r}.json")
-        statuses[-1].write_text(json.dumps(al.round_status(r, n, left, r == 1)))
+        statuses[-1].write_text(json.dumps(policy.round_status(r, n, left, r == 1)))
         metrics.append(tmp_path / f"m{r}.json")
         calibration = {"temperature": 1.5, "ece_before": 0.2, "ece_after": 0.05}
-        rejected = {"below_threshold": left - r, "neighbours_disagree": r, "over_cap": 0}
+        rejected = {"below_min_confidence": left - r, "neighbours_disagree": r, "over_cap": 0}
         metrics[-1].write_text(
             json.dumps({"candidates": n + left, "valid_accuracy": 0.8 + r / 10, "calibration": calibration, **rejected})
         )
     predictions = tmp_path / "pred.csv"
     pd.DataFrame({"path": raw_table["path"], "tag": "class_02", "confidence": 0.5}).to_csv(predictions, index=False)
     out = tmp_path / "final"
-    table = al.assemble(
+    table = results.assemble(
         human_csv=paths["human_csv"], raw_csv=paths["raw_csv"], accepted_csvs=accepted, status_jsons=statuses,
         metrics_jsons=metrics, predictions_csv=predictions, dataset_csv=out / "dataset.csv",
         unlabelled_csv=out / "unlabelled.csv", rounds_csv=out / "rounds.csv",
     )
-    assert list(table.columns) == al.DATASET_COLUMNS
+    assert list(table.columns) == results.DATASET_COLUMNS
     assert table["source"].value_counts().to_dict() == {"human": 18, "pseudo": 3, "human-duplicate": 1}
     assert (table.loc[table["source"] != "pseudo", "round"] == 0).all()
     assert table.set_index("path").loc["raw/box2/deeper/img_000.png", "round"] == 1
     # clean/class_00/img_000.png and raw/box0/img_000.png: same basename, two rows
     assert {"clean/class_00/img_000.png", "raw/box0/img_000.png"} <= set(table["path"])
-    unlabelled = al.read_table(out / "unlabelled.csv")
+    unlabelled = io.read_table(out / "unlabelled.csv")
     assert len(unlabelled) == 13 - 3 - 1 and unlabelled["label"].isna().all()
     assert set(unlabelled["path"]) | set(table["path"]) >= set(raw_table["path"])
     assert not set(unlabelled["path"]) & set(table["path"])
     rounds = pd.read_csv(out / "rounds.csv")
     assert list(rounds["accepted"]) == [2, 1] and list(rounds["labelled_raw"]) == [3, 4]
-    assert list(rounds["below_threshold"]) == [10, 8] and list(rounds["neighbours_disagree"]) == [0, 1]
+    assert list(rounds["below_min_confidence"]) == [10, 8] and list(rounds["neighbours_disagree"]) == [0, 1]
     assert rounds["coverage"].iloc[-1] == pytest.approx(4 / 13)
 
-    al.plot_progress(rounds_csv=out / "rounds.csv", out_png=out / "progress.png")
+    results.plot_progress(rounds_csv=out / "rounds.csv", out_png=out / "progress.png")
     assert (out / "progress.png").read_bytes()[:4] == b"\x89PNG"
 
     truth = tmp_path / "truth.csv"
@@ -428,7 +440,7 @@ def test_assemble_evaluate_materialize(tmp_path, piles):
         {"path": ["box0/img_000.png", "box1/img_000.png", "box2/deeper/img_000.png", "copy_of_clean.png", "box0/img_001.png", "gone.png"],
          "label": ["class_00", "class_01", "class_02", "class_01", "class_00", "class_00"]}
     ).to_csv(truth, index=False)
-    result = al.evaluate(
+    result = results.evaluate(
         dataset_csv=out / "dataset.csv", raw_csv=paths["raw_csv"], rounds_csv=out / "rounds.csv", truth_csv=truth,
         out_json=out / "evaluation.json",
     )
@@ -440,7 +452,7 @@ def test_assemble_evaluate_materialize(tmp_path, piles):
 
     for mode in ("symlink", "copy"):
         tree = tmp_path / f"tree_{mode}"
-        assert al.materialize(dataset_csv=out / "dataset.csv", root=paths["root_dir"], out_dir=tree, mode=mode) == 22
+        assert results.materialize(dataset_csv=out / "dataset.csv", root=paths["root_dir"], out_dir=tree, mode=mode) == 22
         a = tree / "class_00" / "clean" / "class_00" / "img_000.png"
         b = tree / "class_00" / "raw" / "box0" / "img_000.png"
         assert a.read_bytes() == (clean / "class_00" / "img_000.png").read_bytes()

@@ -66,7 +66,7 @@ def autolabel_run(tmp_path_factory):
     clean, raw, truth = make_piles(base)
     inputs_before = (_tree(clean), _tree(raw))
     workdir = base / "work"
-    # threshold 0.3 < 1/3 accepts any prediction; the cap (0.25 x 8 human = 2 per class and
+    # min_confidence 0.3 < 1/3 accepts any prediction; the cap (0.25 x 8 human = 2 per class and
     # round) keeps the pile from running out, so the loop must stop at max_rounds=2.
     config = write_tiny_config(
         workdir,
@@ -76,7 +76,7 @@ def autolabel_run(tmp_path_factory):
             "clean": str(clean),
             "raw": str(raw),
             "experiment": "softmax",
-            "threshold": 0.3,
+            "min_confidence": 0.3,
             "max_new_per_class": 0.25,
             "max_rounds": 2,
             "warm_start": True,
@@ -103,7 +103,7 @@ def test_rounds_stop_for_the_right_reason(autolabel_run):
     rounds = pd.read_csv(out / "rounds.csv")
     assert list(rounds["round"]) == [0, 1] and list(rounds["reason"].fillna("")) == ["", "max_rounds reached"]
     for r in (0, 1):
-        decisions = rounds.loc[r, ["accepted", "below_threshold", "neighbours_disagree", "over_cap"]]
+        decisions = rounds.loc[r, ["accepted", "below_min_confidence", "neighbours_disagree", "over_cap"]]
         assert decisions.sum() == rounds.loc[r, "candidates"]
         metrics = json.loads((out / f"round_{r}/metrics.json").read_text())
         assert rounds.loc[r, "neighbours_disagree"] == metrics["neighbours_disagree"]
@@ -121,13 +121,13 @@ def test_round_outputs_and_policy(autolabel_run):
         counts = pd.read_csv(out / f"round_{r}/counts.csv")
         assert counts["accepted"].sum() == len(accepted)
         assert (counts["predicted"] == counts["accepted"] + counts["rejected"]).all()
-        assert (counts["rejected"] == counts[["below_threshold", "neighbours_disagree", "over_cap"]].sum(axis=1)).all()
+        assert (counts["rejected"] == counts[["below_min_confidence", "neighbours_disagree", "over_cap"]].sum(axis=1)).all()
         # the neighbour guard is on by default: every accepted row had agreeing neighbours
         predictions = pd.read_csv(out / f"round_{r}/predictions.csv")
         decided = predictions.set_index("path").loc[accepted["path"]]
         assert decided["neighbours_agree"].all() and (decided["decision"] == "accepted").all()
         assert ((predictions["decision"] == "neighbours disagree") == (
-            ~predictions["neighbours_agree"] & (predictions["confidence"] >= predictions["threshold"])
+            ~predictions["neighbours_agree"] & (predictions["confidence"] >= predictions["min_confidence"])
         )).all()
         metrics = json.loads((out / f"round_{r}/metrics.json").read_text())
         cal = metrics["calibration"]
@@ -216,7 +216,7 @@ def test_more_rounds_continue_without_retraining(autolabel_run):
     assert result.returncode == 0, out[-3000:]
     # round 1 is no longer the last: only its (cheap) selection step is redone, no training
     counts = _job_counts(out)
-    assert counts["autolabel_round"] == 1 and "autolabel_train" not in counts, counts
+    assert counts["autolabel_round"] == 1 and "train_stage" not in counts, counts
     assert "round=1" in out
 
 
@@ -228,7 +228,7 @@ def test_dry_run_lists_round_zero(tmp_path):
     result = run_autolabel(tmp_path / "work", config, "-n")
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    for rule in ("autolabel_prepare", "autolabel_round_dataset", "autolabel_train", "autolabel_round"):
+    for rule in ("autolabel_prepare", "autolabel_round_dataset", "train_stage", "autolabel_round"):
         assert rule in out
     assert "results/autolabel/round_0/status.json" in out and "round_1" not in out
     assert not (tmp_path / "work" / "results").exists()
@@ -240,7 +240,7 @@ def test_dry_run_lists_round_zero(tmp_path):
         ({}, "autolabel.clean"),
         ({"clean": "CLEAN", "raw": None}, "autolabel.raw"),
         ({"clean": "CLEAN", "raw": "/no/such/folder"}, "autolabel.raw"),
-        ({"clean": "CLEAN", "raw": "RAW", "class_thresholds": {"cow": 0.5}}, "autolabel.class_thresholds"),
+        ({"clean": "CLEAN", "raw": "RAW", "class_min_confidence": {"cow": 0.5}}, "autolabel.class_min_confidence"),
         ({"clean": "CLEAN", "raw": "RAW", "experiment": "nonexistent"}, "autolabel.experiment"),
         ({"clean": "CLEAN", "raw": "RAW", "truth_csv": "/no/truth.csv"}, "autolabel.truth_csv"),
     ],

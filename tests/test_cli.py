@@ -20,7 +20,7 @@ def test_digits_tag2label_split(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main([
         "tag2label", "--in-dir", str(digits),
         "--out-dataset", str(out / "dataset_raw.csv"),
-        "--out-labeling", str(out / "tag2cls.json"),
+        "--out-tag2cls", str(out / "tag2cls.json"),
         "--out-skipped", str(out / "skipped.csv"),
     ]) == 0  # fmt: skip
     printed = capsys.readouterr().out
@@ -30,7 +30,7 @@ def test_digits_tag2label_split(tmp_path: Path, capsys: pytest.CaptureFixture[st
     tag2cls = json.loads((out / "tag2cls.json").read_text(encoding="utf-8"))
     assert tag2cls == {str(d): d for d in range(10)}
     raw = pd.read_csv(out / "dataset_raw.csv", dtype=str)
-    assert list(raw.columns) == ["path", "tag"] and len(raw) == 1797
+    assert list(raw.columns) == ["path", "tag", "sha1"] and len(raw) == 1797
     assert raw["path"].iloc[0] == "0/0000.png" and raw["tag"].iloc[0] == "0"
     skipped = pd.read_csv(out / "skipped.csv")
     assert skipped.values.tolist() == [["notes.txt", "not inside a class folder"]]
@@ -53,7 +53,7 @@ def test_bad_dataset_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
     rc = main([
         "tag2label", "--in-dir", str(tmp_path / "missing"),
         "--out-dataset", str(tmp_path / "d.csv"),
-        "--out-labeling", str(tmp_path / "t.json"), "--out-skipped", str(tmp_path / "s.csv"),
+        "--out-tag2cls", str(tmp_path / "t.json"), "--out-skipped", str(tmp_path / "s.csv"),
     ])  # fmt: skip
     assert rc == 2
     err = capsys.readouterr().err
@@ -72,7 +72,7 @@ def test_split_error_names_small_class(
     out = tmp_path / "out"
     main([
         "tag2label", "--in-dir", str(tiny_dataset), "--out-dataset", str(out / "raw.csv"),
-        "--out-labeling", str(out / "t.json"), "--out-skipped", str(out / "s.csv"),
+        "--out-tag2cls", str(out / "t.json"), "--out-skipped", str(out / "s.csv"),
     ])  # fmt: skip
     rc = main(["split", "--in-csv", str(out / "raw.csv"), "--tag2cls", str(out / "t.json"),
                "--out-csv", str(out / "d.csv"), "--n-folds", "13"])  # fmt: skip

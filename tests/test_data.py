@@ -13,23 +13,16 @@ import pytest
 from PIL import Image
 
 from conftest import make_tiny_dataset
-from labelflow.data import (
-    IMAGE_EXTENSIONS,
+from labelflow.dataset import read_dataset_csv, read_tag2cls, resolve_valid_folds, split, tag2label, valid_mask
+from labelflow.demo import write_digits_dataset
+from labelflow.images import IMAGE_EXTENSIONS, check_image, load_image
+from labelflow.io import (
     DatasetError,
     atomic_directory,
     atomic_output,
-    check_image,
-    load_image,
     load_npy,
-    read_dataset_csv,
-    read_tag2cls,
-    resolve_valid_folds,
     save_npy_atomic,
-    split,
-    tag2label,
-    valid_mask,
     write_csv_atomic,
-    write_digits_dataset,
     write_json_atomic,
 )
 
@@ -137,7 +130,7 @@ def test_check_image_reasons(tmp_path: Path) -> None:
 def test_tag2label_tiny(tiny_dataset: Path) -> None:
     result = tag2label(tiny_dataset)
     assert result.tag2cls == {"class_00": 0, "class_01": 1, "class_02": 2}
-    assert list(result.dataset.columns) == ["path", "tag"]
+    assert list(result.dataset.columns) == ["path", "tag", "sha1"]
     assert len(result.dataset) == 36
     assert result.dataset["tag"].value_counts().to_dict() == {
         "class_00": 12,
@@ -241,7 +234,7 @@ def test_tag2label_unicode_and_spaces(tmp_path: Path) -> None:
     _noise_png(root / "日本" / "画像 2.png", size=8, seed=2)
     result = tag2label(root)
     assert result.tag2cls == {"chat noir": 0, "日本": 1}
-    assert result.dataset.values.tolist() == [
+    assert result.dataset[["path", "tag"]].values.tolist() == [
         ["chat noir/é 1.png", "chat noir"],
         ["日本/画像 2.png", "日本"],
     ]

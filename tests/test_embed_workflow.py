@@ -119,9 +119,12 @@ def test_targets_dry_run_on_default_config(tmp_path):
     result = run_snakemake(tmp_path, "-n", "projector", "ood", "query_all", "--config", sets)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    for rule in ("tensorboard_projector", "embedding_plot", "ood_dataset", "ood_train_stage", "ood_infer",
-                 "ood_pca_index", "ood_rejection", "ood_embed_heldout", "ood_evaluate", "embed", "rejection",
-                 "query_set"):  # fmt: skip
+    for rule in ("tensorboard_projector", "embedding_plot", "ood_dataset", "train_stage", "infer", "pca_index",
+                 "ood_evaluate", "embed", "rejection", "query_set"):  # fmt: skip
         assert f"rule {rule}:" in out or f"{rule} " in out, rule
+    # the OOD check is the run ood/softmax, served by the same rules as every run
+    for path in ("results/ood/softmax/stage2/best.pt", "results/ood/softmax/index/rejection.json",
+                 "results/ood/softmax/embeddings/heldout/embeddings.npy"):  # fmt: skip
+        assert path in out, path
     empty = run_snakemake(tmp_path, "-n", "embed_all")
     assert empty.returncode != 0 and "embed.sets" in empty.stdout + empty.stderr

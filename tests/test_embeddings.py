@@ -22,9 +22,11 @@ from conftest import make_tiny_dataset
 from labelflow import embeddings as emb
 from labelflow import search as sim
 from labelflow.cli import main
-from labelflow.data import DatasetError, save_npy_atomic, split, tag2label, write_csv_atomic, write_json_atomic
+from labelflow.dataset import split, tag2label
+from labelflow.index import IndexSettings, pca_index
+from labelflow.io import DatasetError, save_npy_atomic, write_csv_atomic, write_json_atomic
 from labelflow.models import HeadSpec, ModelSpec, create_model, save_checkpoint
-from labelflow.pipeline import infer, pca_index
+from labelflow.experiment import infer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_CFG = {
@@ -68,10 +70,16 @@ def _index_with_rejection(folder: Path, tag2cls_json: Path, checkpoint: Path, k:
         "predictions_csv": folder / "predictions/predictions.csv",
         "embeddings_npy": folder / "predictions/embeddings.npy",
     }
-    pca_index(**predictions, n_components=8, space="cosine", M=16, ef_construction=100, ef=32, seed=0, **files)
+    settings = IndexSettings(n_components=8, space="cosine", M=16, ef_construction=100, ef=32, ks=(1,), vote_k=3)
+    pca_index(**predictions, settings=settings, seed=0, **files)
+    index_files = {
+        "transform": files["transform_npz"], "index": files["index_bin"], "info": files["index_json"],
+        "predictions": predictions["predictions_csv"],
+    }
     sim.calibrate_rejection(
-        **predictions, tag2cls_json=tag2cls_json, checkpoint=checkpoint, data_cfg=DATA_CFG,
-        out_json=folder / "index/rejection.json", quantile=0.99, k=k, vote_k=3, **files,
+        index_files=index_files, embeddings_npy=predictions["embeddings_npy"], tag2cls_json=tag2cls_json,
+        checkpoint=checkpoint, data_cfg=DATA_CFG, out_json=folder / "index/rejection.json",
+        settings=sim.RejectionSettings(quantile=0.99, k=k, vote_k=3),
     )
 
 
@@ -146,8 +154,7 @@ def test_projector_files_load_with_tensorboard(experiment, tmp_path):
     info = emb.write_projector(
         predictions_csv=experiment["exp"] / "predictions/predictions.csv",
         embeddings_npy=experiment["exp"] / "predictions/embeddings.npy",
-        tag2cls_json=experiment["tag2cls"], root=experiment["images"], out_dir=out,
-        max_images=20, thumbnail_size=8, seed=0,
+        root=experiment["images"], out_dir=out, max_images=20, thumbnail_size=8, seed=0,
     )
     assert info["n_images"] == 20 and info["n_total"] == 36
     assert (out / "projector_config.pbtxt").is_file() and list(out.glob("events.out.tfevents.*"))
@@ -174,8 +181,8 @@ def test_projector_files_load_with_tensorboard(experiment, tmp_path):
     predictions = pd.read_csv(experiment["exp"] / "predictions/predictions.csv")
     first = predictions.iloc[rows[0]]
     path, split_, label, predicted, correct = lines[1].split("\t")
-    assert (path, split_, label) == (first["path"], first["split"], f"class_{first['true']:02d}")
-    assert predicted == f"class_{first['predicted']:02d}" and correct == str(first["true"] == first["predicted"])
+    assert (path, split_, label) == (first["path"], first["split"], f"class_{first['class']:02d}")
+    assert predicted == first["predicted"] and correct == str(first["label"] == first["predicted"])
 
     sprite = Client(apps["/sprite_image"]).get("/sprite_image", query_string=query)
     assert sprite.status_code == 200 and sprite.data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -204,7 +211,7 @@ def _synthetic_run(folder: Path, n_classes: int = 3, per_class: int = 30, seed: 
     split_ = np.where(np.arange(labels.size) % 3 == 0, "valid", "train")
     predictions = pd.DataFrame(
         {"path": [f"c{c}/{i}.png" for i, c in enumerate(labels)], "split": split_, "class": labels,
-         "true": labels, "predicted": labels, "confidence": 1.0}
+         "label": [f"c{c}" for c in labels], "predicted": [f"c{c}" for c in labels], "confidence": 1.0}
     )
     (folder / "predictions").mkdir(parents=True, exist_ok=True)
     write_csv_atomic(predictions, folder / "predictions/predictions.csv")

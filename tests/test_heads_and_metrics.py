@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from conftest import validated_experiment
 from labelflow.loaders import ImageTableDataset, apply_rotation_code, build_transform
 from labelflow.metrics import head_metrics, per_class_f1
-from labelflow.pipeline import model_spec
+from labelflow.experiment import model_spec
 
 
 def test_rotation_codes_on_an_asymmetric_image():
@@ -35,7 +36,10 @@ def _one_pixel_dataset(tmp_path, rotation, n=6):
         Image.fromarray(pixels).save(tmp_path / f"{i}.png")
         paths.append(f"{i}.png")
     tf = build_transform(train=False, mean=(0, 0, 0), std=(1, 1, 1))
-    return ImageTableDataset(tmp_path, paths, np.arange(n) % 3, 8, tf, rotation=rotation, rotation_seed=5)
+    return ImageTableDataset(
+        tmp_path, paths, np.arange(n) % 3, 8, tf, rotation=rotation, rotation_seed=5,
+        heads=("class", "rotation", "class_rotation"),
+    )
 
 
 def test_recorded_rotation_label_matches_the_transform_applied(tmp_path):
@@ -62,18 +66,20 @@ def test_seeded_validation_rotation_is_reproducible(tmp_path):
 
 
 def test_model_spec_sizes_heads_from_the_data():
-    experiment = {
-        "model": {"arch": "resnet18", "embedding_size": 8, "dropout": 0.0, "small_input": True},
-        "heads": [
-            {"name": "class", "loss": "cross_entropy", "weight": 1.0, "threshold": 0.5},
-            {"name": "rotation", "loss": "cross_entropy", "weight": 0.5, "threshold": 0.5},
-            {"name": "class_rotation", "loss": "cross_entropy", "weight": 0.5, "threshold": 0.5},
-        ],
-    }
+    experiment = validated_experiment(
+        {
+            "model": {"arch": "resnet18", "embedding_size": 8, "small_input": True},
+            "heads": [{"name": "class"}, {"name": "rotation", "weight": 0.5}, {"name": "class_rotation", "weight": 0.5}],
+            "stages": {"stage1": {"epochs": 1, "lr": 0.1}},
+        }
+    )
     spec = model_spec(experiment, num_classes=7)
     assert [(h.name, h.num_outputs) for h in spec.heads] == [("class", 7), ("rotation", 8), ("class_rotation", 56)]
     experiment["heads"] = experiment["heads"][1:]
     with pytest.raises(ValueError, match="first head"):
+        model_spec(experiment, 7)
+    experiment["heads"] = [{"name": "class"}, {"name": "jigsaw"}]
+    with pytest.raises(ValueError, match="head 'jigsaw' is unknown.*class_rotation"):
         model_spec(experiment, 7)
 
 
@@ -93,7 +99,7 @@ def test_head_metrics_single_label_and_auc():
 def test_head_metrics_multilabel():
     logits = np.array([[3.0, -3.0], [3.0, 3.0], [-3.0, 3.0], [3.0, -3.0]])
     targets = np.array([[1, 0], [1, 1], [0, 1], [0, 1]], dtype=np.float32)
-    m = head_metrics(logits, targets, "sigmoid", threshold=0.5)
+    m = head_metrics(logits, targets, "sigmoid", decision_threshold=0.5)
     assert m["accuracy"] == 0.75  # exact match of label sets: the last row is wrong
     # micro: tp=4, fp=1, fn=1 → F1 = 0.8
     assert m["f1_micro"] == pytest.approx(0.8)

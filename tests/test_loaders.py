@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import labelflow.loaders as loaders
+import labelflow.images as images
 from conftest import make_tiny_dataset
 from labelflow.loaders import (
     IMAGENET_MEAN,
@@ -140,13 +140,13 @@ def test_cache_decodes_once(tmp_path: Path, monkeypatch, cache: bool):
     root = make_tiny_dataset(tmp_path / "tiny", n_classes=2, per_class=3)
     paths, targets = _table(root)
     calls: list[str] = []
-    real = loaders.load_image
+    real = images.load_image
 
     def counting(path):
         calls.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(loaders, "load_image", counting)
+    monkeypatch.setattr(images, "load_image", counting)
     dataset = ImageTableDataset(root, paths, targets, image_size=16, transform=build_transform(train=False), cache=cache)
     loader = make_loader(dataset, batch_size=4, shuffle=True, seed=0)
     for _epoch in range(2):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,18 +119,23 @@ def test_unknown_loss_names_the_choices():
 def test_probabilities_softmax_rows_sum_to_one():
     logits = torch.tensor(LOGITS)
     probs = probabilities(logits, "softmax")
-    assert probs.shape == (2, 3)
-    assert torch.allclose(probs.sum(dim=1), torch.ones(2), atol=1e-6)
+    assert probs.shape == (2, 3) and probs.dtype == np.float64
+    np.testing.assert_allclose(probs.sum(axis=1), np.ones(2), atol=1e-12)
     denom = math.exp(1.0) + math.exp(2.0) + math.exp(3.0)
     assert float(probs[0, 2]) == pytest.approx(math.exp(3.0) / denom, rel=1e-6)
-    assert torch.equal(probs.argmax(dim=1), torch.tensor([2, 0]))
+    assert probs.argmax(axis=1).tolist() == [2, 0]
+    # the same from numpy input, and a temperature divides the logits first
+    np.testing.assert_array_equal(probabilities(np.asarray(LOGITS), "softmax"), probs)
+    np.testing.assert_allclose(probabilities(logits, "softmax", temperature=2.0), probabilities(logits / 2, "softmax"))
+    with pytest.raises(ValueError, match="activation"):
+        probabilities(logits, "tanh")
 
 
 def test_probabilities_sigmoid_is_elementwise():
     logits = torch.tensor(LOGITS)
     probs = probabilities(logits, "sigmoid")
-    expected = torch.tensor([[_sigmoid(x) for x in row] for row in LOGITS])
-    assert torch.allclose(probs, expected, atol=1e-6)
+    expected = np.array([[_sigmoid(x) for x in row] for row in LOGITS])
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
     # Rows are independent probabilities, not a distribution.
     assert float(probs[0].sum()) == pytest.approx(sum(_sigmoid(x) for x in LOGITS[0]), rel=1e-6)
     assert float(probs[0].sum()) > 1.5

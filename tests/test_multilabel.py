@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from labelflow.data import DatasetError, split, tag2label_csv
+from labelflow.dataset import class_targets, is_multilabel, split, tag2label_csv
+from labelflow.io import DatasetError
 from labelflow.models import HeadSpec, ModelSpec
-from labelflow.pipeline import check_heads_fit_data, class_targets, is_multilabel
+from labelflow.experiment import check_heads_fit_data
 from workflow_helpers import run_snakemake, tiny_experiment, write_tiny_config
 
 
@@ -84,5 +85,5 @@ def test_multilabel_workflow_end_to_end(tmp_path):
         assert 0 <= valid[key] <= 1, key
     assert set(valid["per_class_f1"]) == {"h", "v"}
     predictions = pd.read_csv(results / "bce/predictions/predictions.csv", keep_default_na=False)
-    assert set(predictions["true"]) == {"h", "v", "h;v"}
+    assert set(predictions["label"]) == {"h", "v", "h;v"}
     assert set(predictions["predicted"]) <= {"", "h", "v", "h;v"}

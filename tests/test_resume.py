@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_dataset
-from workflow_helpers import REPO, SNAKEMAKE, TINY_EXPERIMENT, run_snakemake, write_tiny_config
+from workflow_helpers import REPO, SNAKEMAKE, TINY_EXPERIMENT, fault_env, run_snakemake, write_tiny_config
 
 pytestmark = pytest.mark.e2e
 
@@ -80,7 +80,7 @@ def test_retries_resume_after_an_injected_failure(reference, tmp_path):
     ref_workdir, dataset = reference
     workdir = tmp_path / "work"
     config = write_tiny_config(workdir, dataset, experiments={"softmax": LONG})
-    env = {**os.environ, "LABELFLOW_TEST_FAIL_ONCE": "stage2:3"}
+    env = fault_env("raise:stage2:3", tmp_path / "faults")
     cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2",
            "--configfile", str(config), "--retries", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

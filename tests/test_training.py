@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,16 +16,17 @@ import torch
 
 import labelflow.models as models
 import labelflow.training as training
-from conftest import make_tiny_dataset
+from conftest import make_tiny_dataset, stage_spec
 from labelflow.loaders import ImageTableDataset, build_transform, make_loader
 from labelflow.models import HeadSpec, ModelSpec, create_model, load_model
+from labelflow.device import select_device
 from labelflow.training import (
+    StageLoaders,
     StageSpec,
     build_optimizer,
     build_scheduler,
     lr_factor,
     run_stage,
-    select_device,
 )
 
 SEED = 7
@@ -38,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_cosine_starts_at_one_and_ends_near_zero():
-    spec = StageSpec("stage1", epochs=10, lr=0.1, scheduler="cosine")
+    spec = stage_spec("stage1", epochs=10, lr=0.1, scheduler="cosine")
     factors = [lr_factor(spec, s, 5) for s in range(50)]
     assert factors[0] == 1.0
     assert factors[25] == pytest.approx(0.5)
@@ -48,7 +50,7 @@ def test_cosine_starts_at_one_and_ends_near_zero():
 
 
 def test_warmup_ramps_linearly_then_cosine_starts_at_one():
-    spec = StageSpec("stage1", epochs=10, lr=0.1, scheduler="cosine", warmup_epochs=2)
+    spec = stage_spec("stage1", epochs=10, lr=0.1, scheduler="cosine", warmup_epochs=2)
     warm = [lr_factor(spec, s, 5) for s in range(10)]  # 2 epochs x 5 steps of warmup
     assert warm == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert lr_factor(spec, 10, 5) == 1.0  # first step after warmup
@@ -56,7 +58,7 @@ def test_warmup_ramps_linearly_then_cosine_starts_at_one():
 
 
 def test_step_schedule_multiplies_by_gamma_every_step_epochs():
-    spec = StageSpec("stage1", epochs=30, lr=0.1, scheduler="step", step_epochs=10, step_gamma=0.5)
+    spec = stage_spec("stage1", epochs=30, lr=0.1, scheduler="step", step_epochs=10, step_gamma=0.5)
     steps = 4
     assert lr_factor(spec, 0, steps) == 1.0
     assert lr_factor(spec, 10 * steps - 1, steps) == 1.0  # last step of epoch 10
@@ -66,25 +68,25 @@ def test_step_schedule_multiplies_by_gamma_every_step_epochs():
 
 
 def test_min_steps_adds_epochs_only_on_a_small_loader():
-    spec = StageSpec("stage2", epochs=12, lr=0.1, min_steps=300)
+    spec = stage_spec("stage2", epochs=12, lr=0.1, min_steps=300)
     assert spec.for_loader(3).epochs == 100  # 144 images, batch 64: 3 steps per epoch
     assert spec.for_loader(7).epochs == 43  # rounded up: 301 steps
     assert spec.for_loader(25).epochs == 12  # 300 steps already
     assert spec.for_loader(3).min_steps == 300 and spec.epochs == 12  # a copy; spec unchanged
-    assert StageSpec("s", epochs=5, lr=0.1).for_loader(1).epochs == 5  # default: no minimum
+    assert stage_spec("s", epochs=5, lr=0.1).for_loader(1).epochs == 5  # default: no minimum
 
 
 def test_constant_and_onecycle():
-    const = StageSpec("s", epochs=3, lr=0.1, scheduler="constant")
+    const = stage_spec("s", epochs=3, lr=0.1, scheduler="constant")
     assert {lr_factor(const, s, 4) for s in range(12)} == {1.0}
-    one = StageSpec("s", epochs=10, lr=0.1, scheduler="onecycle")
+    one = stage_spec("s", epochs=10, lr=0.1, scheduler="onecycle")
     assert lr_factor(one, 0, 10) == pytest.approx(1 / 25)
     assert lr_factor(one, 30, 10) == pytest.approx(1.0)  # peak after 30 % of 100 steps
     assert lr_factor(one, 99, 10) < 1e-3
 
 
 def test_unknown_scheduler_names_the_setting():
-    spec = StageSpec("stage2", epochs=3, lr=0.1, scheduler="exponential")
+    spec = replace(stage_spec("stage2", epochs=3, lr=0.1), scheduler="exponential")
     with pytest.raises(ValueError, match=r"stages\.stage2\.scheduler") as info:
         lr_factor(spec, 0, 4)
     assert "cosine" in str(info.value)
@@ -93,13 +95,13 @@ def test_unknown_scheduler_names_the_setting():
 
 
 def test_unknown_scheduler_with_warmup_fails_before_training():
-    spec = StageSpec("stage2", epochs=3, lr=0.1, scheduler="exponential", warmup_epochs=1)
+    spec = replace(stage_spec("stage2", epochs=3, lr=0.1, warmup_epochs=1), scheduler="exponential")
     with pytest.raises(ValueError, match=r"stages\.stage2\.scheduler"):
         build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), spec, 4)
 
 
 def test_build_scheduler_sets_optimizer_lr():
-    spec = StageSpec("s", epochs=2, lr=0.2, scheduler="cosine", warmup_epochs=0.5)
+    spec = stage_spec("s", epochs=2, lr=0.2, scheduler="cosine", warmup_epochs=0.5)
     param = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.SGD([param], lr=spec.lr)
     scheduler = build_scheduler(optimizer, spec, 4)
@@ -115,29 +117,32 @@ def test_build_scheduler_sets_optimizer_lr():
 def test_build_optimizer_kinds_and_unknown():
     torch.manual_seed(0)
     model = create_model(_model_spec())
-    assert isinstance(build_optimizer(model, StageSpec("s", 1, 0.1, optimizer="adam")), torch.optim.Adam)
-    assert isinstance(build_optimizer(model, StageSpec("s", 1, 0.1, optimizer="adamw")), torch.optim.AdamW)
-    sgd = build_optimizer(model, StageSpec("s", 1, 0.1, optimizer="sgd", momentum=0.8))
+    assert isinstance(build_optimizer(model, stage_spec("s", epochs=1, lr=0.1, optimizer="adam")), torch.optim.Adam)
+    assert isinstance(build_optimizer(model, stage_spec("s", epochs=1, lr=0.1, optimizer="adamw")), torch.optim.AdamW)
+    sgd = build_optimizer(model, stage_spec("s", epochs=1, lr=0.1, optimizer="sgd", momentum=0.8))
     assert isinstance(sgd, torch.optim.SGD)
     assert sgd.param_groups[0]["momentum"] == 0.8 and sgd.param_groups[0]["nesterov"] is True
     with pytest.raises(ValueError, match=r"stages\.s\.optimizer='lamb'"):
-        build_optimizer(model, StageSpec("s", 1, 0.1, optimizer="lamb"))
+        build_optimizer(model, replace(stage_spec("s", epochs=1, lr=0.1), optimizer="lamb"))
 
 
 def test_build_optimizer_skips_frozen_encoder():
     torch.manual_seed(0)
     model = create_model(_model_spec())
     model.freeze_encoder(True)
-    optimizer = build_optimizer(model, StageSpec("s", 1, 0.1))
+    optimizer = build_optimizer(model, stage_spec("s", epochs=1, lr=0.1))
     params = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in params for p in model.encoder.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == len(trainable) > 0
 
 
-def test_stage_spec_from_dict_ignores_unknown_keys():
-    spec = StageSpec.from_dict("stage1", {"epochs": 4, "lr": 0.01, "scheduler": "step", "comment": "x"})
+def test_stage_spec_takes_its_defaults_from_the_schema():
+    spec = stage_spec("stage1", epochs=4, lr=0.01, scheduler="step")
     assert (spec.name, spec.epochs, spec.lr, spec.scheduler) == ("stage1", 4, 0.01, "step")
+    assert (spec.optimizer, spec.batch_size, spec.top_k, spec.min_steps) == ("adam", 64, 3, 0)
+    with pytest.raises(ValueError, match=r"stages\.stage1 lacks .*validate the experiment"):
+        StageSpec.from_dict("stage1", {"epochs": 4, "lr": 0.01})
 
 
 def test_select_device_cpu():
@@ -180,11 +185,13 @@ def _run(
     valid_ds = ImageTableDataset(
         root, [paths[i] for i in valid], [targets[i] for i in valid], 16, build_transform(train=False)
     )
-    spec = StageSpec("stage1", epochs=epochs, lr=1e-3, batch_size=8, top_k=top_k, min_steps=min_steps)
+    spec = stage_spec("stage1", epochs=epochs, lr=1e-3, batch_size=8, top_k=top_k, min_steps=min_steps)
     return run_stage(
         model,
-        make_loader(train_ds, batch_size=8, shuffle=True, seed=SEED),
-        make_loader(valid_ds, batch_size=8, shuffle=False, seed=SEED),
+        StageLoaders(
+            make_loader(train_ds, batch_size=8, shuffle=True, seed=SEED),
+            make_loader(valid_ds, batch_size=8, shuffle=False, seed=SEED),
+        ),
         spec,
         out_dir=tmp / name / "out",
         state_dir=tmp / name / "state",

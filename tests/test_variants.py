@@ -9,12 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_tiny_dataset
+from conftest import make_tiny_dataset, stage_spec
 from labelflow.loaders import ImageTableDataset, build_transform, make_loader
 from labelflow.lrfinder import find_lr, lr_schedule, suggest
 from labelflow.models import HeadSpec, ModelSpec, create_model
-from labelflow.training import StageSpec
-from labelflow.variants import GridError, grid_runs
+from labelflow.runs import GridError, grid_runs
 from workflow_helpers import TINY_EXPERIMENT, run_snakemake, write_tiny_config
 
 
@@ -36,7 +35,7 @@ def _model():
 def test_recorded_lrs_follow_the_schedule_exactly(tiny_loader, scale):
     torch.set_num_threads(1)
     records = find_lr(
-        _model(), tiny_loader, StageSpec("s", epochs=1, lr=1e-4, optimizer="sgd"), torch.device("cpu"),
+        _model(), tiny_loader, stage_spec("s", epochs=1, lr=1e-4, optimizer="sgd"), torch.device("cpu"),
         start_lr=1e-4, final_lr=1e-2, num_steps=9, scale=scale, diverge_factor=1e9,
     )
     # 36 images / 6 per batch = 6 batches an epoch: the finder goes on into a second epoch
@@ -51,7 +50,7 @@ def test_recorded_lrs_follow_the_schedule_exactly(tiny_loader, scale):
 def test_divergence_stops_the_finder(tiny_loader):
     torch.set_num_threads(1)
     records = find_lr(
-        _model(), tiny_loader, StageSpec("s", epochs=1, lr=1e-3, optimizer="sgd", momentum=0.9), torch.device("cpu"),
+        _model(), tiny_loader, stage_spec("s", epochs=1, lr=1e-3, optimizer="sgd", momentum=0.9), torch.device("cpu"),
         start_lr=1e-3, final_lr=1e6, num_steps=60, scale="log", smoothing=0.5, diverge_factor=4.0,
     )
     assert 3 <= len(records) < 60

@@ -74,7 +74,11 @@ def test_predictions_and_index(finished_run):
     workdir, _ = finished_run
     pred_dir = workdir / "results/softmax/predictions"
     predictions = pd.read_csv(pred_dir / "predictions.csv")
-    assert list(predictions.columns) == ["path", "split", "class", "true", "predicted", "confidence"]
+    assert list(predictions.columns) == ["path", "split", "class", "label", "predicted", "confidence"]
+    # names, not indices: the label is the class folder, the prediction a class name
+    assert (predictions["label"] == predictions["path"].str.split("/").str[0]).all()
+    assert predictions["label"].map({"class_00": 0, "class_01": 1, "class_02": 2}).equals(predictions["class"])
+    assert set(predictions["predicted"]) <= {"class_00", "class_01", "class_02"}
     assert len(predictions) == 36 and (predictions["split"] == "valid").sum() == 12
     probs = np.load(pred_dir / "probabilities.npy")
     assert probs.shape == (36, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
@@ -99,7 +103,7 @@ def test_summary_and_printed_table(finished_run):
     assert set(summary["index"]) >= {"recall@1", "recall@3", "recall@5", "recall@10", "explained_variance"}
     predictions = pd.read_csv(workdir / "results/softmax/predictions/predictions.csv")
     valid = predictions[predictions["split"] == "valid"]
-    assert summary["valid"]["accuracy"] == pytest.approx((valid["true"] == valid["predicted"]).mean())
+    assert summary["valid"]["accuracy"] == pytest.approx((valid["label"] == valid["predicted"]).mean())
     png = (workdir / "results/softmax/confusion/class.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24])[0] >= 200
     assert list((workdir / "results/softmax/summary_tensorboard").glob("events.out.tfevents.*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,12 @@ def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, tim
     if configfile is not None:  # last: --configfile takes several values
         cmd += ["--configfile", str(configfile)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+
+def fault_env(fault: str, marker_dir: Path) -> dict[str, str]:
+    """Environment for a snakemake run whose jobs suffer ``fault`` once (tests/faults/sitecustomize.py)."""
+    path = os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "LABELFLOW_FAULT": fault, "LABELFLOW_FAULT_DIR": str(marker_dir)}

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("softmax", "sigmoid")
+from labelflow.losses import ACTIVATIONS, probabilities
+
 # Bounds on T: a tiny validation set that is all correct would otherwise drive T to 0
 # (every confidence 1.0); one that is mostly wrong would drive it to infinity.
 MIN_TEMPERATURE = 0.05
@@ -104,18 +105,9 @@ def fit_temperature(
     return value
 
 
-def scaled_probabilities(logits: np.ndarray, temperature: float, activation: str) -> np.ndarray:
-    """softmax (rows sum to 1) or per-class sigmoid of ``logits / temperature``."""
-    _check_activation(activation)
-    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64) / temperature
-    if activation == "softmax":
-        return torch.softmax(z, dim=1).numpy()
-    return torch.sigmoid(z).numpy()
-
-
 def top_confidence(logits: np.ndarray, temperature: float, activation: str) -> tuple[np.ndarray, np.ndarray]:
     """(predicted class = argmax of the logits, calibrated probability of that class)."""
-    probs = scaled_probabilities(logits, temperature, activation)
+    probs = probabilities(logits, activation, temperature)
     predicted = np.asarray(logits).argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
     return predicted, probs[np.arange(len(probs)), predicted]
 

@@ -2,7 +2,7 @@
 
 Commands register themselves in :data:`COMMANDS` with :func:`command`, so a new step
 only needs a function that adds its arguments and one that runs it. Bad input
-(:class:`~labelflow.data.DatasetError`) prints ``error: <message>`` and exits 2.
+(:class:`~labelflow.io.DatasetError`) prints ``error: <message>`` and exits 2.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from labelflow import data
+from labelflow import dataset, demo
+from labelflow.io import DatasetError, write_csv_atomic, write_json_atomic
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except data.DatasetError as err:
+    except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -74,7 +75,7 @@ def _digits_args(p: argparse.ArgumentParser) -> None:
 
 @command("digits", "write scikit-learn's digits as a folder-per-class PNG dataset", _digits_args)
 def _digits(args: argparse.Namespace) -> int:
-    n = data.write_digits_dataset(args.out_dir, image_size=args.image_size)
+    n = demo.write_digits_dataset(args.out_dir, image_size=args.image_size)
     print(f"wrote {n} images ({args.image_size}x{args.image_size}) to {args.out_dir}")
     return 0
 
@@ -87,7 +88,7 @@ _SHOWN = 10  # skipped/duplicate rows echoed to the terminal; the CSVs have them
 def _tag2label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-dir", required=True, help="dataset folder, one sub-folder per class")
     p.add_argument("--out-dataset", required=True, help="CSV of path,tag")
-    p.add_argument("--out-labeling", required=True, help="JSON tag -> class index")
+    p.add_argument("--out-tag2cls", required=True, help="JSON tag -> class index")
     p.add_argument("--out-skipped", required=True, help="CSV of path,reason")
     p.add_argument("--out-duplicates", help="optional CSV of path,duplicate_of")
 
@@ -96,12 +97,12 @@ def _tag2label_args(p: argparse.ArgumentParser) -> None:
     "tag2label", "list a folder-per-class dataset and map tags to class indices", _tag2label_args
 )
 def _tag2label(args: argparse.Namespace) -> int:
-    result = data.tag2label(args.in_dir)
-    data.write_csv_atomic(result.dataset, args.out_dataset)
-    data.write_json_atomic(result.tag2cls, args.out_labeling)
-    data.write_csv_atomic(result.skipped, args.out_skipped)
+    result = dataset.tag2label(args.in_dir)
+    write_csv_atomic(result.dataset, args.out_dataset)
+    write_json_atomic(result.tag2cls, args.out_tag2cls)
+    write_csv_atomic(result.skipped, args.out_skipped)
     if args.out_duplicates:
-        data.write_csv_atomic(result.duplicates, args.out_duplicates)
+        write_csv_atomic(result.duplicates, args.out_duplicates)
 
     counts = result.dataset["tag"].value_counts()
     print(f"{len(result.dataset)} images in {len(result.tag2cls)} classes")
@@ -138,10 +139,10 @@ def _split_args(p: argparse.ArgumentParser) -> None:
 
 @command("split", "assign each image a class index and a stratified fold", _split_args)
 def _split(args: argparse.Namespace) -> int:
-    dataset = data.read_dataset_csv(args.in_csv, args.root)
-    tag2cls = data.read_tag2cls(args.tag2cls)
-    result = data.split(dataset, tag2cls, n_folds=args.n_folds, seed=args.seed)
-    data.write_csv_atomic(result, args.out_csv)
+    table = dataset.read_dataset_csv(args.in_csv, args.root)
+    tag2cls = dataset.read_tag2cls(args.tag2cls)
+    result = dataset.split(table, tag2cls, n_folds=args.n_folds, seed=args.seed)
+    write_csv_atomic(result, args.out_csv)
     print(f"split {len(result)} images into {args.n_folds} folds (seed {args.seed}):")
     for fold, n in result["fold"].value_counts().sort_index().items():
         print(f"  fold {fold}: {n} images")
@@ -209,7 +210,7 @@ def _query(args: argparse.Namespace) -> int:
         for rank, n in enumerate(a["neighbours"], start=1):
             print(f"  {rank:>2}. {n['distance']:.4f}  {n['label']}  {n['path']}")
     if args.out:
-        data.write_json_atomic(answers, args.out)
+        write_json_atomic(answers, args.out)
         print(f"wrote {len(answers)} answers to {args.out}")
     return 0
 

@@ -1,6 +1,6 @@
 """Embeddings of any image set, the TensorBoard projector and a 2-D picture of the embedding space.
 
-Everything here composes the core steps (``pipeline.infer`` outputs, ``inference.predict``)
+Everything here composes the core steps (``experiment.infer`` outputs, ``inference.predict``)
 rather than re-implementing them:
 
 * :func:`embed_images`: a folder or CSV of images → ``embeddings.npy`` + ``index.csv`` (path, label).
@@ -16,7 +16,6 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,15 +23,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from labelflow.data import (
-    IMAGE_EXTENSIONS,
-    SNAKEMAKE_TIMESTAMP,
+from labelflow.dataset import class_names, read_predictions, read_tag2cls
+from labelflow.images import IMAGE_EXTENSIONS, inspect_images, walk_images
+from labelflow.io import (
     DatasetError,
+    PathLike,
     atomic_directory,
-    check_image,
     load_npy,
     read_json,
-    read_tag2cls,
     save_npy_atomic,
     write_csv_atomic,
 )
@@ -49,13 +47,11 @@ log = logging.getLogger(__name__)
 LABEL_COLUMNS = ("label", "labels", "tag")  # the first one a CSV has gives the known labels
 PROJECTOR_TAG = "train_valid"
 SPRITE_MAX_PIXELS = 8192  # TensorBoard's projector refuses larger sprite images
-PathLike = str | os.PathLike[str]
 
 
-def class_names(tag2cls_json: PathLike) -> list[str]:
-    """Class names in class-index order."""
-    tag2cls = read_tag2cls(tag2cls_json)
-    return sorted(tag2cls, key=tag2cls.get)
+def classes_of(tag2cls_json: PathLike) -> list[str]:
+    """Class names in class-index order, from a tag2cls.json file."""
+    return class_names(read_tag2cls(tag2cls_json))
 
 
 # --------------------------------------------------------------------------- image sets
@@ -95,8 +91,7 @@ def read_image_set(source: PathLike, classes: Sequence[str] = (), root: PathLike
         raise DatasetError(f"image set {source} is neither a folder nor a .csv table of image paths")
 
     full_paths = [str(Path(root) / p) for p in table["path"]]
-    with ThreadPoolExecutor() as pool:  # decoding releases the GIL; order is preserved
-        reasons = list(pool.map(check_image, full_paths))
+    reasons = [reason for reason, _ in inspect_images(full_paths, digest=False)]
     bad = np.array([r is not None for r in reasons], dtype=bool)
     skipped = pd.DataFrame(
         {"path": table["path"][bad].tolist(), "reason": [r for r in reasons if r is not None]},
@@ -109,17 +104,17 @@ def read_image_set(source: PathLike, classes: Sequence[str] = (), root: PathLike
 
 
 def _folder_table(folder: Path, classes: set[str]) -> pd.DataFrame:
+    """path,label of the image files below ``folder`` (hidden entries and other extensions are
+    left out); the label is the top-level sub-folder when it is named like a class."""
+
+    def rel(path: PathLike) -> str:
+        return Path(os.path.relpath(path, folder)).as_posix()
+
     rows = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith(".") or name == SNAKEMAKE_TIMESTAMP:
-                continue
-            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            rel = Path(os.path.relpath(os.path.join(dirpath, name), folder)).as_posix()
-            parts = rel.split("/")
-            rows.append((rel, parts[0] if len(parts) > 1 and parts[0] in classes else ""))
+    for path in walk_images(str(folder), rel, skipped=[]):
+        if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
+            parts = rel(path).split("/")
+            rows.append((rel(path), parts[0] if len(parts) > 1 and parts[0] in classes else ""))
     rows.sort()
     return pd.DataFrame(rows, columns=["path", "label"])
 
@@ -149,8 +144,8 @@ def image_arguments(items: Sequence[PathLike], classes: Sequence[str] = ()) -> p
             rows += [((item / p).as_posix(), label) for p, label in zip(found["path"], found["label"])]
         else:
             rows.append((item.as_posix(), ""))
-    problems = [(p, check_image(p)) for p, _ in rows]
-    problems = [f"{p}: {reason}" for p, reason in problems if reason is not None]
+    checked = inspect_images([p for p, _ in rows], digest=False)
+    problems = [f"{p}: {reason}" for (p, _), (reason, _) in zip(rows, checked) if reason is not None]
     if problems:
         raise DatasetError("cannot read " + "; ".join(problems[:5]) + (f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""))
     if not rows:
@@ -195,11 +190,11 @@ def embed_images(
     Row i of ``embeddings.npy`` is row i of ``index.csv`` (path, label; label empty when unknown).
     The model's classes (``tag2cls_json`` or ``classes``) let class sub-folders give labels.
     """
+    from labelflow.device import select_device
     from labelflow.models import load_model
-    from labelflow.training import select_device
 
     if classes is None:
-        classes = class_names(tag2cls_json) if tag2cls_json else []
+        classes = classes_of(tag2cls_json) if tag2cls_json else []
     images = read_image_set(source, classes, root)
     for row in images.skipped.itertuples():
         log.warning("skipped %s: %s", row.path, row.reason)
@@ -245,38 +240,15 @@ def read_model(experiment_dir: PathLike) -> tuple[dict[str, Any], Path, list[str
 # --------------------------------------------------------------------------- train+valid table
 
 
-def prediction_table(predictions_csv: PathLike, tag2cls_json: PathLike) -> pd.DataFrame:
-    """predictions.csv of rule infer with class names: path, split, class, label, predicted, correct.
-
-    Single-label tables hold class indices in true/predicted; multilabel ones hold ';'-joined
-    names already. ``class`` (an index; the first label for multilabel data) is kept for colours.
-    """
-    classes = class_names(tag2cls_json)
-    table = pd.read_csv(
-        predictions_csv, dtype={"path": str, "true": str, "predicted": str}, keep_default_na=False
-    )
-    index_like = table["true"].str.fullmatch(r"\d+").all() and table["predicted"].str.fullmatch(r"\d+").all()
-    single_label = bool(index_like and (table["true"] == table["class"].astype(str)).all())
-    if single_label:
-        names = np.asarray(classes, dtype=object)
-        label = names[table["true"].astype(int).to_numpy()]
-        predicted = names[table["predicted"].astype(int).to_numpy()]
-    else:
-        label, predicted = table["true"].to_numpy(), table["predicted"].to_numpy()
-    return pd.DataFrame(
-        {
-            "path": table["path"],
-            "split": table["split"],
-            "class": table["class"].astype(int),
-            "label": label,
-            "predicted": predicted,
-            "correct": np.asarray(label) == np.asarray(predicted),
-        }
-    )
+def prediction_table(predictions_csv: PathLike) -> pd.DataFrame:
+    """predictions.csv of rule infer with a ``correct`` column (label == predicted)."""
+    table = read_predictions(predictions_csv)
+    table["correct"] = (table["label"] == table["predicted"]).to_numpy()
+    return table
 
 
-def _train_valid(predictions_csv: PathLike, embeddings_npy: PathLike, tag2cls_json: PathLike):
-    table = prediction_table(predictions_csv, tag2cls_json)
+def _train_valid(predictions_csv: PathLike, embeddings_npy: PathLike):
+    table = prediction_table(predictions_csv)
     embeddings = load_npy(embeddings_npy)
     if len(embeddings) != len(table):
         raise ValueError(f"{embeddings_npy} has {len(embeddings)} rows but {predictions_csv} {len(table)}; rerun infer")
@@ -301,7 +273,6 @@ def write_projector(
     *,
     predictions_csv: PathLike,
     embeddings_npy: PathLike,
-    tag2cls_json: PathLike,
     root: PathLike,
     out_dir: PathLike,
     max_images: int = 2000,
@@ -317,9 +288,9 @@ def write_projector(
     import torch
     from torch.utils.tensorboard import SummaryWriter
 
-    from labelflow.loaders import decode_resized
+    from labelflow.images import decode_resized
 
-    table, embeddings = _train_valid(predictions_csv, embeddings_npy, tag2cls_json)
+    table, embeddings = _train_valid(predictions_csv, embeddings_npy)
     rows = subsample(len(table), max_images, seed)
     chosen = table.iloc[rows].reset_index(drop=True)
     n_per_side = math.ceil(math.sqrt(len(rows)))
@@ -360,47 +331,22 @@ def plot_embeddings_2d(
     max_points: int = 5000,
     seed: int = 42,
 ) -> Path:
-    """PCA of the standardised train+valid embeddings to 2-D: colour = class, o = correct,
-    x = wrong; valid images drawn larger on top of the train images."""
+    """PCA of the standardised train+valid embeddings to 2-D (see :func:`plots.plot_embeddings_2d`)."""
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
-    from labelflow.reports import plt, save_figure
+    from labelflow.plots import plot_embeddings_2d as draw
 
-    table, embeddings = _train_valid(predictions_csv, embeddings_npy, tag2cls_json)
+    table, embeddings = _train_valid(predictions_csv, embeddings_npy)
     rows = subsample(len(table), max_points, seed)
     table, embeddings = table.iloc[rows].reset_index(drop=True), embeddings[rows]
     standardised = StandardScaler().fit_transform(embeddings)
     pca = PCA(n_components=2, svd_solver="full").fit(standardised)
-    xy = pca.transform(standardised)
-    classes = class_names(tag2cls_json)
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
-
-    fig, ax = plt.subplots(figsize=(7.5, 6))
-    for split, size, alpha in (("train", 14, 0.45), ("valid", 40, 0.9)):
-        for correct, marker in ((True, "o"), (False, "x")):
-            sel = ((table["split"] == split) & (table["correct"] == correct)).to_numpy()
-            if sel.any():
-                colours = [cmap(c % cmap.N) for c in table["class"][sel]]
-                ax.scatter(xy[sel, 0], xy[sel, 1], c=colours, s=size, marker=marker, alpha=alpha, linewidths=1.0)
-    from matplotlib.lines import Line2D
-
-    handles = [
-        Line2D([], [], color=cmap(i % cmap.N), marker="o", linestyle="", label=name)
-        for i, name in enumerate(classes[:20])
-    ]
-    handles += [
-        Line2D([], [], color="grey", marker="o", linestyle="", label="correct"),
-        Line2D([], [], color="grey", marker="x", linestyle="", label="wrong"),
-        Line2D([], [], color="grey", marker="o", markersize=4, alpha=0.45, linestyle="", label="train"),
-        Line2D([], [], color="grey", marker="o", markersize=7, linestyle="", label="valid"),
-    ]
-    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     ratio = pca.explained_variance_ratio_
-    ax.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
-    ax.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)")
     n_valid = int((table["split"] == "valid").sum())
-    ax.set_title(title or f"embeddings: {len(table)} images ({n_valid} valid, large)")
-    fig.tight_layout()
-    save_figure(fig, out_png)
+    draw(
+        pca.transform(standardised), table, classes_of(tag2cls_json),
+        (f"PC1 ({ratio[0]:.0%} of variance)", f"PC2 ({ratio[1]:.0%} of variance)"),
+        title or f"embeddings: {len(table)} images ({n_valid} valid, large)", out_png,
+    )
     return Path(out_png)

@@ -1,26 +1,30 @@
-"""Embedding post-processing (standardise + PCA + L2) and an hnswlib KNN index.
+"""The similarity index step: standardise + PCA + L2 fitted on the train embeddings, an hnswlib
+KNN index of them, and its evaluation by recall@k on the valid embeddings.
 
 The fitted transform is stored as plain arrays in an ``.npz`` so that nothing in the
-workflow ever has to unpickle a file; the index uses hnswlib's own binary format.
+workflow ever has to unpickle a file; the index uses hnswlib's own binary format. Nothing
+here imports torch: the index rules run in envs/index.yaml.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import hnswlib
 import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
-from labelflow.data import atomic_output
+from labelflow.dataset import read_predictions
+from labelflow.io import PathLike, atomic_output, load_npy, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 SPACES = ("cosine", "ip", "l2")
-
-PathLike = str | os.PathLike[str]
 
 
 def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
@@ -225,43 +229,117 @@ def knn_vote(
         nb = np.take_along_axis(nb, order, axis=1)
     nb = nb[:, :k]
 
-    votes = np.empty(nb.shape[0], dtype=nb.dtype)
-    for i, row in enumerate(nb):
-        classes, first_pos, counts = np.unique(row, return_index=True, return_counts=True)
-        tied = np.flatnonzero(counts == counts.max())
-        votes[i] = classes[tied[np.argmin(first_pos[tied])]]
-    return votes
+    # counts[i, j]: how many of row i's neighbours share neighbour j's label. The first position
+    # with the highest count is the first occurrence of the winning class: a majority, and
+    # among tied classes the one holding the nearest neighbour.
+    counts = (nb[:, :, None] == nb[:, None, :]).sum(axis=2)
+    return nb[np.arange(len(nb)), counts.argmax(axis=1)]
+
+
+# --------------------------------------------------------------------------- the workflow step
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """Config section ``index`` (defaults in config/schemas/config.schema.yaml)."""
+
+    n_components: int
+    space: str
+    M: int
+    ef_construction: int
+    ef: int
+    ks: tuple[int, ...]
+    vote_k: int
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> IndexSettings:
+        return cls(**{**{name: section[name] for name in cls.__dataclass_fields__}, "ks": tuple(section["ks"])})
+
+
+def split_embeddings(predictions_csv: PathLike, embeddings_npy: PathLike):
+    """(train vectors, train classes, valid vectors, valid classes) of an infer step's outputs."""
+    predictions = read_predictions(predictions_csv)
+    embeddings = load_npy(embeddings_npy)
+    is_train = (predictions["split"] == "train").to_numpy()
+    labels = predictions["class"].to_numpy()
+    return embeddings[is_train], labels[is_train], embeddings[~is_train], labels[~is_train]
+
+
+def pca_index(
+    *,
+    predictions_csv: PathLike,
+    embeddings_npy: PathLike,
+    transform_npz: PathLike,
+    index_bin: PathLike,
+    index_json: PathLike,
+    settings: IndexSettings,
+    seed: int,
+) -> dict[str, Any]:
+    """StandardScaler + PCA + L2 fitted on train embeddings; hnswlib index of the train vectors."""
+    train_x, train_y, _, _ = split_embeddings(predictions_csv, embeddings_npy)
+    transform = EmbeddingTransform.fit(train_x, settings.n_components)
+    vectors = transform.transform(train_x)
+    index = build_index(
+        vectors, space=settings.space, M=settings.M, ef_construction=settings.ef_construction, ef=settings.ef, seed=seed
+    )
+    transform.save(transform_npz)
+    save_index(index, index_bin)
+    info = {
+        "n_items": int(len(vectors)),
+        "dim": int(transform.n_components),
+        "space": settings.space,
+        "M": settings.M,
+        "ef_construction": settings.ef_construction,
+        "ef": settings.ef,
+        "explained_variance": float(transform.explained_variance),
+        "explained_variance_ratio": [float(v) for v in transform.explained_variance_ratio],
+        # row i of the index is train image i in predictions.csv order; its label:
+        "labels": [int(v) for v in train_y],
+    }
+    write_json_atomic(info, index_json)
+    log.info(
+        "PCA %d → %d components, explained variance %.4f; index of %d train vectors",
+        train_x.shape[1], transform.n_components, transform.explained_variance, len(vectors),
+    )
+    return info
+
+
+def index_metrics(
+    index: hnswlib.Index,
+    transform: EmbeddingTransform,
+    train_labels: np.ndarray,
+    valid_x: np.ndarray,
+    valid_y: np.ndarray,
+    ks: Sequence[int],
+    vote_k: int,
+) -> dict[str, Any]:
+    """recall@k and kNN-vote accuracy of the valid vectors queried against the index."""
+    ids, distances = query_index(index, transform.transform(valid_x), max(max(ks), vote_k))
+    neighbour_labels = np.asarray(train_labels)[ids]
+    result: dict[str, Any] = recall_at_k(valid_y, neighbour_labels, ks)
+    result["knn_accuracy"] = float((knn_vote(neighbour_labels, vote_k, distances) == valid_y).mean())
+    result["vote_k"] = vote_k
+    return result
 
 
 def evaluate_index(
-    train_vectors: np.ndarray,
-    train_labels: np.ndarray,
-    valid_vectors: np.ndarray,
-    valid_labels: np.ndarray,
     *,
-    ks: Sequence[int] = (1, 3, 5, 10),
-    vote_k: int = 5,
-    space: str = "cosine",
-    M: int = 16,
-    ef_construction: int = 200,
-    ef: int = 64,
-    seed: int = 42,
-) -> dict[str, float | int]:
-    """Index the train set, query it with the valid set; JSON-ready recall@k and KNN accuracy."""
-    train_labels = np.asarray(train_labels)
-    valid_labels = np.asarray(valid_labels)
-    if len(valid_labels) != len(valid_vectors):
-        raise ValueError(f"got {len(valid_labels)} labels for {len(valid_vectors)} vectors")
-    index = build_index(
-        train_vectors, train_labels, space=space, M=M, ef_construction=ef_construction,
-        ef=ef, seed=seed,
-    )
-    ids, distances = query_index(index, valid_vectors, max(max(ks), vote_k))
-    neighbour_labels = train_labels[ids]
-
-    metrics: dict[str, float | int] = dict(recall_at_k(valid_labels, neighbour_labels, ks))
-    predicted = knn_vote(neighbour_labels, vote_k, distances)
-    metrics["knn_accuracy"] = float(np.mean(predicted == valid_labels))
-    metrics["n_train"] = int(len(train_labels))
-    metrics["n_valid"] = int(len(valid_labels))
-    return metrics
+    predictions_csv: PathLike,
+    embeddings_npy: PathLike,
+    transform_npz: PathLike,
+    index_bin: PathLike,
+    index_json: PathLike,
+    out_json: PathLike,
+    settings: IndexSettings,
+) -> dict[str, Any]:
+    """Query the saved index with the valid vectors: recall@k and kNN vote accuracy."""
+    _, _, valid_x, valid_y = split_embeddings(predictions_csv, embeddings_npy)
+    info = read_json(index_json)
+    transform = EmbeddingTransform.load(transform_npz)
+    index = load_index(index_bin, dim=info["dim"], space=info["space"], ef=info["ef"])
+    result = index_metrics(index, transform, np.asarray(info["labels"]), valid_x, valid_y, settings.ks, settings.vote_k)
+    result["explained_variance"] = info["explained_variance"]
+    result["n_train"], result["n_valid"] = info["n_items"], int(len(valid_y))
+    write_json_atomic(result, out_json)
+    log.info("index: %s", ", ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
+    return result

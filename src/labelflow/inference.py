@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from labelflow.device import autocast, images_for, place_model
 from labelflow.losses import get_loss, probabilities
 from labelflow.models import MultiHeadNet
-from labelflow.training import autocast
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +24,12 @@ def predict(
     and with `with_targets` the loader's targets for that head as "targets"."""
     head_spec = model.spec.heads[0] if head is None else next(h for h in model.spec.heads if h.name == head)
     activation = get_loss(head_spec.loss).activation
-    model.eval().to(device)
+    place_model(model.eval(), device)
     logits, embeddings, targets = [], [], []
     started, done = time.perf_counter(), 0
     report_every = max(1, len(loader) // 4) if len(loader) >= 40 else 0
     for step, batch in enumerate(loader, start=1):
-        images = batch["image"].to(device, non_blocking=device.type == "cuda")
+        images = images_for(batch["image"].to(device, non_blocking=device.type == "cuda"), device)
         with autocast(device):
             outputs = model(images)
         logits.append(outputs[head_spec.name].float().cpu())
@@ -42,7 +42,7 @@ def predict(
     all_logits = torch.cat(logits) if logits else torch.empty(0, head_spec.num_outputs)
     result = {
         "logits": all_logits.numpy(),
-        "probabilities": probabilities(all_logits, activation).numpy(),
+        "probabilities": probabilities(all_logits, activation),
         "embeddings": (torch.cat(embeddings) if embeddings else torch.empty(0, model.spec.embedding_size)).numpy(),
     }
     if with_targets:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from labelflow.experiment import StageSetup
 
 
 def start_job(smk: Any) -> logging.Logger:
@@ -35,18 +38,20 @@ def wants_gpu(smk: Any) -> bool:
     return int(getattr(smk.resources, "gpu", 0) or 0) > 0
 
 
-def stage_setup(smk: Any) -> dict[str, Any]:
-    """The arguments of pipeline.prepare_stage from a training-like rule (train, LR finder)."""
-    return {
-        "dataset_csv": smk.input.dataset,
-        "tag2cls_json": smk.input.labeling,
-        "root": smk.input.root,
-        "experiment": smk.params.experiment,
-        "stage": smk.wildcards.stage,
-        "valid_folds": smk.params.valid_folds,
-        "seed": smk.params.seed,
-        "init_checkpoint": smk.input.get("init"),
-        "want_gpu": wants_gpu(smk),
-        # rules whose runs are not named by an {experiment} wildcard (autolabel rounds) name them
-        "experiment_name": smk.params.get("experiment_name") or smk.wildcards.get("experiment"),
-    }
+def stage_setup(smk: Any) -> StageSetup:
+    """What a training-like rule (train_stage, lrfinder_stage) gives experiment.prepare_stage."""
+    from labelflow.experiment import StageSetup
+
+    run = smk.params.run
+    return StageSetup(
+        dataset_csv=smk.input.dataset,
+        tag2cls_json=smk.input.tag2cls,
+        root=smk.input.root,
+        experiment=run["experiment"],
+        stage=smk.wildcards.stage,
+        valid_folds=run["valid_folds"],
+        seed=smk.params.seed,
+        init_checkpoint=smk.input.get("init"),
+        want_gpu=wants_gpu(smk),
+        run_name=run["name"],
+    )

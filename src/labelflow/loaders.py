@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
-from labelflow.data import load_image
+from labelflow.heads import ROTATION_CODES, get_head
+from labelflow.images import decode_resized
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,21 +52,8 @@ def build_transform(
     return A.Compose(steps, seed=seed)
 
 
-def decode_resized(path: str | Path, image_size: int) -> np.ndarray:
-    image = load_image(path)
-    if image.shape[:2] != (image_size, image_size):
-        shrinking = image.shape[0] > image_size or image.shape[1] > image_size
-        image = cv2.resize(
-            image,
-            (image_size, image_size),
-            interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR,
-        )
-    return image
-
-
-# Self-supervised "augs" heads: code = 2*k + flip, where the image is first flipped
+# Rotation heads (labelflow.heads): code = 2*k + flip, where the image is first flipped
 # horizontally (flip=1) and then rotated by k*90 degrees counter-clockwise.
-ROTATION_CLASSES = 8
 ROTATION_MODES = ("none", "random", "seeded")
 
 
@@ -85,11 +71,12 @@ class ImageTableDataset(Dataset):
     With cache=True every image is decoded and resized once, when the dataset is built:
     small datasets then cost no decoding per epoch.
 
-    `targets` are class indices (N,) or multi-hot rows (N, C). With rotation="random"
+    `targets` are class indices (N,) or multi-hot rows (N, C); each item carries the target
+    of every head in `heads` that has one for it (labelflow.heads). With rotation="random"
     (training) or "seeded" (validation: the same transform for an image on every pass)
     each image gets a known rotation/flip (with probability `rotation_p`, else it stays
-    upright: code 0) and the items carry its code as `rotation`
-    and `class_rotation` targets; the code is recorded as applied, never re-derived.
+    upright: code 0), recorded as applied and never re-derived; rotation heads take their
+    targets from that code.
     """
 
     def __init__(
@@ -103,6 +90,7 @@ class ImageTableDataset(Dataset):
         rotation: str = "none",
         rotation_seed: int = 0,
         rotation_p: float = 1.0,
+        heads: Sequence[str] = ("class",),
     ):
         if rotation not in ROTATION_MODES:
             raise ValueError(f"rotation must be one of {ROTATION_MODES}, got {rotation!r}")
@@ -114,6 +102,7 @@ class ImageTableDataset(Dataset):
         self.rotation = rotation
         self.rotation_seed = rotation_seed
         self.rotation_p = rotation_p
+        self.heads = [get_head(name) for name in heads]
         self.rng = np.random.default_rng(rotation_seed)
         self.images = [self._decode(i) for i in range(len(self.paths))] if cache else None
 
@@ -126,17 +115,17 @@ class ImageTableDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = self.images[index] if self.images is not None else self._decode(index)
         item = {"image": self.transform(image=image)["image"], "index": index}
-        if self.targets is not None:
-            target = self.targets[index]
-            item["class"] = torch.as_tensor(target, dtype=torch.float32 if target.ndim else torch.int64)
+        code = None
         if self.rotation != "none":
             rng = self.rng if self.rotation == "random" else np.random.default_rng([self.rotation_seed, index])
             # with probability 1 - rotation_p the image stays upright (code 0)
-            code = int(rng.integers(ROTATION_CLASSES)) if rng.random() < self.rotation_p else 0
+            code = int(rng.integers(ROTATION_CODES)) if rng.random() < self.rotation_p else 0
             item["image"] = apply_rotation_code(item["image"], code)
-            item["rotation"] = torch.tensor(code)
-            if self.targets is not None and self.targets[index].ndim == 0:
-                item["class_rotation"] = torch.tensor(int(self.targets[index]) * ROTATION_CLASSES + code)
+        if self.targets is not None:
+            for head in self.heads:
+                target = head.target(self.targets[index], code)
+                if target is not None:
+                    item[head.name] = torch.as_tensor(target, dtype=torch.float32 if np.ndim(target) else torch.int64)
         return item
 
     def reseed(self, seed: int) -> None:
@@ -172,10 +161,6 @@ def make_loader(
         worker_init_fn=_seed_worker if num_workers > 0 else None,
         persistent_workers=False,
     )
-
-
-def default_num_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 def eval_loader(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,9 +92,19 @@ register_loss("bce", activation="sigmoid")(BinaryCrossEntropy)
 register_loss("focal", activation="sigmoid")(FocalLoss)
 
 
-def probabilities(logits: torch.Tensor, activation: str) -> torch.Tensor:
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def probabilities(logits: np.ndarray | torch.Tensor, activation: str, temperature: float = 1.0) -> np.ndarray:
+    """softmax rows (summing to 1) or per-class sigmoid of ``logits / temperature``, in float64.
+
+    The one place logits become probabilities: inference, metrics and calibration all call it.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if torch.is_tensor(logits):
+        logits = logits.detach().cpu().numpy()
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64) / temperature
     if activation == "softmax":
-        return torch.softmax(logits, dim=1)
-    if activation == "sigmoid":
-        return torch.sigmoid(logits)
-    raise ValueError(f"unknown activation {activation!r}")
+        return torch.softmax(z, dim=1).numpy()
+    return torch.sigmoid(z).numpy()

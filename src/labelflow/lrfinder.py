@@ -12,7 +12,8 @@ import pandas as pd
 import torch
 
 from labelflow.models import MultiHeadNet
-from labelflow.training import StageSpec, build_criteria, build_optimizer, seed_everything, train_one_epoch
+from labelflow.device import place_model
+from labelflow.training import StageSpec, build_criteria, build_optimizer, seed_epoch, train_one_epoch
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def find_lr(
     """
     lrs = lr_schedule(start_lr, final_lr, num_steps, scale)
     model.freeze_encoder(spec.freeze_encoder)
-    model.to(device)
+    place_model(model, device)
     optimizer = build_optimizer(model, replace(spec, lr=float(lrs[0]), weight_decay=spec.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: float(lrs[min(step, num_steps - 1)] / lrs[0])
@@ -74,9 +75,7 @@ def find_lr(
     epoch = 0
     while not state["stop"]:
         epoch += 1
-        seed_everything(seed * 1000 + epoch)
-        train_loader.generator.manual_seed(seed * 1000 + epoch)
-        train_loader.dataset.reseed(seed * 1000 + epoch)
+        seed_epoch(train_loader, seed, epoch)
         train_one_epoch(model, train_loader, criteria, optimizer, scheduler, device, epoch=epoch, on_step=on_step)
     return pd.DataFrame(records)
 

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-
-def activate(logits: np.ndarray, activation: str) -> np.ndarray:
-    if activation == "softmax":
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        exp = np.exp(shifted)
-        return exp / exp.sum(axis=1, keepdims=True)
-    return 1.0 / (1.0 + np.exp(-logits))
+from labelflow.losses import get_loss, probabilities
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -28,18 +23,20 @@ def macro_auc(indicator: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(indicator[:, present], scores[:, present], average="macro"))
 
 
-def predict_labels(probabilities: np.ndarray, multilabel: bool, threshold: float = 0.5) -> np.ndarray:
-    """argmax for single-label data; every class above `threshold` for multilabel data."""
+def predict_labels(probs: np.ndarray, multilabel: bool, decision_threshold: float = 0.5) -> np.ndarray:
+    """argmax for single-label data; every class reaching `decision_threshold` for multilabel data."""
     if multilabel:
-        return (probabilities >= threshold).astype(np.int64)
-    return probabilities.argmax(axis=1)
+        return (probs >= decision_threshold).astype(np.int64)
+    return probs.argmax(axis=1)
 
 
-def head_metrics(logits: np.ndarray, targets: np.ndarray, activation: str, threshold: float = 0.5) -> dict[str, float]:
+def head_metrics(
+    logits: np.ndarray, targets: np.ndarray, activation: str, decision_threshold: float = 0.5
+) -> dict[str, float]:
     """accuracy (exact match for multilabel), AUC for sigmoid heads, F1/mAP for multilabel."""
     if len(targets) == 0:
         return {}
-    probs = activate(logits.astype(np.float64), activation)
+    probs = probabilities(logits, activation)
     multilabel = targets.ndim == 2
     out: dict[str, float] = {}
     if not multilabel:
@@ -47,7 +44,7 @@ def head_metrics(logits: np.ndarray, targets: np.ndarray, activation: str, thres
         indicator = one_hot(targets, logits.shape[1])
     else:
         indicator = (targets > 0.5).astype(np.int64)
-        predicted = predict_labels(probs, True, threshold)
+        predicted = predict_labels(probs, True, decision_threshold)
         out["accuracy"] = float((predicted == indicator).all(axis=1).mean())
         out["f1_micro"] = float(f1_score(indicator, predicted, average="micro", zero_division=0))
         out["f1_macro"] = float(f1_score(indicator, predicted, average="macro", zero_division=0))
@@ -65,3 +62,47 @@ def per_class_f1(targets: np.ndarray, predicted: np.ndarray, num_classes: int) -
     if targets.ndim == 1:
         targets, predicted = one_hot(targets, num_classes), one_hot(predicted, num_classes)
     return [float(v) for v in f1_score(targets, predicted, average=None, labels=list(range(num_classes)), zero_division=0)]
+
+
+class HeadMetrics:
+    """Loss sums over one pass and every head's logits/targets, for metrics at the end.
+
+    A head whose target is not in the batch (e.g. `rotation` on upright images) is skipped.
+    """
+
+    def __init__(self, heads):
+        self.heads = heads
+        self.count = 0
+        self.loss = 0.0
+        self.head_loss = {h.name: 0.0 for h in heads}
+        self.head_count = {h.name: 0 for h in heads}
+        self.logits: dict[str, list[torch.Tensor]] = {h.name: [] for h in heads}
+        self.targets: dict[str, list[torch.Tensor]] = {h.name: [] for h in heads}
+
+    def update(self, outputs, batch, losses: dict[str, torch.Tensor], total: torch.Tensor) -> None:
+        n = len(batch["index"])
+        self.count += n
+        self.loss += float(total) * n
+        for name, loss in losses.items():
+            self.head_loss[name] += float(loss) * n
+            self.head_count[name] += n
+            self.logits[name].append(outputs[name].detach().float().cpu())
+            self.targets[name].append(batch[name].detach().cpu())
+
+    def result(self) -> dict[str, float]:
+        out = {"loss": self.loss / max(1, self.count)}
+        for head in self.heads:
+            if not self.head_count[head.name]:
+                continue
+            out[f"{head.name}_loss"] = self.head_loss[head.name] / self.head_count[head.name]
+            values = head_metrics(
+                torch.cat(self.logits[head.name]).numpy(),
+                torch.cat(self.targets[head.name]).numpy(),
+                get_loss(head.loss).activation,
+                head.decision_threshold,
+            )
+            out.update({f"{head.name}_{key}": value for key, value in values.items()})
+        main = self.heads[0].name  # the first head is the main one
+        if f"{main}_accuracy" in out:
+            out["accuracy"] = out[f"{main}_accuracy"]
+        return out

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from labelflow.data import atomic_output
+from labelflow.io import atomic_output
 
 ENCODERS = ("resnet18", "resnet34", "resnet50")
 
@@ -28,7 +28,7 @@ class HeadSpec:
     loss: str = "cross_entropy"
     weight: float = 1.0
     loss_params: dict[str, Any] = field(default_factory=dict)
-    threshold: float = 0.5  # multilabel decision threshold on sigmoid probabilities
+    decision_threshold: float = 0.5  # multilabel data: a class is predicted from this sigmoid probability
 
 
 @dataclass

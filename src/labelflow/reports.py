@@ -1,72 +1,87 @@
-"""Summaries, tables and plots of finished runs (matplotlib, Agg backend)."""
+"""Summaries and comparison tables of finished runs: summary.json per run, experiments.csv,
+the k-fold and grid tables. Figures are drawn by :mod:`labelflow.plots`."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix
 
-matplotlib.use("Agg")  # no display on build or cluster machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from sklearn.metrics import confusion_matrix  # noqa: E402
+from labelflow.dataset import (
+    class_names,
+    class_targets,
+    is_multilabel,
+    read_dataset_csv,
+    read_head_predictions,
+    read_predictions,
+    read_tag2cls,
+)
+from labelflow.heads import get_head
+from labelflow.io import PathLike, atomic_output, load_npy, read_json, write_csv_atomic, write_json_atomic
+from labelflow.plots import plot_confusion, plot_experiments, plot_fold_curves, plot_grid
 
-from labelflow.data import atomic_output, load_npy, read_json, write_csv_atomic, write_json_atomic  # noqa: E402
-from labelflow.losses import get_loss  # noqa: E402
-from labelflow.models import load_checkpoint  # noqa: E402
+log = logging.getLogger(__name__)
+
+EXPERIMENT_PLOT_METRICS = ("valid_accuracy", "recall@1", "recall@5", "auc")
+
+
+def valid_class_metrics(
+    logits: np.ndarray, targets: np.ndarray, head: dict[str, Any], classes: Sequence[str], multilabel: bool
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Class-head metrics of un-augmented valid images: loss, accuracy (AUC for sigmoid heads,
+    F1/mAP for multilabel data), per-class F1; and the predicted labels."""
+    import torch
+
+    from labelflow.losses import get_loss, probabilities
+    from labelflow.metrics import head_metrics, per_class_f1, predict_labels
+
+    loss_spec = get_loss(head["loss"])
+    criterion = loss_spec.build(**head.get("loss_params", {}))
+    with torch.no_grad():
+        loss = float(criterion(torch.from_numpy(logits), torch.from_numpy(targets)))
+    valid = {"loss": loss, **head_metrics(logits, targets, loss_spec.activation, head["decision_threshold"])}
+    predicted = predict_labels(probabilities(logits, loss_spec.activation), multilabel, head["decision_threshold"])
+    valid["per_class_f1"] = dict(zip(classes, per_class_f1(targets, predicted, len(classes))))
+    valid["n_images"] = int(len(targets))
+    return valid, predicted
 
 
 def summarize(
     *,
-    experiment: str,
-    dataset_csv: str | Path,
-    tag2cls_json: str | Path,
-    predictions_csv: str | Path,
-    logits_npy: str | Path,
-    heads_csv: str | Path,
-    checkpoint: str | Path,
-    stage_metrics: dict[str, str | Path],
-    index_metrics_json: str | Path,
-    out_json: str | Path,
-    confusion_dir: str | Path,
-    tensorboard_dir: str | Path | None = None,
+    run: str,
+    inputs: Mapping[str, PathLike],
+    stage_metrics: Mapping[str, PathLike],
+    out_json: PathLike,
+    confusion_dir: PathLike,
+    tensorboard_dir: PathLike | None = None,
 ) -> dict[str, Any]:
     """summary.json of the final model on the valid fold + a confusion-matrix PNG per head.
 
-    valid: class-head metrics on un-augmented images (accuracy, loss; AUC for sigmoid heads;
-    F1/mAP for multilabel data); heads: accuracy of the self-supervised heads; index:
-    recall@k; stages: best epoch and training time of each stage.
+    ``inputs``: dataset, tag2cls, predictions, logits, heads (heads.csv), checkpoint, index
+    (recall.json). valid: class-head metrics on un-augmented images; heads: accuracy of the
+    rotation heads; index: recall@k; stages: best epoch of each stage.
     """
-    from labelflow.data import read_dataset_csv, read_tag2cls
-    from labelflow.metrics import head_metrics, per_class_f1, predict_labels, activate
-    from labelflow.pipeline import class_targets, is_multilabel
+    from labelflow.models import load_checkpoint
 
-    dataset = read_dataset_csv(dataset_csv, root=None)
-    tag2cls = read_tag2cls(tag2cls_json)
-    classes = sorted(tag2cls, key=tag2cls.get)
-    predictions = pd.read_csv(predictions_csv, dtype={"path": str}, keep_default_na=False)
+    dataset = read_dataset_csv(inputs["dataset"], root=None)
+    tag2cls = read_tag2cls(inputs["tag2cls"])
+    classes = class_names(tag2cls)
+    predictions = read_predictions(inputs["predictions"])
     if list(predictions["path"]) != list(dataset["path"]):
-        raise ValueError(f"{predictions_csv} and {dataset_csv} list different images; rerun infer")
+        raise ValueError(f"{inputs['predictions']} and {inputs['dataset']} list different images; rerun infer")
     is_valid = (predictions["split"] == "valid").to_numpy()
-    logits = load_npy(logits_npy)[is_valid]
     targets = class_targets(dataset, tag2cls)[is_valid]
-    head = load_checkpoint(checkpoint)["spec"]["heads"][0]
-    spec = get_loss(head["loss"])
-    criterion = spec.build(**head.get("loss_params", {}))
-    with torch.no_grad():
-        loss = float(criterion(torch.from_numpy(logits), torch.from_numpy(targets)))
-    valid = {"loss": loss, **head_metrics(logits, targets, spec.activation, head["threshold"])}
+    head = load_checkpoint(inputs["checkpoint"])["spec"]["heads"][0]
     multilabel = is_multilabel(dataset)
-    predicted = predict_labels(activate(logits.astype(np.float64), spec.activation), multilabel, head["threshold"])
-    valid["per_class_f1"] = dict(zip(classes, per_class_f1(targets, predicted, len(classes))))
-    valid["n_images"] = int(is_valid.sum())
-
-    index = read_json(index_metrics_json)
+    valid, predicted = valid_class_metrics(load_npy(inputs["logits"])[is_valid], targets, head, classes, multilabel)
+    index = read_json(inputs["index"])
     summary: dict[str, Any] = {
-        "experiment": experiment,
+        "experiment": run,
         "multilabel": multilabel,
         "valid": valid,
         "heads": {},
@@ -75,19 +90,11 @@ def summarize(
         "stages": {},
     }
     confusion_dir = Path(confusion_dir)
-    confusion_dir.mkdir(parents=True, exist_ok=True)
+    confusion_dir.mkdir(parents=True, exist_ok=True)  # a directory() output, even when empty
     figures = {}
     if not multilabel:
-        figures["class"] = plot_confusion(targets, predicted, classes, confusion_dir / "class.png", f"{experiment}: class (valid)")
-    heads = pd.read_csv(heads_csv)
-    for name, rows in heads.groupby("head"):
-        summary["heads"][name] = {"accuracy": float((rows["true"] == rows["predicted"]).mean())}
-        if name == "rotation":
-            codes = [f"rot{90 * (c // 2)}{'+flip' if c % 2 else ''}" for c in range(8)]
-            figures[name] = plot_confusion(
-                rows["true"].to_numpy(), rows["predicted"].to_numpy(), codes, confusion_dir / "rotation.png",
-                f"{experiment}: rotation (valid)",
-            )
+        figures["class"] = _confusion(targets, predicted, classes, confusion_dir / "class.png", f"{run}: class (valid)")
+    summary["heads"] = rotated_head_accuracy(read_head_predictions(inputs["heads"]), classes, confusion_dir, run, figures)
     for stage, path in stage_metrics.items():
         metrics = read_json(path)
         summary["stages"][stage] = {
@@ -96,53 +103,52 @@ def summarize(
             "best_valid_accuracy": metrics["best"]["value"],
         }
     if tensorboard_dir is not None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        with SummaryWriter(log_dir=str(tensorboard_dir)) as writer:
-            for name, figure_path in figures.items():
-                image = plt.imread(figure_path)[..., :3]
-                writer.add_image(f"confusion/{name}", image, dataformats="HWC")
+        _figures_to_tensorboard(figures, tensorboard_dir)
     write_json_atomic(summary, out_json)
     return summary
 
 
-def training_seconds(stage_metrics_paths: Sequence[str | Path]) -> float:
+def rotated_head_accuracy(
+    heads: pd.DataFrame, classes: Sequence[str], confusion_dir: Path, run: str, figures: dict[str, Path]
+) -> dict[str, dict[str, float]]:
+    """Accuracy of each rotation head on its rotated valid images; a confusion matrix PNG for
+    the heads the registry gives labels for (added to ``figures``)."""
+    result = {}
+    for name, rows in heads.groupby("head"):
+        result[name] = {"accuracy": float((rows["true"] == rows["predicted"]).mean())}
+        labels = get_head(name).confusion_labels(classes)
+        if labels is not None:
+            figures[name] = _confusion(
+                rows["true"].to_numpy(), rows["predicted"].to_numpy(), labels, confusion_dir / f"{name}.png",
+                f"{run}: {name} (valid)",
+            )
+    return result
+
+
+def _confusion(y_true, y_pred, labels: Sequence[str], path: Path, title: str) -> Path:
+    matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(labels))))
+    return plot_confusion(matrix, labels, path, title)
+
+
+def _figures_to_tensorboard(figures: Mapping[str, Path], tensorboard_dir: PathLike) -> None:
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(tensorboard_dir)) as writer:
+        for name, figure_path in figures.items():
+            writer.add_image(f"confusion/{name}", plt.imread(figure_path)[..., :3], dataformats="HWC")
+
+
+def training_seconds(stage_metrics_paths: Sequence[PathLike]) -> float:
     """Wall time spent in training epochs, summed over stages (from metrics.json)."""
     return float(sum(e["seconds"] for p in stage_metrics_paths for e in read_json(p)["epochs"]))
 
 
-def plot_confusion(y_true, y_pred, classes: Sequence[str], path: str | Path, title: str = "") -> Path:
-    matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
-    size = max(4.0, 0.5 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=90)
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    threshold = matrix.max() / 2 if matrix.size else 0
-    for (i, j), count in np.ndenumerate(matrix):
-        if count:
-            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > threshold else "black", fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
-    return Path(path)
-
-
-def save_figure(fig, path: str | Path) -> None:
-    try:
-        with atomic_output(path, suffix=Path(path).suffix) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
-
-
 def compare_experiments(
-    summaries: dict[str, str | Path],
-    stage_metrics: dict[str, Sequence[str | Path]],
-    out_csv: str | Path,
-    out_png: str | Path,
+    summaries: Mapping[str, PathLike],
+    stage_metrics: Mapping[str, Sequence[PathLike]],
+    out_csv: PathLike,
+    out_png: PathLike,
 ) -> pd.DataFrame:
     """experiments.csv (one row per experiment) and a bar chart of the main metrics."""
     rows = []
@@ -164,25 +170,11 @@ def compare_experiments(
         )
     table = pd.DataFrame(rows)
     write_csv_atomic(table, out_csv)
-
-    metrics = ["valid_accuracy", "recall@1", "recall@5", "auc"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(table)), 4))
-    width = 0.8 / len(metrics)
-    for i, metric in enumerate(metrics):
-        if metric in table:
-            ax.bar(np.arange(len(table)) + i * width, table[metric].fillna(0), width, label=metric)
-    ax.set_xticks(np.arange(len(table)) + 0.4 - width / 2, table["experiment"])
-    low = np.nanmin(table[[m for m in metrics if m in table]].replace(0, np.nan).to_numpy())
-    ax.set_ylim(max(0.0, low - 0.05) if np.isfinite(low) else 0.0, 1.0)
-    ax.set_ylabel("valid fold")
-    ax.legend(loc="lower right")
-    ax.set_title("experiments compared")
-    fig.tight_layout()
-    save_figure(fig, out_png)
+    plot_experiments(table, EXPERIMENT_PLOT_METRICS, out_png)
     return table
 
 
-def format_experiments(csv_path: str | Path) -> str:
+def format_experiments(csv_path: PathLike) -> str:
     """The comparison table as text, for the end of the main command."""
     if not Path(csv_path).exists():
         return ""
@@ -190,23 +182,7 @@ def format_experiments(csv_path: str | Path) -> str:
     return "Results (valid fold)\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
-def plot_lr_finder(records: pd.DataFrame, suggestions: dict[str, float], used: str, path: str | Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(records["lr"], records["loss"], alpha=0.3, label="loss")
-    ax.plot(records["lr"], records["smoothed_loss"], label="smoothed loss")
-    for name, lr in suggestions.items():
-        ax.axvline(lr, linestyle="--" if name != used else "-", color="red" if name == used else "grey")
-        ax.text(lr, ax.get_ylim()[1], f" {name}{' (used)' if name == used else ''}\n {lr:.2g}", va="top", fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("training loss")
-    ax.set_title("LR finder")
-    ax.legend(loc="lower left")
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def _final_stage_metrics(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _final_stage_metrics(path: PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     metrics = read_json(path)
     best = next(e for e in metrics["epochs"] if e["epoch"] == metrics["best"]["epoch"])
     return best, metrics["epochs"]
@@ -215,14 +191,14 @@ def _final_stage_metrics(path: str | Path) -> tuple[dict[str, Any], list[dict[st
 def kfold_summary(
     *,
     experiment: str,
-    folds: dict[int, dict[str, str | Path]],
-    out_csv: str | Path,
-    out_json: str | Path,
-    out_png: str | Path,
-    out_oof: str | Path,
+    folds: Mapping[int, Mapping[str, PathLike]],
+    out_csv: PathLike,
+    out_json: PathLike,
+    out_png: PathLike,
+    out_oof: PathLike,
 ) -> dict[str, Any]:
-    """One row per fold (best valid metrics of the final stage, index recall), mean ± std,
-    per-fold learning curves with their mean, and the out-of-fold predictions.
+    """One row per fold (valid metrics of the final model, index recall), mean ± std, per-fold
+    learning curves with their mean, and the out-of-fold predictions.
 
     `folds[k]` holds the paths of fold k's run: "metrics" (final stage metrics.json),
     "summary" (summary.json) and "predictions" (predictions.csv).
@@ -242,9 +218,8 @@ def kfold_summary(
             }
         )
         curves[fold] = [e["valid"]["accuracy"] for e in epochs]
-        predictions = pd.read_csv(paths["predictions"], dtype={"path": str}, keep_default_na=False)
-        valid = predictions[predictions["split"] == "valid"].assign(fold=fold)
-        oof.append(valid)
+        predictions = read_predictions(paths["predictions"])
+        oof.append(predictions[predictions["split"] == "valid"].assign(fold=fold))
     table = pd.DataFrame(rows)
     write_csv_atomic(table, out_csv)
     metrics = [c for c in table.columns if c not in ("fold", "best_epoch")]
@@ -255,38 +230,24 @@ def kfold_summary(
         **{m: {"mean": float(table[m].mean()), "std": float(table[m].std(ddof=1)) if len(table) > 1 else 0.0} for m in metrics},
     }
     write_json_atomic(summary, out_json)
-    oof_table = pd.concat(oof, ignore_index=True).sort_values("path", kind="stable")
-    write_csv_atomic(oof_table, out_oof)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for fold, curve in curves.items():
-        ax.plot(range(1, len(curve) + 1), curve, alpha=0.5, label=f"fold {fold}")
-    if curves:
-        length = min(len(c) for c in curves.values())
-        mean = np.mean([c[:length] for c in curves.values()], axis=0)
-        ax.plot(range(1, length + 1), mean, color="black", linewidth=2, label="mean")
-    ax.set_xlabel("epoch (final stage)")
-    ax.set_ylabel("valid accuracy")
-    ax.set_title(f"{experiment}: k-fold, accuracy {summary['valid_accuracy']['mean']:.4f} ± {summary['valid_accuracy']['std']:.4f}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, out_png)
+    write_csv_atomic(pd.concat(oof, ignore_index=True).sort_values("path", kind="stable"), out_oof)
+    accuracy = summary["valid_accuracy"]
+    plot_fold_curves(curves, f"{experiment}: k-fold, accuracy {accuracy['mean']:.4f} ± {accuracy['std']:.4f}", out_png)
     return summary
 
 
 def grid_comparison(
     *,
-    runs: dict[str, dict[str, Any]],
-    metrics_paths: dict[str, str | Path],
-    configs_out: dict[str, str | Path],
-    out_csv: str | Path,
-    out_png: str | Path,
-    tensorboard_dir: str | Path,
+    runs: Mapping[str, Mapping[str, Any]],
+    metrics_paths: Mapping[str, PathLike],
+    configs_out: Mapping[str, PathLike],
+    out_csv: PathLike,
+    out_png: PathLike,
+    tensorboard_dir: PathLike,
 ) -> pd.DataFrame:
     """comparison.csv (varied values, best valid metrics of the final stage, epochs, wall time),
     sorted best first; comparison.png; each run's resolved config; TensorBoard hparams."""
     import yaml
-    from torch.utils.tensorboard import SummaryWriter
 
     rows, curves = [], {}
     for run_id, run in runs.items():
@@ -294,7 +255,7 @@ def grid_comparison(
         rows.append(
             {
                 "run": run_id,
-                **{key: value for key, value in run["values"].items()},
+                **dict(run["values"]),
                 "valid_accuracy": best["valid"]["accuracy"],
                 "valid_loss": best["valid"]["loss"],
                 "best_epoch": best["epoch"],
@@ -307,6 +268,14 @@ def grid_comparison(
             tmp.write_text(yaml.safe_dump(run["experiment"], sort_keys=False), encoding="utf-8")
     table = pd.DataFrame(rows).sort_values(["valid_accuracy", "valid_loss"], ascending=[False, True], kind="stable")
     write_csv_atomic(table, out_csv)
+    _grid_hparams(table, runs, tensorboard_dir)
+    plot_grid(table, curves, out_png)
+    return table
+
+
+def _grid_hparams(table: pd.DataFrame, runs: Mapping[str, Mapping[str, Any]], tensorboard_dir: PathLike) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
     for row in table.itertuples(index=False):
         values = runs[row.run]["values"]
         with SummaryWriter(log_dir=str(Path(tensorboard_dir) / row.run.replace("/", "_"))) as writer:
@@ -315,18 +284,3 @@ def grid_comparison(
                 {"hparam/valid_accuracy": row.valid_accuracy, "hparam/valid_loss": row.valid_loss},
                 run_name=".",
             )
-
-    fig, (bars, lines) = plt.subplots(1, 2, figsize=(11, 4))
-    bars.barh(table["run"], table["valid_accuracy"])
-    bars.invert_yaxis()
-    bars.set_xlabel("best valid accuracy")
-    bars.set_xlim(max(0.0, table["valid_accuracy"].min() - 0.05), 1.0)
-    for run_id, curve in curves.items():
-        lines.plot(range(1, len(curve) + 1), curve, label=run_id)
-    lines.set_xlabel("epoch (final stage)")
-    lines.set_ylabel("valid accuracy")
-    lines.legend(fontsize=7)
-    fig.suptitle("grid search")
-    fig.tight_layout()
-    save_figure(fig, out_png)
-    return table

@@ -1,6 +1,6 @@
 """Similarity search with out-of-class rejection, and the out-of-class (OOD) evaluation.
 
-Built on the saved hnswlib index and PCA transform (``pipeline.pca_index``) and on the
+Built on the saved hnswlib index and PCA transform (``index.pca_index``) and on the
 embeddings of :mod:`labelflow.embeddings`:
 
 * :func:`calibrate_rejection`: the nearest-neighbour distance above which a query is ``unknown``,
@@ -27,17 +27,9 @@ import numpy as np
 import pandas as pd
 
 from labelflow import index as knn
-from labelflow.data import (
-    DatasetError,
-    PathLike,
-    load_npy,
-    read_dataset_csv,
-    read_json,
-    read_tag2cls,
-    write_csv_atomic,
-    write_json_atomic,
-)
-from labelflow.embeddings import class_names, embed_paths, image_arguments, model_section, read_model
+from labelflow.dataset import read_dataset_csv, read_predictions, read_tag2cls
+from labelflow.embeddings import classes_of, embed_paths, image_arguments, model_section, read_model
+from labelflow.io import DatasetError, PathLike, load_npy, read_json, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +87,7 @@ class SimilaritySearch:
         quantile: float | None = None,
     ) -> SimilaritySearch:
         info = read_json(index_json)
-        predictions = pd.read_csv(predictions_csv, dtype={"path": str}, keep_default_na=False)
+        predictions = read_predictions(predictions_csv)
         paths = predictions["path"][predictions["split"] == "train"].to_numpy()
         labels = np.asarray(info["labels"], dtype=np.int64)
         if len(paths) != len(labels) or len(labels) != info["n_items"]:
@@ -183,31 +175,41 @@ class SimilaritySearch:
         return out
 
 
+@dataclass(frozen=True)
+class RejectionSettings:
+    """How queries are answered and rejected: config ``query.k``, ``query.rejection_quantile``
+    and ``index.vote_k`` (defaults in config/schemas/config.schema.yaml)."""
+
+    quantile: float
+    k: int
+    vote_k: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> RejectionSettings:
+        return cls(config["query"]["rejection_quantile"], config["query"]["k"], config["index"]["vote_k"])
+
+
 def calibrate_rejection(
     *,
-    predictions_csv: PathLike,
+    index_files: dict[str, PathLike],
     embeddings_npy: PathLike,
-    transform_npz: PathLike,
-    index_bin: PathLike,
-    index_json: PathLike,
     tag2cls_json: PathLike,
     checkpoint: PathLike,
     data_cfg: dict[str, Any],
     out_json: PathLike,
-    quantile: float = 0.99,
-    k: int = 10,
-    vote_k: int = 5,
+    settings: RejectionSettings,
 ) -> dict[str, Any]:
     """The rejection threshold: the ``quantile`` of the nearest-neighbour distance of the valid
     images whose kNN vote is correct (an observed distance, so at least that fraction of them is
-    accepted). Written with the names of the index files and of the model that embedded them
-    (relative to ``out_json``), so that :meth:`SimilaritySearch.load` and the CLI need nothing else."""
-    classes = class_names(tag2cls_json)
+    accepted). ``index_files`` names transform, index, info and predictions. Written with the
+    names of those files and of the model that embedded them (relative to ``out_json``), so that
+    :meth:`SimilaritySearch.load` and the CLI need nothing else."""
+    classes = classes_of(tag2cls_json)
     search = SimilaritySearch.from_files(
-        transform_npz=transform_npz, index_bin=index_bin, index_json=index_json,
-        predictions_csv=predictions_csv, classes=classes, vote_k=vote_k, k=k,
+        transform_npz=index_files["transform"], index_bin=index_files["index"], index_json=index_files["info"],
+        predictions_csv=index_files["predictions"], classes=classes, vote_k=settings.vote_k, k=settings.k,
     )
-    predictions = pd.read_csv(predictions_csv, dtype={"path": str}, keep_default_na=False)
+    predictions = read_predictions(index_files["predictions"])
     is_valid = (predictions["split"] == "valid").to_numpy()
     labels = predictions["class"].to_numpy()[is_valid]
     result = search.search(load_npy(embeddings_npy)[is_valid])
@@ -216,45 +218,42 @@ def calibrate_rejection(
     if not len(pool):
         log.warning("no valid image is voted correctly; the threshold uses all %d valid images", len(labels))
         pool = result.nearest
-    threshold = float(np.quantile(pool.astype(np.float64), quantile, method="higher"))
-    rejected = result.nearest > threshold + DISTANCE_TOLERANCE
+    threshold = float(np.quantile(pool.astype(np.float64), settings.quantile, method="higher"))
     here = Path(out_json).parent
-
-    def rel(path: PathLike) -> str:
-        return Path(os.path.relpath(path, here)).as_posix()
-
     card = {
         "threshold": threshold,
-        "quantile": quantile,
+        "quantile": settings.quantile,
         "distance": f"{search.space} distance to the nearest indexed (train) image, in the index space",
         "space": search.space,
-        "k": k,
-        "vote_k": vote_k,
+        "k": settings.k,
+        "vote_k": settings.vote_k,
         "classes": classes,
         "model": model_section(checkpoint, data_cfg, here),
-        "files": {
-            "transform": rel(transform_npz),
-            "index": rel(index_bin),
-            "info": rel(index_json),
-            "predictions": rel(predictions_csv),
-        },
-        "calibration": {
-            "n_valid": int(len(labels)),
-            "n_correct": int(correct.sum()),
-            "knn_accuracy": float(correct.mean()) if len(labels) else float("nan"),
-            "valid_rejected": float(rejected.mean()) if len(labels) else float("nan"),
-            "correct_rejected": float(rejected[correct].mean()) if correct.any() else float("nan"),
-            "nearest_distance_quantiles": {
-                str(q): float(np.quantile(result.nearest, q)) for q in (0.5, 0.9, 0.99)
-            } if len(labels) else {},
-        },
+        "files": {name: Path(os.path.relpath(index_files[name], here)).as_posix() for name in ("transform", "index", "info", "predictions")},
+        "calibration": _rejection_calibration(result, correct, threshold),
     }
     write_json_atomic(card, out_json)
     log.info(
         "rejection threshold %.5f (%s distance, quantile %.3f of %d correct valid queries); %.1f%% of valid rejected",
-        threshold, search.space, quantile, int(correct.sum()), 100 * card["calibration"]["valid_rejected"],
+        threshold, search.space, settings.quantile, int(correct.sum()), 100 * card["calibration"]["valid_rejected"],
     )
     return card
+
+
+def _rejection_calibration(result: SearchResult, correct: np.ndarray, threshold: float) -> dict[str, Any]:
+    """What the threshold does on the valid images that set it (an in-sample figure)."""
+    n = len(correct)
+    rejected = result.nearest > threshold + DISTANCE_TOLERANCE
+    return {
+        "n_valid": int(n),
+        "n_correct": int(correct.sum()),
+        "knn_accuracy": float(correct.mean()) if n else float("nan"),
+        "valid_rejected": float(rejected.mean()) if n else float("nan"),
+        "correct_rejected": float(rejected[correct].mean()) if correct.any() else float("nan"),
+        "nearest_distance_quantiles": {
+            str(q): float(np.quantile(result.nearest, q)) for q in (0.5, 0.9, 0.99)
+        } if n else {},
+    }
 
 
 def query_set(
@@ -290,8 +289,8 @@ def query_images(
 ) -> list[dict[str, Any]]:
     """Embed image files (or folders of them) with the experiment's model and answer each from its
     index, as described by ``<experiment_dir>/index/rejection.json``."""
+    from labelflow.device import select_device
     from labelflow.models import load_model
-    from labelflow.training import select_device
 
     preprocessing, checkpoint, classes = read_model(experiment_dir)
     search = SimilaritySearch.load(Path(experiment_dir) / "index" / "rejection.json")
@@ -369,10 +368,8 @@ def evaluate_ood(
     comes from the same known valid fold (its correctly voted images), so ``known_rejected`` is
     an in-sample figure; ``unknown_rejected`` is not.
     """
-    from sklearn.metrics import roc_auc_score
-
     search = SimilaritySearch.load(rejection_json)
-    predictions = pd.read_csv(predictions_csv, dtype={"path": str}, keep_default_na=False)
+    predictions = read_predictions(predictions_csv)
     is_valid = (predictions["split"] == "valid").to_numpy()
     known_labels = predictions["class"].to_numpy()[is_valid]
     known = search.search(load_npy(embeddings_npy)[is_valid])
@@ -380,16 +377,31 @@ def evaluate_ood(
     unknown = search.search(load_npy(heldout_embeddings_npy))
     if not len(known_labels) or not len(heldout):
         raise DatasetError(f"OOD evaluation needs known valid images ({len(known_labels)}) and held-out images ({len(heldout)})")
+    result = {"experiment": experiment, **ood_metrics(search, known, known_labels, unknown, heldout["label"])}
+    write_json_atomic(result, out_json)
+    log.info(
+        "OOD (%s held out): AUROC %.4f; at threshold %.5f: %.1f%% of unknowns rejected, %.1f%% of knowns wrongly rejected",
+        ", ".join(result["held_out"]), result["auroc"], result["threshold"],
+        100 * result["unknown_rejected"], 100 * result["known_rejected"],
+    )
+    return result
+
+
+def ood_metrics(
+    search: SimilaritySearch, known: SearchResult, known_labels: np.ndarray, unknown: SearchResult, unknown_labels: pd.Series
+) -> dict[str, Any]:
+    """How well the nearest distance tells unknown images from known ones (see evaluate_ood)."""
+    from sklearn.metrics import roc_auc_score
+
     scores = np.concatenate([known.nearest, unknown.nearest]).astype(np.float64)
-    is_unknown = np.r_[np.zeros(len(known_labels)), np.ones(len(heldout))]
+    is_unknown = np.r_[np.zeros(len(known_labels)), np.ones(len(unknown_labels))]
     correct = known.vote == known_labels
     accepted = ~known.rejected
-    result = {
-        "experiment": experiment,
-        "held_out": sorted(set(";".join(heldout["label"]).split(";"))),
+    return {
+        "held_out": sorted(set(";".join(unknown_labels).split(";"))),
         "known_classes": search.classes,
         "n_known": int(len(known_labels)),
-        "n_unknown": int(len(heldout)),
+        "n_unknown": int(len(unknown_labels)),
         "score": f"nearest-neighbour {search.space} distance (higher = more likely unknown)",
         "auroc": float(roc_auc_score(is_unknown, scores)),
         "threshold": float(search.threshold),
@@ -399,8 +411,8 @@ def evaluate_ood(
         "known_knn_accuracy": float(correct.mean()),
         "known_accuracy_accepted": float(correct[accepted].mean()) if accepted.any() else float("nan"),
         "unknown_rejected_per_class": {
-            label: float(unknown.rejected[(heldout["label"] == label).to_numpy()].mean())
-            for label in sorted(heldout["label"].unique())
+            label: float(unknown.rejected[(unknown_labels == label).to_numpy()].mean())
+            for label in sorted(unknown_labels.unique())
         },
         "nearest_distance_median": {
             "known": float(np.median(known.nearest)),
@@ -408,10 +420,3 @@ def evaluate_ood(
         },
         "note": "the threshold is calibrated on the same known valid fold, so known_rejected is in-sample",
     }
-    write_json_atomic(result, out_json)
-    log.info(
-        "OOD (%s held out): AUROC %.4f; at threshold %.5f: %.1f%% of unknowns rejected, %.1f%% of knowns wrongly rejected",
-        ", ".join(result["held_out"]), result["auroc"], result["threshold"],
-        100 * result["unknown_rejected"], 100 * result["known_rejected"],
-    )
-    return result

@@ -1,10 +1,13 @@
-"""The one training loop: every rule that trains (stage1, stage2, and later LR finder, grid,
-k-fold and autolabel rounds) calls `run_stage` with a different `StageSpec`.
+"""The one training loop: every rule that trains (stage1, stage2 of the default experiments,
+grid points, k-fold folds, the OOD run and every autolabel round) calls :func:`run_stage`,
+and the LR finder runs the same :func:`train_one_epoch`.
 
-Shaped after torchvision's reference script: train_one_epoch, evaluate, a checkpoint dict
-with model/optimizer/scheduler/epoch. Training state is saved atomically after every epoch in
-`state_dir` (not a declared Snakemake output, which would be deleted on failure) so a killed
-job resumes where it stopped; declared outputs are written once, at the end.
+Shaped after torchvision's reference script: ``train_one_epoch``, ``evaluate``, a checkpoint
+dict with model/optimizer/scheduler/epoch. What happens after each epoch (TensorBoard scalars,
+best/top-k checkpoints, the resume state) is a list of hooks, so the loop stays readable.
+Training state is saved atomically after every epoch in ``state_dir`` (not a declared
+Snakemake output, which would be deleted on failure) so a killed job resumes where it
+stopped; declared outputs are written once, at the end.
 """
 
 from __future__ import annotations
@@ -13,23 +16,24 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import signal
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from labelflow.data import atomic_output, write_json_atomic
+from labelflow.device import autocast, images_for, place_model, to_device
+from labelflow.io import atomic_output, write_json_atomic
 from labelflow.losses import get_loss
-from labelflow.metrics import head_metrics
+from labelflow.metrics import HeadMetrics
 from labelflow.models import MultiHeadNet, atomic_torch_save, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -40,27 +44,36 @@ SCHEDULERS = ("constant", "cosine", "step", "onecycle")
 
 @dataclass
 class StageSpec:
+    """One stage of an experiment (``stages.<name>`` after schema validation, which fills every
+    default: config/schemas/experiment.schema.yaml is the one place defaults are stated)."""
+
     name: str
     epochs: int
     lr: float
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    scheduler: str = "cosine"
-    warmup_epochs: float = 0.0
-    step_epochs: int = 10
-    step_gamma: float = 0.1
-    batch_size: int = 64
-    freeze_encoder: bool = False
-    top_k: int = 3
-    min_steps: int = 0
+    optimizer: str
+    weight_decay: float
+    momentum: float
+    scheduler: str
+    warmup_epochs: float
+    step_epochs: int
+    step_gamma: float
+    batch_size: int
+    freeze_encoder: bool
+    top_k: int
+    min_steps: int
 
     @classmethod
-    def from_dict(cls, name: str, data: dict[str, Any]) -> "StageSpec":
-        known = {f for f in cls.__dataclass_fields__ if f != "name"}
-        return cls(name=name, **{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, name: str, data: dict[str, Any]) -> StageSpec:
+        known = [f for f in cls.__dataclass_fields__ if f != "name"]
+        missing = [k for k in known if k not in data]
+        if missing:
+            raise ValueError(
+                f"stages.{name} lacks {missing}; validate the experiment against "
+                "config/schemas/experiment.schema.yaml first (it fills the defaults)"
+            )
+        return cls(name=name, **{k: data[k] for k in known})
 
-    def for_loader(self, steps_per_epoch: int) -> "StageSpec":
+    def for_loader(self, steps_per_epoch: int) -> StageSpec:
         """This stage on a loader of `steps_per_epoch` batches: at least `min_steps` optimizer
         steps, so a tiny training set (an autolabel round 0) is not stopped half-trained."""
         epochs = max(self.epochs, math.ceil(self.min_steps / max(1, steps_per_epoch)))
@@ -73,22 +86,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def select_device(want_gpu: bool) -> torch.device:
-    """CUDA only when the job asked for a GPU and one is visible; CPU otherwise."""
-    if want_gpu and torch.cuda.is_available():
-        device = torch.device("cuda")
-        torch.backends.cudnn.benchmark = True
-        log.info("device: cuda (%s)", torch.cuda.get_device_name(device))
-    else:
-        device = torch.device("cpu")
-        why = "no GPU requested (resources gpu=0)" if not want_gpu else "CUDA is not available"
-        log.info("device: cpu (%s), %d threads", why, torch.get_num_threads())
-    return device
-
-
-def autocast(device: torch.device):
-    # bf16 autocast only on CUDA; CPU runs stay in float32 and bit-reproducible.
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make epoch ``epoch``'s randomness (shuffle, augmentation, dropout) a function of (seed,
+    epoch), so a resumed run replays exactly what an uninterrupted one would have done."""
+    epoch_seed = seed * 1000 + epoch
+    seed_everything(epoch_seed)
+    loader.generator.manual_seed(epoch_seed)
+    loader.dataset.reseed(epoch_seed)
 
 
 def build_optimizer(model: torch.nn.Module, spec: StageSpec) -> torch.optim.Optimizer:
@@ -136,48 +140,8 @@ def build_scheduler(optimizer, spec: StageSpec, steps_per_epoch: int):
     )
 
 
-class HeadMetrics:
-    """Loss sums over one pass and every head's logits/targets, for metrics at the end.
-
-    A head whose target is not in the batch (e.g. `rotation` on upright images) is skipped.
-    """
-
-    def __init__(self, heads):
-        self.heads = heads
-        self.count = 0
-        self.loss = 0.0
-        self.head_loss = {h.name: 0.0 for h in heads}
-        self.head_count = {h.name: 0 for h in heads}
-        self.logits: dict[str, list[torch.Tensor]] = {h.name: [] for h in heads}
-        self.targets: dict[str, list[torch.Tensor]] = {h.name: [] for h in heads}
-
-    def update(self, outputs, batch, losses: dict[str, torch.Tensor], total: torch.Tensor) -> None:
-        n = len(batch["index"])
-        self.count += n
-        self.loss += float(total) * n
-        for name, loss in losses.items():
-            self.head_loss[name] += float(loss) * n
-            self.head_count[name] += n
-            self.logits[name].append(outputs[name].detach().float().cpu())
-            self.targets[name].append(batch[name].detach().cpu())
-
-    def result(self) -> dict[str, float]:
-        out = {"loss": self.loss / max(1, self.count)}
-        for head in self.heads:
-            if not self.head_count[head.name]:
-                continue
-            out[f"{head.name}_loss"] = self.head_loss[head.name] / self.head_count[head.name]
-            values = head_metrics(
-                torch.cat(self.logits[head.name]).numpy(),
-                torch.cat(self.targets[head.name]).numpy(),
-                get_loss(head.loss).activation,
-                head.threshold,
-            )
-            out.update({f"{head.name}_{key}": value for key, value in values.items()})
-        main = self.heads[0].name  # the first head is the main one
-        if f"{main}_accuracy" in out:
-            out["accuracy"] = out[f"{main}_accuracy"]
-        return out
+def build_criteria(model: MultiHeadNet) -> dict[str, torch.nn.Module]:
+    return {h.name: get_loss(h.loss).build(**h.loss_params) for h in model.spec.heads}
 
 
 def compute_losses(model: MultiHeadNet, outputs, batch, criteria) -> tuple[dict, torch.Tensor]:
@@ -186,15 +150,6 @@ def compute_losses(model: MultiHeadNet, outputs, batch, criteria) -> tuple[dict,
     losses = {h.name: criteria[h.name](outputs[h.name].float(), batch[h.name]) for h in heads}
     total = sum(h.weight * losses[h.name] for h in heads)
     return losses, total
-
-
-def build_criteria(model: MultiHeadNet) -> dict[str, torch.nn.Module]:
-    return {h.name: get_loss(h.loss).build(**h.loss_params) for h in model.spec.heads}
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    non_blocking = device.type == "cuda"
-    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def train_one_epoch(
@@ -213,12 +168,9 @@ def train_one_epoch(
     metrics = HeadMetrics(model.spec.heads)
     started = time.perf_counter()
     for step, batch in enumerate(loader, start=1):
-        batch = _to_device(batch, device)
-        images = batch["image"]
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        batch = to_device(batch, device)
         with autocast(device):
-            outputs = model(images)
+            outputs = model(images_for(batch["image"], device))
         losses, total = compute_losses(model, outputs, batch, criteria)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -242,9 +194,9 @@ def evaluate(model: MultiHeadNet, loader: DataLoader, criteria, device: torch.de
     model.eval()
     metrics = HeadMetrics(model.spec.heads)
     for batch in loader:
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         with autocast(device):
-            outputs = model(batch["image"])
+            outputs = model(images_for(batch["image"], device))
         losses, total = compute_losses(model, outputs, batch, criteria)
         metrics.update(outputs, batch, losses, total)
     return metrics.result()
@@ -254,14 +206,6 @@ def fingerprint(*parts: Any) -> str:
     """Stable hash of a stage's config and inputs: resume only into the same training."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Terminated(Exception):
@@ -284,20 +228,6 @@ def terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-# Tests inject one failure through this variable ("<stage>:<epoch>") to exercise --retries
-# and resume; a marker file in the state folder makes it fail only once.
-FAIL_ONCE_ENV = "LABELFLOW_TEST_FAIL_ONCE"
-
-
-def _fail_for_tests(stage: str, epoch: int, state_dir: Path) -> None:
-    if os.environ.get(FAIL_ONCE_ENV) != f"{stage}:{epoch}":
-        return
-    marker = state_dir / "injected_failure"
-    if not marker.exists():
-        marker.touch()
-        raise RuntimeError(f"{FAIL_ONCE_ENV}: injected failure after epoch {epoch} of stage {stage}")
-
-
 @dataclass
 class StageProgress:
     """What a stage has done so far; saved with the model each epoch so a rerun resumes."""
@@ -310,41 +240,95 @@ class StageProgress:
     def next_epoch(self) -> int:
         return self.history[-1]["epoch"] + 1 if self.history else 1
 
-    def keep_checkpoints(
-        self, model: MultiHeadNet, spec: StageSpec, state_dir: Path, epoch: int, main_metric: str, value: float
-    ) -> None:
-        """best.pt when ``value`` beats the best so far; checkpoints/ keeps the top-k epochs."""
-        meta = {"epoch": epoch, main_metric: value}
-        if self.best_value is None or value > self.best_value:
-            self.best_value = value
-            save_checkpoint(state_dir / "best.pt", model, meta)
-        if spec.top_k > 0 and (len(self.topk) < spec.top_k or value > self.topk[-1]["value"]):
-            name = f"epoch={epoch:03d}-{main_metric}={value:.4f}.pt"
-            save_checkpoint(state_dir / "checkpoints" / name, model, meta)
-            self.topk.append({"epoch": epoch, "value": value, "file": name})
-            self.topk.sort(key=lambda t: (-t["value"], t["epoch"]))
-            for dropped in self.topk[spec.top_k:]:
-                (state_dir / "checkpoints" / dropped["file"]).unlink(missing_ok=True)
-            self.topk = self.topk[: spec.top_k]
+
+@dataclass
+class EpochEnd:
+    """What an epoch-end hook sees: the stage, the epoch's record and the training objects."""
+
+    spec: StageSpec
+    epoch: int
+    record: dict[str, Any]
+    model: MultiHeadNet
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    progress: StageProgress
 
 
-def _save_state(path: Path, stage_fingerprint: str, model, optimizer, scheduler, progress: StageProgress) -> None:
+EpochHook = Callable[[EpochEnd], None]
+
+
+class TensorBoardScalars:
+    """Every train/valid metric and the lr of an epoch as TensorBoard scalars."""
+
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def __call__(self, end: EpochEnd) -> None:
+        for split_name in ("train", "valid"):
+            for key, value in end.record[split_name].items():
+                self.writer.add_scalar(f"{end.spec.name}/{split_name}/{key}", value, end.epoch)
+        self.writer.add_scalar(f"{end.spec.name}/lr", end.record["lr"], end.epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class CheckpointKeeper:
+    """best.pt when the epoch's valid ``main_metric`` beats the best so far; ``checkpoints/``
+    keeps the top-k epochs, named with the value."""
+
+    def __init__(self, state_dir: Path, main_metric: str):
+        self.state_dir = state_dir
+        self.main_metric = main_metric
+
+    def __call__(self, end: EpochEnd) -> None:
+        progress, spec, epoch = end.progress, end.spec, end.epoch
+        value = end.record["valid"][self.main_metric]
+        meta = {"epoch": epoch, self.main_metric: value}
+        if progress.best_value is None or value > progress.best_value:
+            progress.best_value = value
+            save_checkpoint(self.state_dir / "best.pt", end.model, meta)
+        if spec.top_k > 0 and (len(progress.topk) < spec.top_k or value > progress.topk[-1]["value"]):
+            name = f"epoch={epoch:03d}-{self.main_metric}={value:.4f}.pt"
+            save_checkpoint(self.state_dir / "checkpoints" / name, end.model, meta)
+            progress.topk.append({"epoch": epoch, "value": value, "file": name})
+            progress.topk.sort(key=lambda t: (-t["value"], t["epoch"]))
+            for dropped in progress.topk[spec.top_k:]:
+                (self.state_dir / "checkpoints" / dropped["file"]).unlink(missing_ok=True)
+            progress.topk = progress.topk[: spec.top_k]
+
+
+class StateSaver:
+    """The resume state (model, optimizer, scheduler, progress) after every epoch."""
+
+    def __init__(self, state_dir: Path, stage_fingerprint: str):
+        self.path = state_dir / "state.pt"
+        self.fingerprint = stage_fingerprint
+
+    def __call__(self, end: EpochEnd) -> None:
+        save_state(self.path, self.fingerprint, end)
+
+
+def save_state(path: Path, stage_fingerprint: str, end: EpochEnd) -> None:
     atomic_torch_save(
         {
             "fingerprint": stage_fingerprint,
-            "epoch": progress.history[-1]["epoch"],
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "history": progress.history,
-            "topk": progress.topk,
-            "best_value": progress.best_value,
+            "epoch": end.epoch,
+            "model": end.model.state_dict(),
+            "optimizer": end.optimizer.state_dict(),
+            "scheduler": end.scheduler.state_dict(),
+            "history": end.progress.history,
+            "topk": end.progress.topk,
+            "best_value": end.progress.best_value,
         },
         path,
     )
 
 
-def _resume(state_dir: Path, stage_fingerprint: str, name: str, model, optimizer, scheduler) -> StageProgress:
+def resume(state_dir: Path, stage_fingerprint: str, name: str, model, optimizer, scheduler) -> StageProgress:
     """The saved progress when ``state_dir`` holds this very stage (same fingerprint), else a
     fresh start (a state of another config or input is removed)."""
     state_path = state_dir / "state.pt"
@@ -366,10 +350,46 @@ def _resume(state_dir: Path, stage_fingerprint: str, name: str, model, optimizer
     return progress
 
 
+def run_epoch(
+    model: MultiHeadNet,
+    loaders: StageLoaders,
+    criteria,
+    optimizer,
+    scheduler,
+    device: torch.device,
+    *,
+    epoch: int,
+    progress_every: int,
+) -> dict[str, Any]:
+    """Train one epoch, evaluate, and return the epoch's record. With an upright loader (rotation
+    heads), the rotated valid images' metrics get the prefix ``aug_`` and the upright images give
+    the plain valid metrics, so class accuracy compares with the other experiments."""
+    started = time.perf_counter()
+    lr = optimizer.param_groups[0]["lr"]
+    train_metrics = train_one_epoch(
+        model, loaders.train, criteria, optimizer, scheduler, device, epoch=epoch, progress_every=progress_every
+    )
+    valid_metrics = evaluate(model, loaders.valid, criteria, device)
+    if loaders.upright is not None:
+        valid_metrics = {f"aug_{k}": v for k, v in valid_metrics.items()} | evaluate(
+            model, loaders.upright, criteria, device
+        )
+    seconds = time.perf_counter() - started
+    return {"epoch": epoch, "lr": lr, "seconds": round(seconds, 3), "train": train_metrics, "valid": valid_metrics}
+
+
+@dataclass
+class StageLoaders:
+    """train (augmented, shuffled), valid, and with rotation heads the upright valid images."""
+
+    train: DataLoader
+    valid: DataLoader
+    upright: DataLoader | None = None
+
+
 def run_stage(
     model: MultiHeadNet,
-    train_loader: DataLoader,
-    valid_loader: DataLoader,
+    loaders: StageLoaders,
     spec: StageSpec,
     *,
     out_dir: str | Path,
@@ -378,111 +398,87 @@ def run_stage(
     seed: int,
     stage_fingerprint: str,
     main_metric: str = "accuracy",
-    writer=None,
-    progress_every: int | None = None,
-    upright_loader: DataLoader | None = None,
+    extra_hooks: Sequence[EpochHook] = (),
 ) -> dict[str, Any]:
     """Train `model` for one stage; resume from `state_dir` when its fingerprint matches.
 
-    With `upright_loader` (self-supervised rotation heads), `valid_loader` holds the
-    rotated images: their metrics get the prefix `aug_`, and the un-rotated images give
-    the plain valid metrics, so class accuracy compares with the other experiments.
-
-    Writes into out_dir at the end: best.pt, last.pt, checkpoints/ (top-k by `main_metric`
-    on valid, name carries the value), metrics.json, and copies the TensorBoard log; then
-    removes `state_dir`. Returns the metrics history (also in metrics.json).
+    After every epoch the hooks run in order: TensorBoard scalars, best/top-k checkpoints,
+    the resume state, then ``extra_hooks``. At the end it writes into out_dir best.pt, last.pt,
+    checkpoints/ (top-k by `main_metric` on valid), metrics.json and the TensorBoard log, and
+    removes `state_dir`. Returns the metrics (also in metrics.json).
     """
     out_dir, state_dir = Path(out_dir), Path(state_dir)
-    state_path = state_dir / "state.pt"
-    spec = spec.for_loader(len(train_loader))
+    spec = spec.for_loader(len(loaders.train))
     model.freeze_encoder(spec.freeze_encoder)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    place_model(model, device)
     criteria = build_criteria(model)
     optimizer = build_optimizer(model, spec)
-    scheduler = build_scheduler(optimizer, spec, len(train_loader))
-    progress = _resume(state_dir, stage_fingerprint, spec.name, model, optimizer, scheduler)
-    history = progress.history
-    state_dir.mkdir(parents=True, exist_ok=True)
-    (state_dir / "checkpoints").mkdir(exist_ok=True)
-    if writer is None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(state_dir / "tensorboard"))
-
-    if progress_every is None:
-        progress_every = max(1, len(train_loader) // 4) if len(train_loader) >= 40 else 0
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info(
-        "stage %s: %d epochs, %d train / %d valid images, %d trainable parameters, encoder %s",
-        spec.name, spec.epochs, len(train_loader.dataset), len(valid_loader.dataset), trainable,
-        "frozen" if spec.freeze_encoder else "trained",
-    )
-
+    scheduler = build_scheduler(optimizer, spec, len(loaders.train))
+    progress = resume(state_dir, stage_fingerprint, spec.name, model, optimizer, scheduler)
+    (state_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    tensorboard = TensorBoardScalars(state_dir / "tensorboard")
+    hooks = [tensorboard, CheckpointKeeper(state_dir, main_metric), StateSaver(state_dir, stage_fingerprint), *extra_hooks]
+    _log_start(model, loaders, spec)
+    progress_every = max(1, len(loaders.train) // 4) if len(loaders.train) >= 40 else 0
     try:
         with terminate_on_sigterm():
             for epoch in range(progress.next_epoch, spec.epochs + 1):
-                # Each epoch's randomness is a function of (seed, epoch): a resumed run replays exactly.
-                epoch_seed = seed * 1000 + epoch
-                seed_everything(epoch_seed)
-                train_loader.generator.manual_seed(epoch_seed)
-                train_loader.dataset.reseed(epoch_seed)
-                started = time.perf_counter()
-                lr = optimizer.param_groups[0]["lr"]
-                train_metrics = train_one_epoch(
-                    model, train_loader, criteria, optimizer, scheduler, device,
-                    epoch=epoch, progress_every=progress_every,
+                seed_epoch(loaders.train, seed, epoch)
+                record = run_epoch(
+                    model, loaders, criteria, optimizer, scheduler, device, epoch=epoch, progress_every=progress_every
                 )
-                valid_metrics = evaluate(model, valid_loader, criteria, device)
-                if upright_loader is not None:
-                    valid_metrics = {f"aug_{k}": v for k, v in valid_metrics.items()} | evaluate(
-                        model, upright_loader, criteria, device
-                    )
-                seconds = time.perf_counter() - started
-                record = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 3), "train": train_metrics, "valid": valid_metrics}
-                history.append(record)
-                log.info(
-                    "stage %s epoch %d/%d lr=%.2e train_loss=%.4f train_acc=%.4f valid_loss=%.4f valid_acc=%.4f (%.1fs)",
-                    spec.name, epoch, spec.epochs, lr, train_metrics["loss"], train_metrics.get("accuracy", float("nan")),
-                    valid_metrics["loss"], valid_metrics.get("accuracy", float("nan")), seconds,
-                )
-                for split_name, values in (("train", train_metrics), ("valid", valid_metrics)):
-                    for key, value in values.items():
-                        writer.add_scalar(f"{spec.name}/{split_name}/{key}", value, epoch)
-                writer.add_scalar(f"{spec.name}/lr", lr, epoch)
-                writer.flush()
-
-                progress.keep_checkpoints(model, spec, state_dir, epoch, main_metric, valid_metrics[main_metric])
-                _save_state(state_path, stage_fingerprint, model, optimizer, scheduler, progress)
-                _fail_for_tests(spec.name, epoch, state_dir)
+                progress.history.append(record)
+                _log_epoch(spec, record)
+                for hook in hooks:
+                    hook(EpochEnd(spec, epoch, record, model, optimizer, scheduler, progress))
     except Terminated:
-        done = progress.next_epoch - 1
         log.error(
             "stage %s terminated by SIGTERM; epochs up to %d are saved in %s and a rerun "
-            "(snakemake --rerun-incomplete) resumes from there", spec.name, done, state_dir,
+            "(snakemake --rerun-incomplete) resumes from there", spec.name, progress.next_epoch - 1, state_dir,
         )
-        writer.close()
         raise SystemExit(143) from None
-    writer.close()
+    finally:
+        tensorboard.close()
+    metrics = stage_metrics(spec, progress, main_metric)
+    publish(out_dir, state_dir, model, metrics)
+    # The state is there to resume an interrupted stage; once the outputs are published it
+    # would only double the disk (model + optimizer moments + copies of every checkpoint).
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return metrics
 
+
+def _log_start(model: MultiHeadNet, loaders: StageLoaders, spec: StageSpec) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info(
+        "stage %s: %d epochs, %d train / %d valid images, %d trainable parameters, encoder %s",
+        spec.name, spec.epochs, len(loaders.train.dataset), len(loaders.valid.dataset), trainable,
+        "frozen" if spec.freeze_encoder else "trained",
+    )
+
+
+def _log_epoch(spec: StageSpec, record: dict[str, Any]) -> None:
+    train, valid = record["train"], record["valid"]
+    log.info(
+        "stage %s epoch %d/%d lr=%.2e train_loss=%.4f train_acc=%.4f valid_loss=%.4f valid_acc=%.4f (%.1fs)",
+        spec.name, record["epoch"], spec.epochs, record["lr"], train["loss"], train.get("accuracy", float("nan")),
+        valid["loss"], valid.get("accuracy", float("nan")), record["seconds"],
+    )
+
+
+def stage_metrics(spec: StageSpec, progress: StageProgress, main_metric: str) -> dict[str, Any]:
+    """metrics.json of a finished stage: the spec as trained, every epoch, the best one."""
+    history = progress.history
     best_epoch = max(history, key=lambda r: (r["valid"][main_metric], -r["epoch"]))["epoch"]
-    metrics = {
+    return {
         "stage": spec.name,
         "spec": asdict(spec),
         "main_metric": f"valid/{main_metric}",
         "best": {"epoch": best_epoch, "value": progress.best_value},
         "epochs": history,
     }
-    _publish(out_dir, state_dir, model, metrics)
-    # The state is there to resume an interrupted stage. Once the outputs are published it
-    # would only double the disk (model + optimizer moments + copies of every checkpoint):
-    # 4.7 GB of the 8.6 GB a 10-round digits autolabel run used to leave behind.
-    shutil.rmtree(state_dir, ignore_errors=True)
-    return metrics
 
 
-def _publish(out_dir: Path, state_dir: Path, model: MultiHeadNet, metrics: dict[str, Any]) -> None:
+def publish(out_dir: Path, state_dir: Path, model: MultiHeadNet, metrics: dict[str, Any]) -> None:
     """Copy the finished stage from its state folder into the declared outputs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     last_epoch = metrics["epochs"][-1]["epoch"]

@@ -1,17 +1,19 @@
 # Autolabel loop (target `autolabel`): human labels in autolabel.clean + the unlabelled pile in
-# autolabel.raw → round 0, 1, ... (train, predict, calibrate, accept) until a round's status
-# says stop → results/autolabel/dataset.csv. Rounds are driven by the checkpoint
-# `autolabel_round`; the input function `autolabel_rounds` (common.smk) walks them.
+# autolabel.raw → round 0, 1, ... until a round's status says stop → results/autolabel/dataset.csv.
+# Each round is the run autolabel/round_<r> (labelflow.runs): the ordinary train_stage rule
+# trains it on the round's table; the checkpoint `autolabel_round` predicts, calibrates and
+# accepts. Helpers run only when an autolabel target is requested, so an unconfigured
+# `autolabel:` section never breaks the default workflow.
 
 
 rule autolabel_prepare:
     input:
         unpack(autolabel_folders),
     output:
-        root=directory("results/autolabel/root"),
-        human="results/autolabel/data/human.csv",
-        labeling="results/autolabel/data/tag2cls.json",
-        raw="results/autolabel/data/raw.csv",
+        root=directory(AUTOLABEL_ROOT),
+        human=f"{AUTOLABEL_DATA}/human.csv",
+        tag2cls=AUTOLABEL_TAG2CLS,
+        raw=f"{AUTOLABEL_DATA}/raw.csv",
         skipped="results/autolabel/skipped.csv",
     log:
         "results/logs/autolabel/prepare.log",
@@ -31,42 +33,10 @@ rule autolabel_round_dataset:
         "results/autolabel/round_{round}/dataset.csv",
     log:
         "results/logs/autolabel/round_{round}/dataset.log",
-    wildcard_constraints:
-        round=r"\d+",
     conda:
         "../../envs/torch.yaml"
     script:
         "../scripts/autolabel_round_dataset.py"
-
-
-rule autolabel_train:
-    input:
-        unpack(autolabel_train_inputs),
-    output:
-        best="results/autolabel/round_{round}/{stage}/best.pt",
-        last="results/autolabel/round_{round}/{stage}/last.pt",
-        metrics="results/autolabel/round_{round}/{stage}/metrics.json",
-        checkpoints=directory("results/autolabel/round_{round}/{stage}/checkpoints"),
-        tensorboard=directory("results/autolabel/round_{round}/{stage}/tensorboard"),
-    log:
-        "results/logs/autolabel/round_{round}/{stage}.log",
-    wildcard_constraints:
-        round=r"\d+",
-    conda:
-        "../../envs/torch.yaml"
-    threads: config["threads"]
-    resources:
-        gpu=config["gpu"],
-    params:
-        experiment=lambda wildcards: autolabel_experiment(),
-        valid_folds=VALID_FOLDS,
-        seed=config["seed"],
-        out_dir=subpath(output.best, parent=True),
-        # resumable training state; not an output, so a failed job keeps it
-        state_dir="results/autolabel/state/round_{round}/{stage}",
-        experiment_name="autolabel round {round}",
-    script:
-        "../scripts/train_stage.py"
 
 
 checkpoint autolabel_round:
@@ -80,22 +50,15 @@ checkpoint autolabel_round:
         metrics="results/autolabel/round_{round}/metrics.json",
     log:
         "results/logs/autolabel/round_{round}/round.log",
-    wildcard_constraints:
-        round=r"\d+",
     conda:
         "../../envs/torch.yaml"
     threads: config["threads"]
     resources:
         gpu=config["gpu"],
     params:
-        experiment=lambda wildcards: autolabel_experiment(),
-        valid_folds=VALID_FOLDS,
-        threshold=config["autolabel"]["threshold"],
-        class_thresholds=config["autolabel"]["class_thresholds"],
-        min_temperature=config["autolabel"]["min_temperature"],
-        max_new_per_class=config["autolabel"]["max_new_per_class"],
-        neighbours=config["autolabel"]["neighbours"],
-        last_round=autolabel_is_last_round,
+        run=lambda wildcards: params_of(round_run(wildcards.round)),
+        settings=RoundSettings.keys_of(config["autolabel"]),
+        last_round=is_last_round,
         batch_size=config["infer_batch_size"],
     script:
         "../scripts/autolabel_round.py"

@@ -18,7 +18,7 @@ rule tag2label:
         unpack(labelling_inputs),
     output:
         dataset="results/data/dataset_raw.csv",
-        labeling="results/data/tag2cls.json",
+        tag2cls="results/data/tag2cls.json",
         skipped="results/data/skipped.csv",
         duplicates="results/data/duplicates.csv",
     log:
@@ -34,7 +34,7 @@ rule tag2label:
 rule split:
     input:
         dataset="results/data/dataset_raw.csv",
-        labeling="results/data/tag2cls.json",
+        tag2cls="results/data/tag2cls.json",
     output:
         "results/data/dataset.csv",
     log:

@@ -1,22 +1,24 @@
+# The similarity index of every run: PCA + hnswlib over the train embeddings, recall@k of the
+# valid embeddings, the out-of-class rejection threshold, and answers for embedded image sets.
+# No model here: envs/index.yaml has no torch.
+
+
 rule pca_index:
     input:
-        predictions="results/{experiment}/predictions/predictions.csv",
-        embeddings="results/{experiment}/predictions/embeddings.npy",
+        predictions="results/{run}/predictions/predictions.csv",
+        embeddings="results/{run}/predictions/embeddings.npy",
     output:
-        transform="results/{experiment}/index/transform.npz",
-        index="results/{experiment}/index/knn.hnsw.bin",
-        info="results/{experiment}/index/index.json",
+        transform="results/{run}/index/transform.npz",
+        index="results/{run}/index/knn.hnsw.bin",
+        info="results/{run}/index/index.json",
     log:
-        "results/logs/{experiment}/pca_index.log",
+        "results/logs/{run}/pca_index.log",
     benchmark:
-        "results/benchmarks/{experiment}/pca_index.tsv"
+        "results/benchmarks/{run}/pca_index.tsv"
     conda:
         "../../envs/index.yaml"
     params:
-        index={
-            key: config["index"][key]
-            for key in ("n_components", "space", "M", "ef_construction", "ef")
-        },
+        index=config["index"],
         seed=config["seed"],
     script:
         "../scripts/pca_index.py"
@@ -24,21 +26,61 @@ rule pca_index:
 
 rule evaluate_index:
     input:
-        predictions="results/{experiment}/predictions/predictions.csv",
-        embeddings="results/{experiment}/predictions/embeddings.npy",
-        transform="results/{experiment}/index/transform.npz",
-        index="results/{experiment}/index/knn.hnsw.bin",
-        info="results/{experiment}/index/index.json",
+        predictions="results/{run}/predictions/predictions.csv",
+        embeddings="results/{run}/predictions/embeddings.npy",
+        transform="results/{run}/index/transform.npz",
+        index="results/{run}/index/knn.hnsw.bin",
+        info="results/{run}/index/index.json",
     output:
-        "results/{experiment}/index/recall.json",
+        "results/{run}/index/recall.json",
     log:
-        "results/logs/{experiment}/evaluate_index.log",
+        "results/logs/{run}/evaluate_index.log",
     benchmark:
-        "results/benchmarks/{experiment}/evaluate_index.tsv"
+        "results/benchmarks/{run}/evaluate_index.tsv"
     conda:
         "../../envs/index.yaml"
     params:
-        ks=config["index"]["ks"],
-        vote_k=config["index"]["vote_k"],
+        index=config["index"],
     script:
         "../scripts/evaluate_index.py"
+
+
+rule rejection:
+    input:
+        predictions="results/{run}/predictions/predictions.csv",
+        embeddings="results/{run}/predictions/embeddings.npy",
+        transform="results/{run}/index/transform.npz",
+        index="results/{run}/index/knn.hnsw.bin",
+        info="results/{run}/index/index.json",
+        tag2cls=lambda wildcards: run_of(wildcards).data.tag2cls,
+        checkpoint=final_checkpoint,
+    output:
+        "results/{run}/index/rejection.json",
+    log:
+        "results/logs/{run}/rejection.log",
+    benchmark:
+        "results/benchmarks/{run}/rejection.tsv"
+    conda:
+        "../../envs/index.yaml"
+    params:
+        run=run_params,
+        settings={"query": config["query"], "index": config["index"]},
+    script:
+        "../scripts/rejection.py"
+
+
+rule query_set:
+    input:
+        rejection="results/{run}/index/rejection.json",
+        embeddings="results/{run}/embeddings/{imageset}/embeddings.npy",
+        table="results/{run}/embeddings/{imageset}/index.csv",
+    output:
+        "results/{run}/queries/{imageset}.csv",
+    log:
+        "results/logs/{run}/query_{imageset}.log",
+    conda:
+        "../../envs/index.yaml"
+    params:
+        k=config["query"]["k"],
+    script:
+        "../scripts/query.py"

@@ -1,42 +1,37 @@
+# Summaries and comparisons: summary.json of every run, the experiments table (default
+# target), and the LR finder, grid and k-fold targets.
+
+
 rule summary:
     input:
-        dataset="results/data/dataset.csv",
-        labeling="results/data/tag2cls.json",
-        predictions="results/{experiment}/predictions/predictions.csv",
-        logits="results/{experiment}/predictions/logits.npy",
-        heads="results/{experiment}/predictions/heads.csv",
-        checkpoint=final_checkpoint,
-        stage_metrics=all_stage_metrics,
-        index_metrics="results/{experiment}/index/recall.json",
+        unpack(summary_inputs),
     output:
-        summary="results/{experiment}/summary.json",
+        summary="results/{run}/summary.json",
         confusion=report(
-            directory("results/{experiment}/confusion"),
+            directory("results/{run}/confusion"),
             patterns=["{head}.png"],
             caption="../report/confusion_matrix.rst",
             category="Classification",
-            subcategory="{experiment}",
+            subcategory="{run}",
         ),
-        tensorboard=directory("results/{experiment}/summary_tensorboard"),
+        tensorboard=directory("results/{run}/summary_tensorboard"),
     log:
-        "results/logs/{experiment}/summary.log",
+        "results/logs/{run}/summary.log",
     benchmark:
-        "results/benchmarks/{experiment}/summary.tsv"
+        "results/benchmarks/{run}/summary.tsv"
     conda:
         "../../envs/torch.yaml"
     params:
-        stages=lambda wildcards: stage_names(wildcards.experiment),
+        stages=lambda wildcards: run_of(wildcards).stages,
     script:
         "../scripts/summary.py"
 
 
 rule compare_experiments:
     input:
-        summaries=expand("results/{experiment}/summary.json", experiment=EXPERIMENTS),
+        summaries=expand("results/{run}/summary.json", run=EXPERIMENTS),
         stage_metrics=[
-            f"results/{name}/{stage}/metrics.json"
-            for name in EXPERIMENTS
-            for stage in stage_names(name)
+            f for name in EXPERIMENTS for f in stage_metrics_files(RUNS[name])
         ],
     output:
         table="results/experiments.csv",
@@ -52,11 +47,70 @@ rule compare_experiments:
     conda:
         "../../envs/torch.yaml"
     params:
-        stage_metrics={
-            name: [
-                f"results/{name}/{stage}/metrics.json" for stage in stage_names(name)
-            ]
-            for name in EXPERIMENTS
-        },
+        stage_metrics={name: stage_metrics_files(RUNS[name]) for name in EXPERIMENTS},
     script:
         "../scripts/compare_experiments.py"
+
+
+rule lrfinder:
+    input:
+        [
+            RUNS[name].path("lrfinder", stage, "suggestion.json")
+            for name in EXPERIMENTS
+            for stage in RUNS[name].stages
+        ],
+
+
+rule kfold_summary:
+    input:
+        unpack(kfold_inputs),
+    output:
+        table="results/kfold/{experiment}/summary.csv",
+        summary="results/kfold/{experiment}/summary.json",
+        plot=report(
+            "results/kfold/{experiment}/kfold.png",
+            caption="../report/kfold.rst",
+            category="K-fold",
+        ),
+        oof="results/kfold/{experiment}/oof_predictions.csv",
+    log:
+        "results/logs/kfold/{experiment}/summary.log",
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/kfold_summary.py"
+
+
+rule kfold:
+    input:
+        expand(
+            "results/kfold/{experiment}/summary.json",
+            experiment=config["kfold"]["experiments"] or EXPERIMENTS[:1],
+        ),
+
+
+rule grid_comparison:
+    input:
+        metrics=grid_metrics,
+    output:
+        table="results/grid/comparison.csv",
+        plot=report(
+            "results/grid/comparison.png",
+            caption="../report/grid.rst",
+            category="Grid search",
+        ),
+        configs=[f"results/grid/{grid_id}/experiment.yaml" for grid_id in RUNS.grid],
+        tensorboard=directory("results/grid/tensorboard"),
+    log:
+        "results/logs/grid/comparison.log",
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        runs=RUNS.grid,
+    script:
+        "../scripts/grid_comparison.py"
+
+
+rule grid:
+    input:
+        "results/grid/comparison.csv",

@@ -1,56 +1,85 @@
+# Model jobs of every run (labelflow.runs): train a stage, the LR finder of a stage, and
+# inference of the final model over the run's images.
+
+
 rule train_stage:
     input:
         unpack(train_inputs),
     output:
-        best="results/{experiment}/{stage}/best.pt",
-        last="results/{experiment}/{stage}/last.pt",
-        metrics="results/{experiment}/{stage}/metrics.json",
-        checkpoints=directory("results/{experiment}/{stage}/checkpoints"),
-        tensorboard=directory("results/{experiment}/{stage}/tensorboard"),
+        best="results/{run}/{stage}/best.pt",
+        last="results/{run}/{stage}/last.pt",
+        metrics="results/{run}/{stage}/metrics.json",
+        checkpoints=directory("results/{run}/{stage}/checkpoints"),
+        tensorboard=directory("results/{run}/{stage}/tensorboard"),
     log:
-        "results/logs/{experiment}/{stage}.log",
+        "results/logs/{run}/{stage}.log",
     benchmark:
-        "results/benchmarks/{experiment}/{stage}.tsv"
+        "results/benchmarks/{run}/{stage}.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: config["threads"]
     resources:
         gpu=config["gpu"],
     params:
-        experiment=run_experiment,
-        valid_folds=run_valid_folds,
+        run=run_params,
         seed=config["seed"],
         out_dir=subpath(output.best, parent=True),
         # resumable training state; not an output, so a failed job keeps it
-        state_dir="results/{experiment}/state/{stage}",
+        state_dir="results/{run}/state/{stage}",
     script:
         "../scripts/train_stage.py"
 
 
-rule infer:
+rule lrfinder_stage:
     input:
-        checkpoint=final_checkpoint,
-        dataset="results/data/dataset.csv",
-        labeling="results/data/tag2cls.json",
-        root=DATASET,
+        unpack(stage_inputs),
     output:
-        logits="results/{experiment}/predictions/logits.npy",
-        probabilities="results/{experiment}/predictions/probabilities.npy",
-        embeddings="results/{experiment}/predictions/embeddings.npy",
-        predictions="results/{experiment}/predictions/predictions.csv",
-        heads="results/{experiment}/predictions/heads.csv",
+        table="results/{run}/lrfinder/{stage}/lr_loss.csv",
+        suggestion="results/{run}/lrfinder/{stage}/suggestion.json",
+        plot=report(
+            "results/{run}/lrfinder/{stage}/lrfinder.png",
+            caption="../report/lrfinder.rst",
+            category="LR finder",
+            subcategory="{run}",
+        ),
+        tensorboard=directory("results/{run}/lrfinder/{stage}/tensorboard"),
     log:
-        "results/logs/{experiment}/infer.log",
+        "results/logs/{run}/lrfinder_{stage}.log",
     benchmark:
-        "results/benchmarks/{experiment}/infer.tsv"
+        "results/benchmarks/{run}/lrfinder_{stage}.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: config["threads"]
     resources:
         gpu=config["gpu"],
     params:
-        experiment=run_experiment,
-        valid_folds=run_valid_folds,
+        run=run_params,
+        seed=config["seed"],
+        finder=config["lrfinder"],
+    script:
+        "../scripts/lrfinder.py"
+
+
+rule infer:
+    input:
+        unpack(infer_inputs),
+    output:
+        logits="results/{run}/predictions/logits.npy",
+        probabilities="results/{run}/predictions/probabilities.npy",
+        embeddings="results/{run}/predictions/embeddings.npy",
+        predictions="results/{run}/predictions/predictions.csv",
+        heads="results/{run}/predictions/heads.csv",
+    log:
+        "results/logs/{run}/infer.log",
+    benchmark:
+        "results/benchmarks/{run}/infer.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=config["gpu"],
+    params:
+        run=run_params,
         seed=config["seed"],
         batch_size=config["infer_batch_size"],
         out_dir=subpath(output.predictions, parent=True),

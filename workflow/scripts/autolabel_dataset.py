@@ -1,4 +1,4 @@
-from labelflow.autolabel import assemble
+from labelflow.autolabel.results import assemble
 from labelflow.jobs import start_job
 
 start_job(snakemake)

@@ -1,4 +1,4 @@
-from labelflow.autolabel import evaluate
+from labelflow.autolabel.results import evaluate
 from labelflow.jobs import start_job
 
 start_job(snakemake)

@@ -1,4 +1,4 @@
-from labelflow.autolabel import materialize
+from labelflow.autolabel.results import materialize
 from labelflow.jobs import start_job
 
 start_job(snakemake)

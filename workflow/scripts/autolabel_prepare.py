@@ -1,4 +1,4 @@
-from labelflow.autolabel import prepare
+from labelflow.autolabel.prepare import prepare
 from labelflow.jobs import start_job
 
 start_job(snakemake)
@@ -7,7 +7,7 @@ prepare(
     raw=snakemake.input.raw,
     root_dir=snakemake.output.root,
     human_csv=snakemake.output.human,
-    labeling_json=snakemake.output.labeling,
+    tag2cls_json=snakemake.output.tag2cls,
     raw_csv=snakemake.output.raw,
     skipped_csv=snakemake.output.skipped,
     n_folds=snakemake.params.n_folds,

@@ -1,4 +1,4 @@
-from labelflow.autolabel import plot_progress
+from labelflow.autolabel.results import plot_progress
 from labelflow.jobs import start_job
 
 start_job(snakemake)

@@ -1,10 +1,10 @@
-from labelflow.autolabel import round_dataset
+from labelflow.autolabel.round import round_dataset
 from labelflow.jobs import start_job
 
 start_job(snakemake)
 round_dataset(
     human_csv=snakemake.input.human,
     accepted_csvs=list(snakemake.input.accepted),
-    labeling_json=snakemake.input.labeling,
+    tag2cls_json=snakemake.input.tag2cls,
     out_csv=snakemake.output[0],
 )

@@ -1,4 +1,4 @@
-from labelflow.data import write_digits_dataset
+from labelflow.demo import write_digits_dataset
 from labelflow.jobs import start_job
 
 log = start_job(snakemake)

@@ -5,8 +5,8 @@ start_job(snakemake)
 plot_embeddings_2d(
     predictions_csv=snakemake.input.predictions,
     embeddings_npy=snakemake.input.embeddings,
-    tag2cls_json=snakemake.input.labeling,
+    tag2cls_json=snakemake.input.tag2cls,
     out_png=snakemake.output[0],
-    title=f"{snakemake.wildcards.experiment}: train+valid embeddings (PCA)",
+    title=f"{snakemake.wildcards.run}: train+valid embeddings (PCA)",
     seed=snakemake.params.seed,
 )

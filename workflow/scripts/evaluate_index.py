@@ -1,5 +1,5 @@
+from labelflow.index import IndexSettings, evaluate_index
 from labelflow.jobs import start_job
-from labelflow.pipeline import evaluate_index
 
 start_job(snakemake)
 evaluate_index(
@@ -9,6 +9,5 @@ evaluate_index(
     index_bin=snakemake.input.index,
     index_json=snakemake.input.info,
     out_json=snakemake.output[0],
-    ks=snakemake.params.ks,
-    vote_k=snakemake.params.vote_k,
+    settings=IndexSettings.from_config(snakemake.params.index),
 )

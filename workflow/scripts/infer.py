@@ -1,14 +1,14 @@
+from labelflow.experiment import infer
 from labelflow.jobs import start_job, wants_gpu
-from labelflow.pipeline import infer
 
 start_job(snakemake)
 infer(
     checkpoint=snakemake.input.checkpoint,
     dataset_csv=snakemake.input.dataset,
-    tag2cls_json=snakemake.input.labeling,
+    tag2cls_json=snakemake.input.tag2cls,
     root=snakemake.input.root,
-    experiment=snakemake.params.experiment,
-    valid_folds=snakemake.params.valid_folds,
+    experiment=snakemake.params.run["experiment"],
+    valid_folds=snakemake.params.run["valid_folds"],
     seed=snakemake.params.seed,
     out_dir=snakemake.params.out_dir,
     batch_size=snakemake.params.batch_size,

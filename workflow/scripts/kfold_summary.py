@@ -2,16 +2,12 @@ from labelflow.jobs import start_job
 from labelflow.reports import kfold_summary
 
 start_job(snakemake)
-n = len(snakemake.input.metrics)
+files = zip(snakemake.input.metrics, snakemake.input.summaries, snakemake.input.predictions)
 kfold_summary(
-    experiment=snakemake.wildcards.name,
+    experiment=snakemake.wildcards.experiment,
     folds={
-        k: {
-            "metrics": snakemake.input.metrics[k],
-            "summary": snakemake.input.summaries[k],
-            "predictions": snakemake.input.predictions[k],
-        }
-        for k in range(n)
+        k: {"metrics": metrics, "summary": summary, "predictions": predictions}
+        for k, (metrics, summary, predictions) in enumerate(files)
     },
     out_csv=snakemake.output.table,
     out_json=snakemake.output.summary,

@@ -1,5 +1,5 @@
+from labelflow.index import IndexSettings, pca_index
 from labelflow.jobs import start_job
-from labelflow.pipeline import pca_index
 
 start_job(snakemake)
 pca_index(
@@ -8,6 +8,6 @@ pca_index(
     transform_npz=snakemake.output.transform,
     index_bin=snakemake.output.index,
     index_json=snakemake.output.info,
+    settings=IndexSettings.from_config(snakemake.params.index),
     seed=snakemake.params.seed,
-    **snakemake.params.index,
 )

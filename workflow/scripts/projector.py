@@ -5,7 +5,6 @@ start_job(snakemake)
 write_projector(
     predictions_csv=snakemake.input.predictions,
     embeddings_npy=snakemake.input.embeddings,
-    tag2cls_json=snakemake.input.labeling,
     root=snakemake.input.root,
     out_dir=snakemake.output[0],
     max_images=snakemake.params.max_images,

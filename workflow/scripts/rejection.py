@@ -1,18 +1,15 @@
-from labelflow.search import calibrate_rejection
 from labelflow.jobs import start_job
+from labelflow.search import RejectionSettings, calibrate_rejection
 
 start_job(snakemake)
 calibrate_rejection(
-    predictions_csv=snakemake.input.predictions,
+    index_files={
+        name: snakemake.input[name] for name in ("transform", "index", "info", "predictions")
+    },
     embeddings_npy=snakemake.input.embeddings,
-    transform_npz=snakemake.input.transform,
-    index_bin=snakemake.input.index,
-    index_json=snakemake.input.info,
-    tag2cls_json=snakemake.input.labeling,
+    tag2cls_json=snakemake.input.tag2cls,
     checkpoint=snakemake.input.checkpoint,
-    data_cfg=snakemake.params.data,
+    data_cfg=snakemake.params.run["experiment"]["data"],
     out_json=snakemake.output[0],
-    quantile=snakemake.params.quantile,
-    k=snakemake.params.k,
-    vote_k=snakemake.params.vote_k,
+    settings=RejectionSettings.from_config(snakemake.params.settings),
 )

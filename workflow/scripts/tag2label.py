@@ -1,4 +1,5 @@
-from labelflow.data import tag2label, tag2label_csv, write_csv_atomic, write_json_atomic
+from labelflow.dataset import tag2label, tag2label_csv
+from labelflow.io import write_csv_atomic, write_json_atomic
 from labelflow.jobs import start_job
 
 log = start_job(snakemake)
@@ -8,7 +9,7 @@ if labels_csv:
 else:
     result = tag2label(snakemake.input.dataset)
 write_csv_atomic(result.dataset, snakemake.output.dataset)
-write_json_atomic(result.tag2cls, snakemake.output.labeling)
+write_json_atomic(result.tag2cls, snakemake.output.tag2cls)
 write_csv_atomic(result.skipped, snakemake.output.skipped)
 write_csv_atomic(result.duplicates, snakemake.output.duplicates)
 log.info(

@@ -1,0 +1,248 @@
+"""Autolabel step 2, once per round: the round's training table, then (after the round's run
+has trained on it) prediction of the still-unlabelled raw images, calibration and selection.
+
+Round r's table holds the human rows (their folds) and the pseudo-labels accepted in rounds
+< r with fold -1, so pseudo-labels never enter validation. The round's model is trained by
+the same rules as any run (:mod:`labelflow.runs`, ``autolabel/round_<r>``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from labelflow.autolabel.policy import (
+    ACCEPTED,
+    REJECTIONS,
+    RoundSettings,
+    neighbours_agree,
+    remaining_candidates,
+    round_status,
+    select_pseudo_labels,
+)
+from labelflow.dataset import class_names, read_dataset_csv, read_tag2cls, valid_mask
+from labelflow.io import DatasetError, PathLike, read_table, write_csv_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_COLUMNS = ["path", "tag", "class", "confidence", "round"]
+
+
+def round_recipe(experiment: Mapping[str, Any]) -> dict[str, Any]:
+    """The experiment as it trains an autolabel round: no top-k checkpoint copies. A round's
+    model is used once, through best.pt; the copies would add ~230 MB per round of a 10-round
+    digits run and nothing reads them. The experiment itself is not changed."""
+    stages = {stage: {**spec, "top_k": 0} for stage, spec in experiment["stages"].items()}
+    return {**experiment, "stages": stages}
+
+
+def read_accepted(paths: Sequence[PathLike]) -> pd.DataFrame:
+    """The pseudo-labels accepted by the given rounds, one table."""
+    tables = [read_table(p) for p in paths]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=ACCEPTED_COLUMNS)
+
+
+def round_dataset(
+    *, human_csv: PathLike, accepted_csvs: Sequence[PathLike], tag2cls_json: PathLike, out_csv: PathLike
+) -> pd.DataFrame:
+    """Round r's training table ``path,tag,class,fold``: human rows (their folds) and the
+    pseudo-labels accepted in earlier rounds (fold -1: never validation)."""
+    human = read_table(human_csv)
+    tag2cls = read_tag2cls(tag2cls_json)
+    pseudo = read_accepted(accepted_csvs)
+    clash = sorted(set(pseudo["path"]) & set(human["path"]))
+    if clash:
+        raise DatasetError(f"pseudo-labels would relabel human-labelled images {clash[:5]}; this is a bug")
+    twice = pseudo["path"][pseudo["path"].duplicated()].tolist()
+    if twice:
+        raise DatasetError(f"images {twice[:5]} were accepted in two rounds; this is a bug")
+    pseudo_rows = pd.DataFrame(
+        {"path": pseudo["path"], "tag": pseudo["tag"], "class": pseudo["tag"].map(tag2cls).astype("Int64"), "fold": -1}
+    )
+    table = pd.concat([human[["path", "tag", "class", "fold"]], pseudo_rows], ignore_index=True)
+    table["class"] = table["class"].astype(np.int64)
+    table["fold"] = table["fold"].astype(np.int64)
+    write_csv_atomic(table, out_csv)
+    log.info("round table: %d human + %d pseudo-labelled images", len(human), len(pseudo_rows))
+    return table
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    checkpoint: PathLike  # the round's final model
+    dataset_csv: PathLike  # the round's training table (round_dataset)
+    raw_csv: PathLike
+    tag2cls_json: PathLike
+    root: PathLike  # the autolabel root (clean/ and raw/ links)
+
+
+@dataclass(frozen=True)
+class RoundOutputs:
+    status_json: PathLike
+    accepted_csv: PathLike
+    predictions_csv: PathLike
+    counts_csv: PathLike
+    metrics_json: PathLike
+
+
+@dataclass
+class RoundTables:
+    """What a round reads: its table, the human and validation rows, the candidates."""
+
+    dataset: pd.DataFrame
+    classes: list[str]
+    tag2cls: dict[str, int]
+    human: pd.DataFrame
+    valid: pd.DataFrame
+    candidates: pd.DataFrame
+    human_counts: dict[str, int]
+
+    @classmethod
+    def read(cls, inputs: RoundInputs, valid_folds: Sequence[int]) -> RoundTables:
+        dataset = read_dataset_csv(inputs.dataset_csv, inputs.root)
+        tag2cls = read_tag2cls(inputs.tag2cls_json)
+        classes = class_names(tag2cls)
+        human = dataset[dataset["fold"] >= 0]
+        candidates = remaining_candidates(read_table(inputs.raw_csv), dataset)
+        return cls(
+            dataset=dataset,
+            classes=classes,
+            tag2cls=tag2cls,
+            human=human,
+            valid=human[valid_mask(human, list(valid_folds))],
+            candidates=candidates,
+            human_counts=human.groupby("tag").size().reindex(classes, fill_value=0).to_dict(),
+        )
+
+
+def score_candidates(
+    tables: RoundTables, inputs: RoundInputs, experiment: dict[str, Any], settings: RoundSettings,
+    *, batch_size: int, want_gpu: bool,
+):
+    """Predict every labelled image (validation and the neighbour guard need them) and every
+    candidate; calibrate on the human validation rows. Returns (scored candidates, calibration)."""
+    from labelflow.calibration import calibrate, top_confidence
+    from labelflow.device import select_device
+    from labelflow.inference import predict
+    from labelflow.loaders import eval_loader
+    from labelflow.losses import get_loss
+    from labelflow.models import load_model
+
+    dataset, valid, candidates = tables.dataset, tables.valid, tables.candidates
+    device = select_device(want_gpu)
+    model = load_model(inputs.checkpoint)
+    activation = get_loss(model.spec.heads[0].loss).activation
+    paths = np.concatenate([dataset["path"].to_numpy(), candidates["path"].to_numpy()]).astype(str)
+    outputs = predict(model, eval_loader(inputs.root, paths, experiment["data"], batch_size=batch_size, device=device), device)
+    logits = outputs["logits"].astype(np.float64)
+    valid_logits, cand_logits = logits[dataset.index.get_indexer(valid.index)], logits[len(dataset):]
+    calibration = calibrate(valid_logits, valid["class"].to_numpy(), activation, min_temperature=settings.min_temperature)
+    _, raw_conf = top_confidence(cand_logits, 1.0, activation)
+    predicted, conf = top_confidence(cand_logits, calibration.temperature, activation)
+    scored = pd.DataFrame(
+        {"path": candidates["path"], "tag": [tables.classes[i] for i in predicted], "confidence": conf, "uncalibrated": raw_conf}
+    )
+    if settings.neighbours > 0:
+        embeddings = outputs["embeddings"]
+        scored["neighbours_agree"] = neighbours_agree(
+            embeddings[: len(dataset)], dataset["tag"].astype(str).to_numpy(), embeddings[len(dataset):],
+            scored["tag"], settings.neighbours,
+        )
+    return scored, calibration
+
+
+def class_counts(tables: RoundTables, decided: pd.DataFrame) -> pd.DataFrame:
+    """counts.csv: per class the human count, earlier pseudo-labels, and this round's decisions."""
+    dataset = tables.dataset
+    pseudo_before = dataset[dataset["fold"] < 0].groupby("tag").size()
+    counts = pd.DataFrame({"tag": tables.classes})
+    counts["human"] = counts["tag"].map(tables.human_counts).astype(int)
+    counts["pseudo_before"] = counts["tag"].map(pseudo_before).fillna(0).astype(int)
+    counts["predicted"] = counts["tag"].map(decided.groupby("tag").size()).fillna(0).astype(int)
+    for decision, column in {ACCEPTED: "accepted", **REJECTIONS}.items():
+        rows = decided[decided["decision"] == decision]
+        counts[column] = counts["tag"].map(rows.groupby("tag").size()).fillna(0).astype(int)
+    counts["rejected"] = counts[list(REJECTIONS.values())].sum(axis=1)
+    return counts
+
+
+def run_round(
+    inputs: RoundInputs,
+    outputs: RoundOutputs,
+    settings: RoundSettings,
+    *,
+    experiment: dict[str, Any],
+    valid_folds: Sequence[int],
+    round_: int,
+    last_round: bool,
+    batch_size: int = 256,
+    want_gpu: bool = False,
+) -> dict[str, Any]:
+    """Predict the unlabelled raw images with the round's model, calibrate, select, report.
+
+    The temperature is fitted on the round's human validation fold, not below
+    ``settings.min_temperature``. With ``settings.neighbours`` > 0 a prediction also needs its
+    nearest labelled images (human and earlier pseudo-labels, in the round model's embedding)
+    to agree (:func:`~labelflow.autolabel.policy.neighbours_agree`).
+    """
+    tables = RoundTables.read(inputs, valid_folds)
+    scored, calibration = score_candidates(tables, inputs, experiment, settings, batch_size=batch_size, want_gpu=want_gpu)
+    decided = select_pseudo_labels(scored, tables.human_counts, settings, labelled=tables.dataset["path"])
+    accepted = decided[decided["decision"] == ACCEPTED].sort_values("path")
+    accepted_table = pd.DataFrame(
+        {
+            "path": accepted["path"],
+            "tag": accepted["tag"],
+            "class": accepted["tag"].map(tables.tag2cls),
+            "confidence": accepted["confidence"],
+            "round": round_,
+        },
+        columns=ACCEPTED_COLUMNS,
+    )
+    counts = class_counts(tables, decided)
+    n_candidates = len(tables.candidates)
+    status = round_status(round_, len(accepted_table), n_candidates - len(accepted_table), last_round)
+    metrics = round_metrics(round_, tables, calibration, counts, accepted_table, settings)
+    write_csv_atomic(decided.sort_values("path"), outputs.predictions_csv)
+    write_csv_atomic(accepted_table, outputs.accepted_csv)
+    write_csv_atomic(counts, outputs.counts_csv)
+    write_json_atomic(metrics, outputs.metrics_json)
+    write_json_atomic(status, outputs.status_json)
+    log.info(
+        "round %d: valid accuracy %.4f, T=%.3f, ECE %.4f -> %.4f; %d candidates, %d accepted, "
+        "%d below min_confidence, %d with disagreeing neighbours, %d over the class cap",
+        round_, calibration.accuracy, calibration.temperature, calibration.ece_before, calibration.ece_after,
+        n_candidates, len(accepted_table), metrics["below_min_confidence"], metrics["neighbours_disagree"],
+        metrics["over_cap"],
+    )
+    log.info("round %d: %s", round_, f"stop ({status['reason']})" if status["stop"] else "go on")
+    return status
+
+
+def round_metrics(round_, tables: RoundTables, calibration, counts, accepted_table, settings: RoundSettings) -> dict[str, Any]:
+    """metrics.json of a round: data sizes, calibration, and how many of each decision."""
+    dataset = tables.dataset
+    return {
+        "round": round_,
+        "train_images": int((~dataset.index.isin(tables.valid.index)).sum()),
+        "human": int(len(tables.human)),
+        "pseudo_before": int(len(dataset) - len(tables.human)),
+        "valid_images": int(len(tables.valid)),
+        "valid_accuracy": calibration.accuracy,
+        "calibration": calibration.to_dict(),
+        "ece_bins": 15,
+        "candidates": int(len(tables.candidates)),
+        "accepted": int(len(accepted_table)),
+        "rejected": int(counts["rejected"].sum()),
+        **{column: int(counts[column].sum()) for column in REJECTIONS.values()},
+        "min_confidence": settings.min_confidence,
+        "class_min_confidence": dict(settings.class_min_confidence),
+        "max_new_per_class": settings.max_new_per_class,
+        "neighbours": settings.neighbours,
+        "mean_accepted_confidence": float(accepted_table["confidence"].mean()) if len(accepted_table) else None,
+    }

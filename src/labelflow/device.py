@@ -1,0 +1,52 @@
+"""Where a model runs: CUDA when the job asked for a GPU and one is visible, else the CPU.
+
+On CUDA: bf16 autocast, ``channels_last`` and non-blocking copies from pinned memory.
+CPU runs stay in float32 and bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def select_device(want_gpu: bool) -> torch.device:
+    """CUDA only when the job asked for a GPU and one is visible; CPU otherwise."""
+    if want_gpu and torch.cuda.is_available():
+        device = torch.device("cuda")
+        torch.backends.cudnn.benchmark = True
+        log.info("device: cuda (%s)", torch.cuda.get_device_name(device))
+    else:
+        device = torch.device("cpu")
+        why = "no GPU requested (resources gpu=0)" if not want_gpu else "CUDA is not available"
+        log.info("device: cpu (%s), %d threads", why, torch.get_num_threads())
+    return device
+
+
+def autocast(device: torch.device):
+    # bf16 autocast only on CUDA; CPU runs stay in float32 and bit-reproducible.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on ``device`` (non-blocking from pinned memory on CUDA)."""
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def images_for(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of images in the layout the device is fastest with (channels_last on CUDA)."""
+    if device.type == "cuda":
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model

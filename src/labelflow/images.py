@@ -1,0 +1,188 @@
+"""Image files: decode any common format to RGB, check readability, walk folders, hash bytes.
+
+One walker (:func:`walk_images`) and one parallel inspector (:func:`inspect_images`) serve
+every scan: tag2label, the autolabel piles, embedding sets and command-line folders.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from labelflow.io import DatasetError, PathLike, file_digest
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+)
+
+# Snakemake drops this marker into every directory() output; it is not user data.
+SNAKEMAKE_TIMESTAMP = ".snakemake_timestamp"
+
+
+def load_image(path: PathLike) -> np.ndarray:
+    """Read an image file as an ``H x W x 3`` uint8 RGB array.
+
+    * Transparency (RGBA, LA, palette or RGB with a transparent colour) is composited
+      onto black: the colour stored under fully transparent pixels is arbitrary, and
+      black keeps "invisible" content invisible the same way for every file.
+    * 16-bit images are scaled to 0..255 by dividing by 257 (65535 -> 255); mode ``I``
+      holding values in 0..65535 (how Pillow may read 16-bit PNGs) is treated the same
+      way, other ``I`` ranges and float (``F``) images are min-max stretched (``F``
+      already in 0..1 is just multiplied by 255).
+    * The EXIF orientation tag is applied, so phone photos are upright.
+    * Multi-frame files (GIF, TIFF) give their first frame.
+
+    Raises the Pillow error (``OSError`` family) for unreadable or truncated files, and
+    :class:`DatasetError` for image modes that cannot be turned into RGB.
+    """
+    with Image.open(path) as img:
+        # Decode everything now: Pillow is lazy, and a truncated file would otherwise
+        # only fail much later, inside a training DataLoader worker.
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)
+        return _to_rgb(img, path)
+
+
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def _to_rgb(img: Image.Image, path: PathLike) -> np.ndarray:
+    mode = img.mode
+    if mode.startswith("I;16"):
+        gray = _to_uint8(np.asarray(img).astype(np.float64) / 257.0)
+    elif mode == "I":
+        values = np.asarray(img).astype(np.float64)
+        if values.size and values.min() >= 0 and values.max() <= 65535:
+            gray = _to_uint8(values / 257.0)
+        else:
+            gray = _stretch(values)
+    elif mode == "F":
+        values = np.asarray(img).astype(np.float64)
+        if values.size and values.min() >= 0 and values.max() <= 1:
+            gray = _to_uint8(values * 255.0)
+        else:
+            gray = _stretch(values)
+    else:
+        try:
+            if mode in _ALPHA_MODES or "transparency" in img.info:
+                rgba = np.asarray(img.convert("RGBA")).astype(np.uint16)
+                alpha = rgba[..., 3:4]
+                return ((rgba[..., :3] * alpha + 127) // 255).astype(np.uint8)
+            # copy(): arrays viewing Pillow memory are read-only, and torch warns on those
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+        except ValueError as err:  # e.g. LAB or HSV, which Pillow cannot convert
+            raise DatasetError(
+                f"{path}: image mode {mode!r} cannot be converted to RGB; "
+                "re-save the file as an ordinary RGB or grayscale image"
+            ) from err
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    """Min-max scale to 0..255; a constant (or empty) image becomes black."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0 or finite.max() == finite.min():
+        return np.zeros(values.shape, dtype=np.uint8)
+    lo, hi = float(finite.min()), float(finite.max())
+    return _to_uint8(
+        (np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo) - lo) * (255.0 / (hi - lo))
+    )
+
+
+def check_image(path: PathLike) -> str | None:
+    """Return ``None`` if ``path`` is a fully readable image, else a short reason.
+
+    Never raises for a bad file: Pillow's decoders fail with many exception types on
+    garbage input, and one bad file must not stop a scan of thousands.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        return f"not an image file (extension {suffix or 'none'})"
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not a regular file"  # opening a FIFO or device could block forever
+        load_image(path)
+    except UnidentifiedImageError as err:
+        return f"not an image: {err}"
+    except Image.DecompressionBombError as err:
+        return f"too large: {err}"
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        return f"unreadable: {err.strerror}"
+    except DatasetError as err:
+        return f"unsupported image: {err}"
+    except Exception as err:  # noqa: BLE001 - see docstring
+        return f"corrupt or truncated: {err}"
+    return None
+
+
+def walk_images(
+    class_dir: str, rel: Callable[[PathLike], str], skipped: list[tuple[str, str]]
+) -> Iterator[str]:
+    """Yield candidate file paths below ``class_dir``; record hidden/looping entries."""
+
+    def unreadable(err: OSError) -> None:
+        skipped.append((rel(err.filename), f"unreadable folder: {err.strerror}"))
+
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(class_dir, onerror=unreadable, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a symlink
+            skipped.append((rel(dirpath), "folder already visited (symlink loop)"))
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for name in [d for d in dirnames if d.startswith(".")]:
+            skipped.append((rel(os.path.join(dirpath, name)), "hidden folder"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if name == SNAKEMAKE_TIMESTAMP:
+                continue
+            if name.startswith("."):
+                skipped.append((rel(path), "hidden file"))
+            else:
+                yield path
+
+
+def inspect_image(path: str) -> tuple[str | None, str | None]:
+    """(reason it is unusable or None, sha1 of its bytes if usable)."""
+    reason = check_image(path)
+    if reason is not None:
+        return reason, None
+    try:
+        return None, file_digest(path, "sha1")
+    except OSError as err:
+        return f"unreadable: {err.strerror}", None
+
+
+def inspect_images(paths: Sequence[str], digest: bool = True) -> list[tuple[str | None, str | None]]:
+    """:func:`inspect_image` of every path, in order, on a thread pool (decoding releases the GIL).
+    With ``digest=False`` only readability is checked (the second item is always None)."""
+    check = inspect_image if digest else (lambda p: (check_image(p), None))
+    with ThreadPoolExecutor() as pool:
+        return list(pool.map(check, paths))
+
+
+def decode_resized(path: PathLike, image_size: int) -> np.ndarray:
+    """The image as an ``image_size`` square RGB array (area filter when shrinking)."""
+    import cv2  # only model jobs resize; the index jobs import this module without OpenCV
+
+    image = load_image(path)
+    if image.shape[:2] != (image_size, image_size):
+        shrinking = image.shape[0] > image_size or image.shape[1] > image_size
+        image = cv2.resize(
+            image,
+            (image_size, image_size),
+            interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR,
+        )
+    return image
