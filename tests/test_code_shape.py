@@ -55,6 +55,14 @@ def test_no_import_cycles():
     assert "labelflow.training" in graph["labelflow.experiment"]
 
 
+def _docstring_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of the function's docstring: documentation does not make a function long."""
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        return first.end_lineno - first.lineno + 1
+    return 0
+
+
 def test_functions_are_short_or_say_why():
     long = []
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -62,8 +70,8 @@ def test_functions_are_short_or_say_why():
         lines = source.splitlines()
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                length = node.end_lineno - node.lineno + 1
+                length = node.end_lineno - node.lineno + 1 - _docstring_lines(node)
                 body = "\n".join(lines[node.lineno - 1 : node.end_lineno])
                 if length > MAX_FUNCTION_LINES and LONG_REASON not in body:
                     long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({length} lines)")
-    assert not long, "functions over 60 lines without a '# long because' comment:\n" + "\n".join(long)
+    assert not long, "functions over 60 lines (docstring aside) without a '# long because' comment:\n" + "\n".join(long)
