@@ -22,6 +22,7 @@ rule autolabel_prepare:
     params:
         n_folds=config["n_folds"],
         seed=config["seed"],
+        duplicates=config["duplicates"],
     script:
         "../scripts/autolabel_prepare.py"
 

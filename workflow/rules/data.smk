@@ -27,6 +27,8 @@ rule tag2label:
         "results/benchmarks/tag2label.tsv"
     conda:
         "../../envs/torch.yaml"
+    params:
+        duplicates=config["duplicates"],
     script:
         "../scripts/tag2label.py"
 
@@ -35,8 +37,10 @@ rule split:
     input:
         dataset="results/data/dataset_raw.csv",
         tag2cls="results/data/tag2cls.json",
+        duplicates="results/data/duplicates.csv",
     output:
-        "results/data/dataset.csv",
+        dataset="results/data/dataset.csv",
+        duplicate_folds="results/data/duplicate_folds.csv",
     log:
         "results/logs/split.log",
     benchmark:
