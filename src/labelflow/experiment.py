@@ -28,7 +28,7 @@ from labelflow.losses import get_loss
 from labelflow.metrics import predict_labels
 from labelflow.models import HeadSpec, ModelSpec, create_model, load_model, load_weights_into
 from labelflow.io import file_digest
-from labelflow.training import StageLoaders, StageSpec, fingerprint, run_stage
+from labelflow.training import Fingerprint, StageLoaders, StageSpec, code_version, digest, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class PreparedStage:
     stage_spec: StageSpec
     device: torch.device
     loaders: StageLoaders
-    fingerprint: str
+    fingerprint: Fingerprint
 
 
 def stage_loaders(
@@ -173,12 +173,27 @@ def prepare_stage(setup: StageSetup, lr: float | None = None) -> PreparedStage:
         batch_size=stage_spec.batch_size, heads=head_names(spec), seed=setup.seed, device=device,
     )
     model = stage_model(spec, experiment["model"]["weights"], setup.init_checkpoint, setup.seed)
-    stage_fp = fingerprint(
-        spec.to_dict(), stage_cfg, data_cfg, setup.seed, list(setup.valid_folds),
-        file_digest(setup.dataset_csv), file_digest(setup.init_checkpoint) if setup.init_checkpoint else None,
-        experiment["model"]["weights"],
-    )
-    return PreparedStage(model, stage_spec, device, loaders, stage_fp)
+    return PreparedStage(model, stage_spec, device, loaders, stage_fingerprint(setup, spec, stage_cfg))
+
+
+def stage_fingerprint(setup: StageSetup, spec: ModelSpec, stage_cfg: dict[str, Any]) -> Fingerprint:
+    """What a saved state must share with this stage to be resumed, as named parts (the log
+    names those that differ): ``recipe`` (model spec, stage config as trained, data config),
+    ``data`` (the dataset table's bytes, sha1 of each image included when the table has them),
+    ``init`` (the initial weights' bytes), ``folds``, ``seed``, ``weights`` (the encoder's
+    pretrained weights: the name, and the bytes when it is a file) and ``code``
+    (:func:`labelflow.training.code_version`)."""
+    experiment = setup.experiment
+    weights = experiment["model"]["weights"]
+    return {
+        "recipe": digest(spec.to_dict(), stage_cfg, experiment["data"]),
+        "data": file_digest(setup.dataset_csv)[:16],
+        "init": file_digest(setup.init_checkpoint)[:16] if setup.init_checkpoint else None,
+        "folds": sorted(int(f) for f in setup.valid_folds),
+        "seed": setup.seed,
+        "weights": f"{weights} {file_digest(weights)[:16]}" if Path(weights).is_file() else weights,
+        "code": code_version(),
+    }
 
 
 def read_lr_suggestion(path: PathLike) -> float:
