@@ -661,6 +661,8 @@ CORRUPTIONS = {
     "missing-tensor": (_edit_state(lambda s: s["model"].pop(MARK)), "its model tensors are not this model's"),
     "history": (_edit_state(lambda s: s.update(epoch=7)), "does not run from 1 to its epoch 7"),
     "malformed": (_edit_state(lambda s: s.update(history=[{"no": "epoch"}])), "it is malformed (KeyError"),
+    "topk-no-file": (_edit_state(lambda s: s["topk"][-1].pop("file")), "it is malformed (KeyError: 'file')"),
+    "topk-epoch": (_edit_state(lambda s: s["topk"][-1].update(epoch=9)), "its top-k entry {'epoch': 9"),
 }
 
 

@@ -506,8 +506,9 @@ def read_state(path: Path) -> dict[str, Any]:
 def check_state(state: dict[str, Any], state_dir: Path, model, optimizer, scheduler) -> tuple[StageProgress, str | None]:
     """The progress of a state of this stage, and where best.pt comes from (:func:`best_source`),
     after checking that the state can be loaded whole: every key, one record per epoch up to its
-    epoch, tensors that fit the model and optimizer, the scheduler's keys, and the best epoch's
-    weights somewhere. Loads nothing; raises StateError naming the first problem."""
+    epoch, top-k entries of those epochs, tensors that fit the model and optimizer, the
+    scheduler's keys, and the best epoch's weights somewhere. Loads nothing; raises StateError
+    naming the first problem."""
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         raise StateError(f"it lacks {missing}")
@@ -518,6 +519,9 @@ def check_state(state: dict[str, Any], state_dir: Path, model, optimizer, schedu
             raise StateError(f"its history (epochs {epochs}) does not run from 1 to its epoch {state['epoch']}")
         if progress.best_epoch not in epochs:
             raise StateError(f"its best epoch {progress.best_epoch} is not one of its epochs")
+        for entry in progress.topk:
+            if entry["epoch"] not in epochs or float(entry["value"]) != entry["value"] or Path(entry["file"]).name != entry["file"]:
+                raise StateError(f"its top-k entry {entry} is not one of its epochs' files")
         _check_tensors_fit("model", model.state_dict(), state["model"])
         _check_optimizer_fits(optimizer, state["optimizer"])
         if not isinstance(state["scheduler"], dict) or state["scheduler"].keys() != scheduler.state_dict().keys():
