@@ -85,28 +85,25 @@ def test_file_or_symlink_in_the_way_is_replaced(tmp_path: Path) -> None:
 
 
 def test_error_while_filling_leaves_the_old_folder(target: Path) -> None:
-    with pytest.raises(OSError, match="disk full"):
-        with atomic_directory(target) as tmp:
-            _write_new(tmp)
-            raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"), atomic_directory(target) as tmp:
+        _write_new(tmp)
+        raise OSError("disk full")
     assert _tree(target) == {"sub/a.txt": "old"}
     assert _siblings(target) == ["tree"]
 
 
 def test_crash_renaming_the_old_folder_aside_leaves_it_in_place(target: Path, monkeypatch) -> None:
     _failing_rename(monkeypatch, lambda src, dst: src == target)
-    with pytest.raises(Crash):
-        with atomic_directory(target) as tmp:
-            _write_new(tmp)
+    with pytest.raises(Crash), atomic_directory(target) as tmp:
+        _write_new(tmp)
     assert _tree(target) == {"sub/a.txt": "old"}
     assert _siblings(target) == ["tree"]
 
 
 def test_failed_rename_of_the_new_folder_puts_the_old_one_back(target: Path, monkeypatch) -> None:
     _failing_rename(monkeypatch, lambda src, dst: dst == target and src.name.startswith(".tree.tmp-"))
-    with pytest.raises(Crash):
-        with atomic_directory(target) as tmp:
-            _write_new(tmp)
+    with pytest.raises(Crash), atomic_directory(target) as tmp:
+        _write_new(tmp)
     assert _tree(target) == {"sub/a.txt": "old"}
     assert _siblings(target) == ["tree"]
 
@@ -116,9 +113,8 @@ def test_kill_between_the_two_renames_is_recovered_on_next_use(target: Path, mon
     # any clean-up runs (the roll-back rename and the temp folder's removal fail too).
     _failing_rename(monkeypatch, lambda src, dst: dst == target)
     monkeypatch.setattr(shutil, "rmtree", _raise_crash)
-    with pytest.raises(Crash):
-        with atomic_directory(target) as tmp:
-            _write_new(tmp)
+    with pytest.raises(Crash), atomic_directory(target) as tmp:
+        _write_new(tmp)
     monkeypatch.undo()
     assert not target.exists()
     leftovers = _siblings(target)
@@ -127,9 +123,8 @@ def test_kill_between_the_two_renames_is_recovered_on_next_use(target: Path, mon
 
     # The next use renames the old folder back before anything else: a failing writer then
     # leaves the old content, exactly as if the killed run had never started.
-    with pytest.raises(RuntimeError, match="second writer fails"):
-        with atomic_directory(target) as tmp:
-            raise RuntimeError("second writer fails")
+    with pytest.raises(RuntimeError, match="second writer fails"), atomic_directory(target):
+        raise RuntimeError("second writer fails")
     assert _tree(target) == {"sub/a.txt": "old"}
     assert _siblings(target) == ["tree"]
 
@@ -143,9 +138,8 @@ def test_kill_before_deleting_the_old_folder_keeps_the_new_one(target: Path, mon
         return real_rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(shutil, "rmtree", rmtree)
-    with pytest.raises(Crash):
-        with atomic_directory(target) as tmp:
-            _write_new(tmp)
+    with pytest.raises(Crash), atomic_directory(target) as tmp:
+        _write_new(tmp)
     monkeypatch.undo()
     assert _tree(target) == {"b.txt": "new"}
     old = [name for name in _siblings(target) if name != "tree"]

@@ -375,8 +375,9 @@ def test_finished_stage_leaves_no_state_and_changed_fingerprint_starts_fresh(
 #
 # These tests script run_epoch instead of training: each epoch's valid accuracy is given, and the
 # epoch writes its number into the class head's bias, so every checkpoint tells whose weights it
-# holds. The valid "loss" is a checksum of the weights the epoch starts from, so a resume that
-# loaded the wrong (or half of the) weights changes the metrics.
+# holds. The epoch takes real optimizer and scheduler steps (the gradient of |w|²/2, so Adam's
+# moments carry history), and its valid "loss" is a checksum of the weights it starts from, so a
+# resume that loaded the wrong (or half of the) weights, optimizer or scheduler changes the metrics.
 
 MARK = "heads.class.bias"
 ACCS = (0.5, 0.8, 0.6, 0.7)  # best: epoch 2; top-3: epochs 2, 4, 3
@@ -394,13 +395,20 @@ def _script_epochs(monkeypatch, accuracies=ACCS, *, sigterm_at: int | None = Non
     def run_epoch(model, loaders, criteria, optimizer, scheduler, device, *, epoch, progress_every):
         if epoch == kill_at:
             raise Kill(f"killed in epoch {epoch}")
+        lr = optimizer.param_groups[0]["lr"]
+        for _ in range(len(loaders.train)):  # real optimizer and scheduler steps (gradient of |w|²/2)
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = param.detach().clone()
+            optimizer.step()
+            scheduler.step()
         with torch.no_grad():
             checksum = sum(float(v.double().sum()) for v in model.state_dict().values() if v.is_floating_point())
             model.state_dict()[MARK].fill_(float(epoch))
         if epoch == sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)  # as SLURM does, in the middle of the epoch
         return {
-            "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "seconds": 0.0,
+            "epoch": epoch, "lr": lr, "seconds": 0.0,
             "train": {"loss": 1.0, "accuracy": 0.5}, "valid": {"loss": checksum, "accuracy": accuracies[epoch - 1]},
         }
 
@@ -659,6 +667,12 @@ CORRUPTIONS = {
     "missing-key": (_edit_state(lambda s: s.pop("optimizer")), "it lacks ['optimizer']"),
     "wrong-shape": (_edit_state(lambda s: s["model"].update({MARK: torch.zeros(5)})), f"its model tensor {MARK} has shape (5,)"),
     "missing-tensor": (_edit_state(lambda s: s["model"].pop(MARK)), "its model tensors are not this model's"),
+    "optimizer": (_edit_state(lambda s: s["optimizer"]["param_groups"][0]["params"].pop()), "its optimizer has other parameter groups"),
+    "optimizer-state": (
+        _edit_state(lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(99))),
+        "its optimizer exp_avg of parameter 0 has shape (99,)",
+    ),
+    "scheduler": (_edit_state(lambda s: s["scheduler"].pop("last_epoch")), "its scheduler state is not this scheduler's"),
     "history": (_edit_state(lambda s: s.update(epoch=7)), "does not run from 1 to its epoch 7"),
     "malformed": (_edit_state(lambda s: s.update(history=[{"no": "epoch"}])), "it is malformed (KeyError"),
     "topk-no-file": (_edit_state(lambda s: s["topk"][-1].pop("file")), "it is malformed (KeyError: 'file')"),

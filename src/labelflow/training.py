@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -441,8 +441,12 @@ def remove_unlisted_checkpoints(state_dir: Path, topk: Sequence[dict[str, Any]])
     listed = {entry["file"] for entry in topk}
     folder = state_dir / "checkpoints"
     for path in sorted(folder.iterdir()) if folder.is_dir() else ():
-        if path.name not in listed:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if path.name in listed:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 # --------------------------------------------------------------------------- resume
@@ -608,7 +612,7 @@ def reconcile_checkpoints(
 def move_aside(state_path: Path, state_dir: Path) -> Path:
     """Move an unusable state file to ``<state folder>.state.pt.corrupt-<UTC time>`` beside the
     state folder (which is then emptied for a fresh start), where it stays for inspection."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     target = state_dir.with_name(f"{state_dir.name}.state.pt.corrupt-{stamp}")
     os.replace(state_path, target)
     return target

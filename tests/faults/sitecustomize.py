@@ -62,7 +62,7 @@ def _patch_training(training) -> None:
 
     def train_one_epoch(*args, epoch, on_step=None, **kwargs):
         if fires("sigterm-epoch", epoch):
-            on_step = lambda step, lr, loss: _sigterm_self() if step == 1 else False  # noqa: E731
+            on_step = lambda step, lr, loss: _sigterm_self() if step == 1 else False
         return real_train_one_epoch(*args, epoch=epoch, on_step=on_step, **kwargs)
 
     def save_state(path, fingerprint, end):
