@@ -87,7 +87,7 @@ def test_head_metrics_single_label_and_auc():
     logits = np.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [0.0, 0.5, 2.0], [3.0, 0.0, 0.0]])
     targets = np.array([0, 1, 1, 0])
     softmax = head_metrics(logits, targets, "softmax")
-    assert softmax == {"accuracy": 0.75}
+    assert softmax == {"accuracy": 0.75, "f1_macro": pytest.approx((1.0 + 2 / 3) / 2)}
     sigmoid = head_metrics(logits, targets, "sigmoid")
     assert sigmoid["accuracy"] == 0.75
     probs = 1 / (1 + np.exp(-logits))
@@ -104,3 +104,17 @@ def test_head_metrics_multilabel():
     # micro: tp=4, fp=1, fn=1 → F1 = 0.8
     assert m["f1_micro"] == pytest.approx(0.8)
     assert per_class_f1(targets, (logits > 0).astype(int), 2) == pytest.approx([0.8, 0.8])
+
+
+def test_macro_f1_counts_only_the_classes_present():
+    # 3 classes, but class 2 never appears in the targets: its F1 is undefined, not 0
+    logits = np.array([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    targets = np.array([0, 1, 0, 1])
+    m = head_metrics(logits, targets, "softmax")
+    # class 0: precision 1, recall 1 -> 1.0; class 1: precision 1, recall 0.5 -> 2/3
+    assert m["f1_macro"] == pytest.approx((1.0 + 2 / 3) / 2)
+    per_class = per_class_f1(targets, logits.argmax(axis=1), 3)
+    assert per_class[:2] == pytest.approx([1.0, 2 / 3]) and per_class[2] is None
+    multi = head_metrics(np.array([[3.0, -3.0, -3.0], [-3.0, 3.0, 3.0]]), np.array([[1, 0, 0], [0, 1, 0]], np.float32), "sigmoid")
+    assert multi["f1_macro"] == pytest.approx(1.0)  # class 2 has no positives: left out (its false positive shows in micro F1)
+    assert multi["f1_micro"] == pytest.approx(0.8)

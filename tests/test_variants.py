@@ -135,6 +135,9 @@ def test_kfold_and_lrfinder_end_to_end(tmp_path):
     summary = json.loads((results / "kfold/softmax/summary.json").read_text())
     assert summary["valid_accuracy"]["mean"] == pytest.approx(table["valid_accuracy"].mean())
     assert summary["valid_accuracy"]["std"] == pytest.approx(table["valid_accuracy"].std(ddof=1))
+    # each fold's held-out validation rows (that did not choose its checkpoint) score it
+    assert table["heldout_accuracy"].between(0, 1).all()
+    assert summary["heldout_accuracy"]["mean"] == pytest.approx(table["heldout_accuracy"].mean())
     oof = pd.read_csv(results / "kfold/softmax/oof_predictions.csv")
     folds = pd.read_csv(results / "data/dataset.csv").set_index("path")
     assert len(oof) == 36 and oof["path"].is_unique  # every image predicted once...

@@ -416,29 +416,32 @@ def valid_mask(dataset: pd.DataFrame, valid_folds: Sequence[int]) -> pd.Series:
     return dataset["fold"].isin(list(valid_folds))
 
 
-def calibration_mask(dataset: pd.DataFrame, valid_folds: Sequence[int], seed: int, share: float) -> np.ndarray:
-    """Rows of the validation fold held out from checkpoint selection: the calibration
-    temperature is fitted on them, so it is not fitted on the images that chose the checkpoint.
-
-    ``floor(share * n)`` of each class's ``n`` validation groups (column ``group`` when the
-    table has one, so near-duplicates stay on one side; else each image alone), seeded.
-    Classes are the ``tag`` (the first label of multilabel rows). ``share`` 0 holds out nothing.
-    """
-    if not 0.0 <= share < 1.0:
-        raise DatasetError(f"config key `calibration.holdout` must be in [0, 1), got {share!r}")
-    is_valid = valid_mask(dataset, valid_folds).to_numpy()
-    held = np.zeros(len(dataset), dtype=bool)
-    if share == 0 or not is_valid.any():
+def pick_groups(table: pd.DataFrame, share: float, seed: int) -> np.ndarray:
+    """Rows of ``floor(share * n)`` of each class's ``n`` groups (column ``group`` when the table
+    has one, so copies of a picture stay together; else each image alone), seeded. The class is
+    the ``tag`` (the first label of multilabel rows)."""
+    held = np.zeros(len(table), dtype=bool)
+    if share == 0 or table.empty:
         return held
-    valid = dataset[is_valid]
-    groups = valid["group"] if "group" in valid.columns else valid["path"]
-    by_group = pd.DataFrame({"group": groups.to_numpy(), "tag": valid["tag"].to_numpy()}).drop_duplicates("group")
+    groups = table["group"] if "group" in table.columns else table["path"]
+    by_group = pd.DataFrame({"group": groups.to_numpy(), "tag": table["tag"].to_numpy()}).drop_duplicates("group")
     rng = np.random.default_rng(seed)
     chosen: set = set()
     for _, members in by_group.sort_values(["tag", "group"]).groupby("tag", sort=True):
         order = rng.permutation(len(members))
         chosen.update(members["group"].to_numpy()[order[: int(np.floor(share * len(members) + 1e-9))]])
-    held[np.flatnonzero(is_valid)[groups.isin(chosen).to_numpy()]] = True
+    return groups.isin(chosen).to_numpy()
+
+
+def calibration_mask(dataset: pd.DataFrame, valid_folds: Sequence[int], seed: int, share: float) -> np.ndarray:
+    """Rows of the validation fold held out from checkpoint selection: the calibration
+    temperature is fitted on them, so it is not fitted on the images that chose the checkpoint
+    (:func:`pick_groups` of the validation rows). ``share`` 0 holds out nothing."""
+    if not 0.0 <= share < 1.0:
+        raise DatasetError(f"config key `calibration.holdout` must be in [0, 1), got {share!r}")
+    is_valid = valid_mask(dataset, valid_folds).to_numpy()
+    held = np.zeros(len(dataset), dtype=bool)
+    held[np.flatnonzero(is_valid)] = pick_groups(dataset[is_valid], share, seed)
     return held
 
 

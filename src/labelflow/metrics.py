@@ -33,22 +33,29 @@ def predict_labels(probs: np.ndarray, multilabel: bool, decision_threshold: floa
 def head_metrics(
     logits: np.ndarray, targets: np.ndarray, activation: str, decision_threshold: float = 0.5
 ) -> dict[str, float]:
-    """accuracy (exact match for multilabel), AUC for sigmoid heads, F1/mAP for multilabel."""
+    """accuracy (exact match for multilabel), macro F1 over the classes present in ``targets``
+    (a class absent from the targets has no F1, rather than an F1 of 0), AUC for sigmoid heads,
+    micro F1 and mAP for multilabel."""
     if len(targets) == 0:
         return {}
     probs = probabilities(logits, activation)
     multilabel = targets.ndim == 2
     out: dict[str, float] = {}
     if not multilabel:
-        out["accuracy"] = float((probs.argmax(axis=1) == targets).mean())
+        predicted_class = probs.argmax(axis=1)
+        out["accuracy"] = float((predicted_class == targets).mean())
+        present = np.unique(targets)
+        out["f1_macro"] = float(f1_score(targets, predicted_class, labels=present, average="macro", zero_division=0))
         indicator = one_hot(targets, logits.shape[1])
     else:
         indicator = (targets > 0.5).astype(np.int64)
         predicted = predict_labels(probs, True, decision_threshold)
         out["accuracy"] = float((predicted == indicator).all(axis=1).mean())
         out["f1_micro"] = float(f1_score(indicator, predicted, average="micro", zero_division=0))
-        out["f1_macro"] = float(f1_score(indicator, predicted, average="macro", zero_division=0))
         has_positive = indicator.sum(axis=0) > 0
+        out["f1_macro"] = float(
+            f1_score(indicator, predicted, labels=np.flatnonzero(has_positive), average="macro", zero_division=0)
+        )
         out["mAP"] = float(average_precision_score(indicator[:, has_positive], probs[:, has_positive], average="macro"))
     if activation == "sigmoid":
         auc = macro_auc(indicator, probs)
@@ -57,11 +64,14 @@ def head_metrics(
     return out
 
 
-def per_class_f1(targets: np.ndarray, predicted: np.ndarray, num_classes: int) -> list[float]:
-    """F1 of each class (single-label targets are one-hot encoded first)."""
+def per_class_f1(targets: np.ndarray, predicted: np.ndarray, num_classes: int) -> list[float | None]:
+    """F1 of each class (single-label targets are one-hot encoded first); None for a class with
+    no image in ``targets``, whose F1 says nothing about the model."""
     if targets.ndim == 1:
         targets, predicted = one_hot(targets, num_classes), one_hot(predicted, num_classes)
-    return [float(v) for v in f1_score(targets, predicted, average=None, labels=list(range(num_classes)), zero_division=0)]
+    values = f1_score(targets, predicted, average=None, labels=list(range(num_classes)), zero_division=0)
+    present = targets.sum(axis=0) > 0
+    return [float(v) if has else None for v, has in zip(values, present)]
 
 
 class HeadMetrics:

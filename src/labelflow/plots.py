@@ -95,12 +95,12 @@ def plot_fold_curves(curves: Mapping[int, Sequence[float]], title: str, path: Pa
 
 
 def plot_grid(table: pd.DataFrame, curves: Mapping[str, Sequence[float]], path: PathLike) -> None:
-    """Best valid accuracy per grid run (best first) and every run's learning curve."""
+    """Each grid run's ``rank_score`` (best first) and every run's learning curve."""
     fig, (bars, lines) = plt.subplots(1, 2, figsize=(11, 4))
-    bars.barh(table["run"], table["valid_accuracy"])
+    bars.barh(table["run"], table["rank_score"])
     bars.invert_yaxis()
-    bars.set_xlabel("best valid accuracy")
-    bars.set_xlim(max(0.0, table["valid_accuracy"].min() - 0.05), 1.0)
+    bars.set_xlabel("rank score (held-out validation accuracy)")
+    bars.set_xlim(max(0.0, table["rank_score"].min() - 0.05), 1.0)
     for run_id, curve in curves.items():
         lines.plot(range(1, len(curve) + 1), curve, label=run_id)
     lines.set_xlabel("epoch (final stage)")

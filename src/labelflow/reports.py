@@ -185,6 +185,17 @@ def format_experiments(csv_path: PathLike) -> str:
     return "Results (valid fold)\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
+def heldout_accuracy(predictions_csv: PathLike) -> tuple[float | None, int]:
+    """(accuracy, images) of the final model on the validation rows held out from checkpoint
+    selection (``split == "calibration"``): a score that did not choose the checkpoint. None
+    without such rows (calibration.holdout 0)."""
+    predictions = read_predictions(predictions_csv)
+    held = predictions[predictions["split"] == "calibration"]
+    if held.empty:
+        return None, 0
+    return float((held["label"] == held["predicted"]).mean()), int(len(held))
+
+
 def _final_stage_metrics(path: PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     metrics = read_json(path)
     best = next(e for e in metrics["epochs"] if e["epoch"] == metrics["best"]["epoch"])
@@ -200,7 +211,8 @@ def kfold_summary(
     out_png: PathLike,
     out_oof: PathLike,
 ) -> dict[str, Any]:
-    """One row per fold (valid metrics of the final model, index recall), mean ± std, per-fold
+    """One row per fold (accuracy on the fold's held-out validation rows, which did not choose
+    the checkpoint; metrics of the whole validation fold; index recall), mean ± std, per-fold
     learning curves with their mean, and the out-of-fold predictions.
 
     `folds[k]` holds the paths of fold k's run: "metrics" (final stage metrics.json),
@@ -213,6 +225,7 @@ def kfold_summary(
         rows.append(
             {
                 "fold": fold,
+                "heldout_accuracy": heldout_accuracy(paths["predictions"])[0],
                 "valid_accuracy": summary["valid"]["accuracy"],
                 "valid_loss": summary["valid"]["loss"],
                 **{k: v for k, v in summary["index"].items() if k.startswith("recall@")},
@@ -243,24 +256,35 @@ def grid_comparison(
     *,
     runs: Mapping[str, Mapping[str, Any]],
     metrics_paths: Mapping[str, PathLike],
+    predictions_paths: Mapping[str, PathLike],
     configs_out: Mapping[str, PathLike],
     out_csv: PathLike,
     out_png: PathLike,
     tensorboard_dir: PathLike,
 ) -> pd.DataFrame:
-    """comparison.csv (varied values, best valid metrics of the final stage, epochs, wall time),
-    sorted best first; comparison.png; each run's resolved config; TensorBoard hparams."""
+    """comparison.csv: per grid point the varied values, ``heldout_accuracy`` (its final model on
+    the validation rows held out from checkpoint selection), the valid metrics of the epoch the
+    checkpoint was chosen on (optimistic: they chose it) and of the last epoch, epochs and wall
+    time; sorted by ``rank_score``, a score that did not choose the checkpoint: the held-out
+    accuracy, or without held-out rows (calibration.holdout 0) the last epoch's valid accuracy.
+    Also comparison.png, each run's resolved config and TensorBoard hparams."""
     import yaml
 
     rows, curves = [], {}
     for run_id, run in runs.items():
         best, epochs = _final_stage_metrics(metrics_paths[run_id])
+        held, n_held = heldout_accuracy(predictions_paths[run_id])
+        last = epochs[-1]["valid"]["accuracy"]
         rows.append(
             {
                 "run": run_id,
                 **dict(run["values"]),
+                "rank_score": held if held is not None else last,
+                "heldout_accuracy": held,
+                "heldout_images": n_held,
                 "valid_accuracy": best["valid"]["accuracy"],
                 "valid_loss": best["valid"]["loss"],
+                "last_valid_accuracy": last,
                 "best_epoch": best["epoch"],
                 "epochs": len(epochs),
                 "train_minutes": sum(e["seconds"] for e in epochs) / 60,
@@ -269,7 +293,7 @@ def grid_comparison(
         curves[run_id] = [e["valid"]["accuracy"] for e in epochs]
         with atomic_output(configs_out[run_id]) as tmp:
             tmp.write_text(yaml.safe_dump(run["experiment"], sort_keys=False), encoding="utf-8")
-    table = pd.DataFrame(rows).sort_values(["valid_accuracy", "valid_loss"], ascending=[False, True], kind="stable")
+    table = pd.DataFrame(rows).sort_values(["rank_score", "valid_loss"], ascending=[False, True], kind="stable")
     write_csv_atomic(table, out_csv)
     _grid_hparams(table, runs, tensorboard_dir)
     plot_grid(table, curves, out_png)
@@ -284,6 +308,6 @@ def _grid_hparams(table: pd.DataFrame, runs: Mapping[str, Mapping[str, Any]], te
         with SummaryWriter(log_dir=str(Path(tensorboard_dir) / row.run.replace("/", "_"))) as writer:
             writer.add_hparams(
                 {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()},
-                {"hparam/valid_accuracy": row.valid_accuracy, "hparam/valid_loss": row.valid_loss},
+                {"hparam/rank_score": row.rank_score, "hparam/valid_accuracy": row.valid_accuracy},
                 run_name=".",
             )

@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 from labelflow.autolabel.round import round_recipe
 from labelflow.dataset import resolve_valid_folds
 from labelflow.experiment import check_experiment
+from labelflow.heldout import HeldOutSettings
 from labelflow.io import DatasetError
 from labelflow.manifest import code_digest, files_digest, source_digest
 from labelflow.runs import NAME_PATTERN, RunError, RunTable
@@ -67,12 +68,18 @@ def _check_dataset(path):
 
 
 DATASET = _check_dataset(config["dataset"])
+if config["test_dataset"] and not os.path.isdir(config["test_dataset"]):
+    raise WorkflowError(
+        f"config key `test_dataset`: folder {config['test_dataset']!r} does not exist; give a "
+        "folder with one sub-folder of test images per class, or set it to null"
+    )
 if config["labels_csv"] and not os.path.isfile(config["labels_csv"]):
     raise WorkflowError(
         f"config key `labels_csv`: file {config['labels_csv']!r} does not exist; give a CSV with "
         "columns path,labels or set it to null to use class folders"
     )
 try:
+    TEST = HeldOutSettings.from_config(config)
     VALID_FOLDS = resolve_valid_folds(config["n_folds"], config["valid_folds"])
     RUNS = RunTable.from_config(
         config,

@@ -44,6 +44,7 @@ rule split:
     output:
         dataset="results/data/dataset.csv",
         duplicate_folds="results/data/duplicate_folds.csv",
+        held_out="results/data/held_out.csv",
     log:
         "results/logs/split.log",
     benchmark:
@@ -54,5 +55,29 @@ rule split:
         code=code_of("split"),
         n_folds=config["n_folds"],
         seed=config["seed"],
+        test_fraction=config["test_fraction"],
     script:
         "../scripts/split.py"
+
+
+rule test_table:
+    input:
+        held_out="results/data/held_out.csv",
+        raw="results/data/dataset_raw.csv",
+        tag2cls="results/data/tag2cls.json",
+    output:
+        table="results/data/test.csv",
+        skipped="results/data/test_skipped.csv",
+    log:
+        "results/logs/test_table.log",
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        code=code_of("test_table"),
+        content=lambda wildcards: (
+            content_of(config["test_dataset"]) if config["test_dataset"] else ""
+        ),
+        test={key: config[key] for key in ("test_fraction", "test_dataset")},
+        duplicates=config["duplicates"],
+    script:
+        "../scripts/test_table.py"

@@ -96,6 +96,10 @@ rule kfold:
 rule grid_comparison:
     input:
         metrics=grid_metrics,
+        predictions=lambda wildcards: [
+            RUNS[f"grid/{grid_id}"].path("predictions", "predictions.csv")
+            for grid_id in RUNS.grid
+        ],
     output:
         table="results/grid/comparison.csv",
         plot=report(

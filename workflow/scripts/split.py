@@ -1,26 +1,15 @@
-from labelflow.dataset import (
-    duplicate_folds,
-    read_dataset_csv,
-    read_duplicates,
-    read_tag2cls,
-    split,
-)
-from labelflow.io import write_csv_atomic
+from labelflow.heldout import split_step
 from labelflow.jobs import start_job
 
-log = start_job(snakemake)
-dataset = split(
-    read_dataset_csv(snakemake.input.dataset, root=None),
-    read_tag2cls(snakemake.input.tag2cls),
-    snakemake.params.n_folds,
-    snakemake.params.seed,
-)
-write_csv_atomic(dataset, snakemake.output.dataset)
-groups = duplicate_folds(read_duplicates(snakemake.input.duplicates), dataset)
-write_csv_atomic(groups, snakemake.output.duplicate_folds)
-log.info("images per fold: %s", dataset.groupby("fold").size().to_dict())
-log.info(
-    "%d duplicate groups kept, each inside one fold: %s",
-    int((groups["fold"] != "").sum()),
-    groups.loc[groups["fold"] != "", "fold"].value_counts().sort_index().to_dict(),
+start_job(snakemake)
+split_step(
+    raw_csv=snakemake.input.dataset,
+    tag2cls_json=snakemake.input.tag2cls,
+    duplicates_csv=snakemake.input.duplicates,
+    n_folds=snakemake.params.n_folds,
+    seed=snakemake.params.seed,
+    test_fraction=snakemake.params.test_fraction,
+    out_dataset=snakemake.output.dataset,
+    out_duplicate_folds=snakemake.output.duplicate_folds,
+    out_held_out=snakemake.output.held_out,
 )

@@ -1,0 +1,131 @@
+"""The held-out test set: images that never train, never choose a checkpoint, never fit a
+temperature or a threshold, and only ever report. Either a share of the dataset (config
+``test_fraction``) or a separate folder of class folders (``test_dataset``).
+
+``results/data/test.csv`` (``path,tag,class,sha1,group``, paths relative to its root) is what
+the test evaluation reads; ``results/data/test_skipped.csv`` lists test images left out and why
+(e.g. a copy of a training image, which would make the test a memory test).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from labelflow.dataset import DuplicateSettings, pick_groups, tag2label
+from labelflow.io import DatasetError, PathLike
+from labelflow.near_duplicates import duplicate_groups
+
+log = logging.getLogger(__name__)
+
+TEST_COLUMNS = ["path", "tag", "class", "sha1", "group"]
+
+
+@dataclass(frozen=True)
+class HeldOutSettings:
+    """Config keys ``test_fraction`` and ``test_dataset`` (defaults in the config schema)."""
+
+    fraction: float
+    folder: str | None
+
+    @classmethod
+    def from_config(cls, config: dict) -> HeldOutSettings:
+        settings = cls(config["test_fraction"], config["test_dataset"])
+        if settings.fraction and settings.folder:
+            raise DatasetError(
+                "config keys `test_fraction` and `test_dataset` are both set; hold out a share of "
+                "`dataset` or give a separate test folder, not both"
+            )
+        return settings
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.fraction or self.folder)
+
+
+def hold_out(table: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the rest, the test rows): ``floor(fraction * n)`` of each class's ``n`` duplicate groups,
+    seeded (:func:`labelflow.dataset.pick_groups`), so no copy of a test image stays behind."""
+    if not 0.0 <= fraction < 1.0:
+        raise DatasetError(f"config key `test_fraction` must be in [0, 1), got {fraction!r}")
+    ordered = table.sort_values("path", kind="stable").reset_index(drop=True)
+    # a different stream than the calibration holdout's, which uses the seed itself
+    test = pick_groups(ordered, fraction, seed + 7919)
+    return ordered[~test].reset_index(drop=True), ordered[test].reset_index(drop=True)
+
+
+def held_out_from_folder(
+    folder: PathLike, tag2cls: dict[str, int], train: pd.DataFrame, duplicates: DuplicateSettings
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(test rows, skipped rows) of a separate folder of class folders. Its classes must be
+    classes of the training data (unknown ones are an error naming them); images that are
+    copies (exact or near, ``duplicates.max_distance``) of a training image are left out."""
+    found = tag2label(folder, duplicates)
+    unknown = sorted(set(found.tag2cls) - set(tag2cls))
+    if unknown:
+        raise DatasetError(
+            f"config key `test_dataset`: class folder(s) {unknown} of {folder} are not classes of the "
+            f"training data ({sorted(tag2cls)}); rename or remove them"
+        )
+    test = found.dataset.copy()
+    both = pd.concat([train[["path", "sha1", "phash"]].assign(side="train"), test[["path", "sha1", "phash"]].assign(side="test")])
+    keys = [f"{side}:{path}" for side, path in zip(both["side"], both["path"])]
+    groups = duplicate_groups(keys, both["sha1"].tolist(), both["phash"].tolist(), duplicates.max_distance)
+    train_groups = set(groups[: len(train)])
+    copies = np.isin(groups[len(train):], list(train_groups))
+    skipped = pd.concat(
+        [found.skipped, pd.DataFrame({"path": test["path"][copies], "reason": "copy of a training image"})],
+        ignore_index=True,
+    )
+    test = test[~copies].reset_index(drop=True)
+    test["class"] = test["tag"].map(tag2cls).astype(np.int64)
+    if "group" not in test.columns:
+        test["group"] = np.arange(len(test))
+    return test, skipped
+
+
+def write_held_out_table(*, settings: HeldOutSettings, held_out: PathLike, raw_csv: PathLike, tag2cls: dict[str, int],
+                     duplicates: DuplicateSettings, out_csv: PathLike, out_skipped: PathLike) -> pd.DataFrame:
+    """results/data/test.csv from the split's held-out rows, or from ``settings.folder``."""
+    from labelflow.dataset import read_dataset_csv
+    from labelflow.io import write_csv_atomic
+
+    skipped = pd.DataFrame(columns=["path", "reason"])
+    if settings.folder:
+        train = read_dataset_csv(raw_csv, root=None)
+        test, skipped = held_out_from_folder(settings.folder, tag2cls, train, duplicates)
+    else:
+        test = read_dataset_csv(held_out, root=None, required=("path", "tag"))
+        test["class"] = test["tag"].map(tag2cls).astype(np.int64)
+    write_csv_atomic(test[[c for c in TEST_COLUMNS if c in test.columns]], out_csv)
+    write_csv_atomic(skipped, out_skipped)
+    log.info("test set: %d images (%s); %d left out", len(test), Path(settings.folder) if settings.folder else f"{settings.fraction:.0%} of the dataset", len(skipped))
+    return test
+
+
+def split_step(
+    *, raw_csv: PathLike, tag2cls_json: PathLike, duplicates_csv: PathLike, n_folds: int, seed: int,
+    test_fraction: float, out_dataset: PathLike, out_duplicate_folds: PathLike, out_held_out: PathLike,
+) -> pd.DataFrame:
+    """The split rule: hold out ``test_fraction`` of the duplicate groups as test rows
+    (``out_held_out``), then give the rest stratified, group-aware folds (``out_dataset``) and
+    report each duplicate group's fold (``out_duplicate_folds``)."""
+    from labelflow.dataset import duplicate_folds, read_dataset_csv, read_duplicates, read_tag2cls, split
+    from labelflow.io import write_csv_atomic
+
+    tag2cls = read_tag2cls(tag2cls_json)
+    rest, held = hold_out(read_dataset_csv(raw_csv, root=None), test_fraction, seed)
+    dataset = split(rest, tag2cls, n_folds, seed)
+    write_csv_atomic(dataset, out_dataset)
+    write_csv_atomic(held.assign(**{"class": held["tag"].map(tag2cls)}), out_held_out)
+    groups = duplicate_folds(read_duplicates(duplicates_csv), dataset)
+    write_csv_atomic(groups, out_duplicate_folds)
+    log.info("images per fold: %s; %d held out for the test set", dataset.groupby("fold").size().to_dict(), len(held))
+    kept = groups["fold"] != ""
+    log.info("%d duplicate groups kept, each inside one fold: %s", int(kept.sum()),
+             groups.loc[kept, "fold"].value_counts().sort_index().to_dict())  # fmt: skip
+    return dataset

@@ -1,0 +1,14 @@
+from labelflow.dataset import DuplicateSettings, read_tag2cls
+from labelflow.heldout import HeldOutSettings, write_held_out_table
+from labelflow.jobs import start_job
+
+start_job(snakemake)
+write_held_out_table(
+    settings=HeldOutSettings.from_config(snakemake.params.test),
+    held_out=snakemake.input.held_out,
+    raw_csv=snakemake.input.raw,
+    tag2cls=read_tag2cls(snakemake.input.tag2cls),
+    duplicates=DuplicateSettings.from_config(snakemake.params.duplicates),
+    out_csv=snakemake.output.table,
+    out_skipped=snakemake.output.skipped,
+)
