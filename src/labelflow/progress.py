@@ -1,7 +1,7 @@
 """A progress line for long passes over images, without a progress-bar dependency.
 
 On a terminal the line is redrawn in place (carriage return) at most a few times a second;
-anywhere else (a Snakemake job's log, a pipe) a plain line is written every ``every_s``
+anywhere else (a Snakemake job's log, a pipe) a plain line is written every 30
 seconds, so logs stay readable and short.
 """
 
@@ -11,19 +11,21 @@ import sys
 import time
 from typing import TextIO
 
-REDRAW_S = 0.2  # terminal redraws per second are capped: printing is not free
+REDRAW_S = 0.2  # terminal redraws are capped: printing is not free
+LOG_EVERY_S = 30.0  # two lines a minute in a log, however long the pass
 
 
 class Progress:
     """Counts items done out of ``total`` and reports the count and rate to ``stream``."""
 
-    def __init__(self, total: int, what: str = "images", stream: TextIO | None = None, every_s: float = 30.0):
+    def __init__(self, total: int, what: str = "images", stream: TextIO | None = None, every_s: float | None = None):
+        """``every_s``: seconds between reports (default: REDRAW_S on a terminal, LOG_EVERY_S elsewhere)."""
         self.total = total
         self.what = what
         # resolved now, not at import: a Snakemake job sends sys.stderr to its log first
         self.stream = stream if stream is not None else sys.stderr
         self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every_s = REDRAW_S if self.interactive else every_s
+        self.every_s = every_s if every_s is not None else REDRAW_S if self.interactive else LOG_EVERY_S
         self.started = time.perf_counter()
         self.reported = self.started
         self.done = 0
