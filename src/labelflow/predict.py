@@ -235,7 +235,7 @@ def predict_to_csv(
     with atomic_output(out_csv) as tmp, open(tmp, "x", encoding="utf-8", newline="") as out:
         for number, batch in enumerate(predictor.batches(paths, progress=progress)):
             rows = prediction_rows(trained, batch, paths, top_k)
-            rows.to_csv(out, index=False, header=number == 0)
+            rows.to_csv(out, index=False, header=number == 0, float_format="%.6g")
             for name, n in rows.loc[rows[ERROR] == "", "predicted"].value_counts().items():
                 counts[name] = counts.get(name, 0) + int(n)
             for row, reason in batch.errors:
