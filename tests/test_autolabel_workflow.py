@@ -261,7 +261,7 @@ def test_bad_autolabel_config_names_the_key(tmp_path, autolabel, expected):
 def test_out_of_range_min_temperature_fails_validation(tmp_path):
     clean = make_tiny_dataset(tmp_path / "clean", per_class=3)
     config = write_tiny_config(
-        tmp_path / "work", clean, autolabel={"clean": str(clean), "raw": str(clean), "min_temperature": 0.0}
+        tmp_path / "work", clean, autolabel={"clean": str(clean), "raw": str(clean)}, calibration={"min_temperature": 0.0}
     )
     # the config is validated once, for every target: a bad value stops the default run too
     for target in ("autolabel", "all"):

@@ -74,7 +74,11 @@ def slurm_cluster() -> dict:
     if why is not None:
         if REQUIRE_SLURM:
             pytest.fail(f"LABELFLOW_REQUIRE_SLURM=1 but no usable SLURM cluster: {why}")
-        pytest.skip(f"no SLURM cluster answers here ({why}); start one with `.ci/slurm-cluster.sh start`")
+        pytest.skip(
+            f"no SLURM cluster answers here ({why}); to run this test: `.ci/slurm-cluster.sh start` "
+            "(root, Debian: installs and starts a one-node SLURM), then `make test`, then "
+            "`.ci/slurm-cluster.sh stop` (.ci/run does all three)"
+        )
     partitions = _run("sinfo", "-h", "-o", "%P").stdout.split()
     default = next((p.rstrip("*") for p in partitions if p.endswith("*")), partitions[0].rstrip("*"))
     return {

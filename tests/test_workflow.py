@@ -79,7 +79,10 @@ def test_predictions_and_index(finished_run):
     assert (predictions["label"] == predictions["path"].str.split("/").str[0]).all()
     assert predictions["label"].map({"class_00": 0, "class_01": 1, "class_02": 2}).equals(predictions["class"])
     assert set(predictions["predicted"]) <= {"class_00", "class_01", "class_02"}
-    assert len(predictions) == 36 and (predictions["split"] == "valid").sum() == 12
+    assert len(predictions) == 36 and (predictions["split"] != "train").sum() == 12
+    # half of the validation fold (2 of each class's 4) is held out from checkpoint selection
+    calibration = predictions[predictions["split"] == "calibration"]
+    assert calibration.groupby("label").size().to_dict() == {"class_00": 2, "class_01": 2, "class_02": 2}
     probs = np.load(pred_dir / "probabilities.npy")
     assert probs.shape == (36, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
     assert np.load(pred_dir / "embeddings.npy").shape == (36, 16)
@@ -100,6 +103,10 @@ def test_summary_and_printed_table(finished_run):
     workdir, result = finished_run
     summary = json.loads((workdir / "results/softmax/summary.json").read_text())
     assert set(summary["valid"]) >= {"accuracy", "loss"}
+    calibration = json.loads((workdir / "results/softmax/calibration.json").read_text())
+    assert calibration["n"] == 6 and calibration["fitted_on"].startswith("calibration rows")
+    assert calibration["temperature"] >= 1.0  # calibration.min_temperature
+    assert summary["calibration"]["temperature"] == calibration["temperature"]
     assert set(summary["index"]) >= {"recall@1", "recall@3", "recall@5", "recall@10", "explained_variance"}
     predictions = pd.read_csv(workdir / "results/softmax/predictions/predictions.csv")
     valid = predictions[predictions["split"] == "valid"]

@@ -20,14 +20,18 @@ but never make it surer of itself than its own softmax.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from labelflow.losses import ACTIVATIONS, probabilities
+
+log = logging.getLogger(__name__)
 
 # Bounds on T: a tiny validation set that is all correct would otherwise drive T to 0
 # (every confidence 1.0); one that is mostly wrong would drive it to infinity.
@@ -130,46 +134,156 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bi
     return float(ece)
 
 
+def confidence_and_correct(
+    logits: np.ndarray, targets: np.ndarray, activation: str, temperature: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """What ECE bins: for class indices, the top class's calibrated probability and whether it is
+    the label; for multi-hot targets, every (image, class) decision's probability (p or 1-p) and
+    whether it is right."""
+    targets = np.asarray(targets)
+    if targets.ndim == 1:
+        predicted, confidence = top_confidence(logits, temperature, activation)
+        return confidence, predicted == targets
+    probs = probabilities(logits, activation, temperature)
+    decided = probs >= 0.5
+    return np.where(decided, probs, 1 - probs).ravel(), (decided == (targets > 0.5)).ravel()
+
+
 @dataclass(frozen=True)
 class Calibration:
     activation: str
-    temperature: float
+    temperature: float  # fitted on all the rows given
     min_temperature: float
     n: int
     accuracy: float
-    ece_before: float
-    ece_after: float
+    ece_before: float  # T = 1 (nothing fitted)
+    ece_after: float  # cross-fitted: each half scored with the T fitted on the other half
     nll_before: float
-    nll_after: float
+    nll_after: float  # cross-fitted, like ece_after
+    ece_after_method: str = "cross-fitted (2 halves)"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def _cross_fitted(logits, targets, activation, bounds, n_bins, seed) -> tuple[float, float, str]:
+    """ECE and NLL after scaling, each half scored with the temperature fitted on the other:
+    a figure measured on data that did not fit the temperature it is scored with."""
+    n = len(targets)
+    if n < 4:
+        temperature = fit_temperature(logits, targets, activation, bounds=bounds)
+        confidence, correct = confidence_and_correct(logits, targets, activation, temperature)
+        return expected_calibration_error(confidence, correct, n_bins), nll(logits, targets, activation, temperature), "in-sample (fewer than 4 images)"
+    half = np.zeros(n, dtype=bool)
+    half[np.random.default_rng(seed).permutation(n)[: n // 2]] = True
+    confidences, corrects, losses = [], [], []
+    for scored in (half, ~half):
+        temperature = fit_temperature(logits[~scored], targets[~scored], activation, bounds=bounds)
+        confidence, correct = confidence_and_correct(logits[scored], targets[scored], activation, temperature)
+        confidences.append(confidence)
+        corrects.append(correct)
+        losses.append(nll(logits[scored], targets[scored], activation, temperature) * scored.sum())
+    ece = expected_calibration_error(np.concatenate(confidences), np.concatenate(corrects), n_bins)
+    return ece, float(sum(losses) / n), "cross-fitted (2 halves)"
+
+
 def calibrate(
     logits: np.ndarray,
-    labels: np.ndarray,
+    targets: np.ndarray,
     activation: str,
     n_bins: int = ECE_BINS,
     min_temperature: float = MIN_TEMPERATURE,
+    seed: int = 0,
 ) -> Calibration:
-    """Fit the temperature (``min_temperature`` .. MAX_TEMPERATURE) on validation ``logits`` and
-    single-label class indices ``labels``; report accuracy, ECE and NLL before (T=1) and after."""
+    """Fit the temperature (``min_temperature`` .. MAX_TEMPERATURE) on held-out ``logits`` and
+    their targets (class indices, or multi-hot rows for sigmoid heads); report accuracy, ECE and
+    NLL before (T=1) and after, the latter cross-fitted so they are not scored on the images
+    that fitted the temperature."""
     if not MIN_TEMPERATURE <= min_temperature <= MAX_TEMPERATURE:
         raise ValueError(f"min_temperature must be within [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {min_temperature}")
-    labels = np.asarray(labels)
-    temperature = fit_temperature(logits, labels, activation, bounds=(min_temperature, MAX_TEMPERATURE))
-    predicted, before = top_confidence(logits, 1.0, activation)
-    _, after = top_confidence(logits, temperature, activation)
-    correct = predicted == labels
+    logits, targets = np.asarray(logits, dtype=np.float64), np.asarray(targets)
+    bounds = (min_temperature, MAX_TEMPERATURE)
+    temperature = fit_temperature(logits, targets, activation, bounds=bounds)
+    before, correct = confidence_and_correct(logits, targets, activation, 1.0)
+    ece_after, nll_after, method = _cross_fitted(logits, targets, activation, bounds, n_bins, seed)
+    if targets.ndim == 1:
+        accuracy = float((logits.argmax(axis=1) == targets).mean()) if len(targets) else float("nan")
+    else:
+        accuracy = float(((probabilities(logits, activation) >= 0.5) == (targets > 0.5)).all(axis=1).mean())
     return Calibration(
         activation=activation,
         temperature=temperature,
         min_temperature=min_temperature,
-        n=int(len(labels)),
-        accuracy=float(correct.mean()) if len(labels) else float("nan"),
+        n=int(len(targets)),
+        accuracy=accuracy,
         ece_before=expected_calibration_error(before, correct, n_bins),
-        ece_after=expected_calibration_error(after, correct, n_bins),
-        nll_before=nll(logits, labels, activation, 1.0),
-        nll_after=nll(logits, labels, activation, temperature),
+        ece_after=ece_after,
+        nll_before=nll(logits, targets, activation, 1.0),
+        nll_after=nll_after,
+        ece_after_method=method,
     )
+
+
+# --------------------------------------------------------------------------- the workflow step
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Config section ``calibration`` (defaults in config/schemas/config.schema.yaml)."""
+
+    holdout: float  # share of the validation fold held out from checkpoint selection
+    min_temperature: float
+
+    @classmethod
+    def from_config(cls, section: dict) -> CalibrationSettings:
+        return cls(**{name: section[name] for name in cls.__dataclass_fields__})
+
+
+def calibration_targets(predictions: pd.DataFrame, tag2cls: dict[str, int], multilabel: bool) -> np.ndarray:
+    """Class indices, or multi-hot rows from the ``;``-joined label names of multilabel runs."""
+    if not multilabel:
+        return predictions["class"].to_numpy()
+    targets = np.zeros((len(predictions), len(tag2cls)), dtype=np.float32)
+    for row, labels in enumerate(predictions["label"]):
+        targets[row, [tag2cls[label] for label in labels.split(";") if label]] = 1.0
+    return targets
+
+
+def calibrate_run(
+    *,
+    predictions_csv,
+    logits_npy,
+    tag2cls_json,
+    experiment: dict,
+    settings: CalibrationSettings,
+    seed: int,
+    out_json,
+) -> dict:
+    """calibration.json of a run: the temperature of its class head, fitted on the validation
+    rows held out from checkpoint selection (``split == "calibration"`` in predictions.csv), or,
+    with no such rows (``calibration.holdout: 0``), on the whole validation fold, which then also
+    chose the checkpoint (said in ``fitted_on``)."""
+    from labelflow.dataset import read_predictions, read_tag2cls
+    from labelflow.io import load_npy, write_json_atomic
+    from labelflow.losses import get_loss
+
+    predictions = read_predictions(predictions_csv)
+    logits = load_npy(logits_npy).astype(np.float64)
+    rows = (predictions["split"] == "calibration").to_numpy()
+    fitted_on = "calibration rows: validation images held out from checkpoint selection"
+    if not rows.any():
+        rows = (predictions["split"] != "train").to_numpy()
+        fitted_on = "the validation fold, which also selected the checkpoint (calibration.holdout is 0)"
+    head = experiment["heads"][0]
+    activation = get_loss(head["loss"]).activation
+    multilabel = bool(predictions["label"].str.contains(";").any())
+    targets = calibration_targets(predictions[rows], read_tag2cls(tag2cls_json), multilabel)
+    calibration = calibrate(logits[rows], targets, activation, min_temperature=settings.min_temperature, seed=seed)
+    result = {**calibration.to_dict(), "fitted_on": fitted_on, "ece_bins": ECE_BINS}
+    write_json_atomic(result, out_json)
+    log.info(
+        "temperature %.3f (%s head, %d images: %s); ECE %.4f -> %.4f (%s)",
+        calibration.temperature, activation, calibration.n, fitted_on, calibration.ece_before,
+        calibration.ece_after, calibration.ece_after_method,
+    )
+    return result

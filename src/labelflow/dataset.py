@@ -250,6 +250,41 @@ def valid_mask(dataset: pd.DataFrame, valid_folds: Sequence[int]) -> pd.Series:
     return dataset["fold"].isin(list(valid_folds))
 
 
+def calibration_mask(dataset: pd.DataFrame, valid_folds: Sequence[int], seed: int, share: float) -> np.ndarray:
+    """Rows of the validation fold held out from checkpoint selection: the calibration
+    temperature is fitted on them, so it is not fitted on the images that chose the checkpoint.
+
+    ``floor(share * n)`` of each class's ``n`` validation groups (column ``group`` when the
+    table has one, so near-duplicates stay on one side; else each image alone), seeded.
+    Classes are the ``tag`` (the first label of multilabel rows). ``share`` 0 holds out nothing.
+    """
+    if not 0.0 <= share < 1.0:
+        raise DatasetError(f"config key `calibration.holdout` must be in [0, 1), got {share!r}")
+    is_valid = valid_mask(dataset, valid_folds).to_numpy()
+    held = np.zeros(len(dataset), dtype=bool)
+    if share == 0 or not is_valid.any():
+        return held
+    valid = dataset[is_valid]
+    groups = valid["group"] if "group" in valid.columns else valid["path"]
+    by_group = pd.DataFrame({"group": groups.to_numpy(), "tag": valid["tag"].to_numpy()}).drop_duplicates("group")
+    rng = np.random.default_rng(seed)
+    chosen: set = set()
+    for _, members in by_group.sort_values(["tag", "group"]).groupby("tag", sort=True):
+        order = rng.permutation(len(members))
+        chosen.update(members["group"].to_numpy()[order[: int(np.floor(share * len(members) + 1e-9))]])
+    held[np.flatnonzero(is_valid)[groups.isin(chosen).to_numpy()]] = True
+    return held
+
+
+def split_names(dataset: pd.DataFrame, valid_folds: Sequence[int], seed: int, share: float) -> np.ndarray:
+    """Each row's role in a run: ``train``, ``valid`` (the validation rows that select the
+    checkpoint) or ``calibration`` (validation rows held out from selection)."""
+    is_valid = valid_mask(dataset, valid_folds).to_numpy()
+    names = np.where(is_valid, "valid", "train").astype(object)
+    names[calibration_mask(dataset, valid_folds, seed, share)] = "calibration"
+    return names
+
+
 def read_dataset_csv(
     csv_path: PathLike, root: PathLike | None, required: Sequence[str] = ("path", "tag")
 ) -> pd.DataFrame:
@@ -367,7 +402,8 @@ PREDICTION_COLUMNS = ("path", "split", "class", "label", "predicted", "confidenc
 def read_predictions(path: PathLike) -> pd.DataFrame:
     """predictions.csv of an infer step: one row per image of the run, in dataset order.
 
-    ``path``; ``split`` (train/valid); ``class`` (index of the image's (first) label, what the
+    ``path``; ``split`` (train, valid or calibration: see :func:`split_names`; the validation fold
+    is every row that is not train); ``class`` (index of the image's (first) label, what the
     index's recall@k counts); ``label`` and ``predicted`` (class names, ``;``-joined for
     multilabel data, empty when a multilabel model predicts no class); ``confidence`` (the
     highest class probability).

@@ -343,7 +343,7 @@ def plot_embeddings_2d(
     standardised = StandardScaler().fit_transform(embeddings)
     pca = PCA(n_components=2, svd_solver="full").fit(standardised)
     ratio = pca.explained_variance_ratio_
-    n_valid = int((table["split"] == "valid").sum())
+    n_valid = int((table["split"] != "train").sum())
     draw(
         pca.transform(standardised), table, classes_of(tag2cls_json),
         (f"PC1 ({ratio[0]:.0%} of variance)", f"PC2 ({ratio[1]:.0%} of variance)"),

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from labelflow.dataset import class_names, class_targets, is_multilabel, read_dataset_csv, read_tag2cls, valid_mask
+from labelflow.dataset import class_names, class_targets, is_multilabel, read_dataset_csv, read_tag2cls, split_names
 from labelflow.device import select_device
 from labelflow.heads import get_head, uses_rotation
 from labelflow.inference import predict
@@ -87,9 +87,30 @@ class StageSetup:
     stage: str
     valid_folds: Sequence[int]
     seed: int
+    calibration_share: float = 0.0  # of the validation fold, held out from checkpoint selection
     init_checkpoint: PathLike | None = None
     want_gpu: bool = False
     run_name: str = ""
+
+
+def stage_setup(smk: Any) -> StageSetup:
+    """The StageSetup of a training-like job (rules train_stage and lrfinder_stage)."""
+    from labelflow.jobs import wants_gpu
+
+    run = smk.params.run
+    return StageSetup(
+        dataset_csv=smk.input.dataset,
+        tag2cls_json=smk.input.tag2cls,
+        root=smk.input.root,
+        experiment=run["experiment"],
+        stage=smk.wildcards.stage,
+        valid_folds=run["valid_folds"],
+        calibration_share=run["calibration_share"],
+        seed=smk.params.seed,
+        init_checkpoint=smk.input.get("init"),
+        want_gpu=wants_gpu(smk),
+        run_name=run["name"],
+    )
 
 
 @dataclass
@@ -164,17 +185,19 @@ def prepare_stage(setup: StageSetup, lr: float | None = None) -> PreparedStage:
         raise ValueError(f"stages.{setup.stage}.lr is 'auto' but no LR finder suggestion was given")
     stage_spec = StageSpec.from_dict(setup.stage, stage_cfg)
     device = select_device(setup.want_gpu)
-    is_valid = valid_mask(dataset, list(setup.valid_folds)).to_numpy()
-    if is_valid.all() or not is_valid.any():
+    roles = split_names(dataset, setup.valid_folds, setup.seed, setup.calibration_share)
+    if (roles == "train").all() or not (roles == "valid").any():
         raise DatasetError(f"{setup.dataset_csv}: valid_folds {list(setup.valid_folds)} leave no train or no valid images")
     data_cfg = experiment["data"]
+    # calibration rows neither train nor choose the checkpoint: the temperature is fitted on them
+    keep = roles != "calibration"
     loaders = stage_loaders(
-        setup.root, dataset, class_targets(dataset, tag2cls), is_valid, data_cfg,
+        setup.root, dataset[keep].reset_index(drop=True), class_targets(dataset, tag2cls)[keep], roles[keep] == "valid", data_cfg,
         batch_size=stage_spec.batch_size, heads=head_names(spec), seed=setup.seed, device=device,
     )
     model = stage_model(spec, experiment["model"]["weights"], setup.init_checkpoint, setup.seed)
     stage_fp = fingerprint(
-        spec.to_dict(), stage_cfg, data_cfg, setup.seed, list(setup.valid_folds),
+        spec.to_dict(), stage_cfg, data_cfg, setup.seed, list(setup.valid_folds), setup.calibration_share,
         file_digest(setup.dataset_csv), file_digest(setup.init_checkpoint) if setup.init_checkpoint else None,
         experiment["model"]["weights"],
     )
@@ -272,6 +295,7 @@ def infer(
     valid_folds: Sequence[int],
     seed: int,
     out_dir: PathLike,
+    calibration_share: float = 0.0,
     batch_size: int = 256,
     want_gpu: bool = False,
 ) -> pd.DataFrame:
@@ -289,8 +313,9 @@ def infer(
     out_dir = Path(out_dir)
     for name, array in outputs.items():
         save_npy_atomic(out_dir / f"{name}.npy", array.astype(np.float32))
-    is_valid = valid_mask(dataset, list(valid_folds)).to_numpy()
-    predictions = prediction_rows(dataset, class_names(tag2cls), outputs["probabilities"], is_valid, model.spec.heads[0])
+    roles = split_names(dataset, valid_folds, seed, calibration_share)
+    predictions = prediction_rows(dataset, class_names(tag2cls), outputs["probabilities"], roles, model.spec.heads[0])
+    is_valid = roles != "train"
     write_csv_atomic(predictions, out_dir / "predictions.csv")
     targets = class_targets(dataset, tag2cls)[is_valid]
     heads = rotated_head_predictions(model, root, paths[is_valid], targets, data_cfg, seed, batch_size, device)
@@ -299,14 +324,13 @@ def infer(
 
 
 def prediction_rows(
-    dataset: pd.DataFrame, classes: Sequence[str], probs: np.ndarray, is_valid: np.ndarray, head: HeadSpec
+    dataset: pd.DataFrame, classes: Sequence[str], probs: np.ndarray, roles: np.ndarray, head: HeadSpec
 ) -> pd.DataFrame:
-    """predictions.csv: path, split, class (index of the (first) label: what recall@k counts),
-    label and predicted (class names; ';'-joined for multilabel data), confidence."""
+    """predictions.csv: path, split (train, valid or calibration), class (index of the (first)
+    label: what recall@k counts), label and predicted (class names; ';'-joined for multilabel
+    data), confidence."""
     names = np.asarray(classes, dtype=object)
-    table = pd.DataFrame(
-        {"path": dataset["path"].to_numpy(), "split": np.where(is_valid, "valid", "train"), "class": dataset["class"].to_numpy()}
-    )
+    table = pd.DataFrame({"path": dataset["path"].to_numpy(), "split": roles, "class": dataset["class"].to_numpy()})
     if is_multilabel(dataset):
         predicted = predict_labels(probs, True, head.decision_threshold)
         table["label"] = dataset["labels"].to_numpy()

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from labelflow.experiment import StageSetup
+from typing import Any
 
 
 def start_job(smk: Any) -> logging.Logger:
@@ -36,22 +33,3 @@ def start_job(smk: Any) -> logging.Logger:
 def wants_gpu(smk: Any) -> bool:
     """The job asked for a GPU through `resources: gpu=N`."""
     return int(getattr(smk.resources, "gpu", 0) or 0) > 0
-
-
-def stage_setup(smk: Any) -> StageSetup:
-    """What a training-like rule (train_stage, lrfinder_stage) gives experiment.prepare_stage."""
-    from labelflow.experiment import StageSetup
-
-    run = smk.params.run
-    return StageSetup(
-        dataset_csv=smk.input.dataset,
-        tag2cls_json=smk.input.tag2cls,
-        root=smk.input.root,
-        experiment=run["experiment"],
-        stage=smk.wildcards.stage,
-        valid_folds=run["valid_folds"],
-        seed=smk.params.seed,
-        init_checkpoint=smk.input.get("init"),
-        want_gpu=wants_gpu(smk),
-        run_name=run["name"],
-    )

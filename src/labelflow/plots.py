@@ -146,7 +146,8 @@ def plot_embeddings_2d(
     fig, ax = plt.subplots(figsize=(7.5, 6))
     for split, size, alpha in (("train", 14, 0.45), ("valid", 40, 0.9)):
         for correct, marker in ((True, "o"), (False, "x")):
-            sel = ((table["split"] == split) & (table["correct"] == correct)).to_numpy()
+            in_split = table["split"] == "train" if split == "train" else table["split"] != "train"
+            sel = (in_split & (table["correct"] == correct)).to_numpy()
             if sel.any():
                 colours = [cmap(c % cmap.N) for c in table["class"][sel]]
                 ax.scatter(xy[sel, 0], xy[sel, 1], c=colours, s=size, marker=marker, alpha=alpha, linewidths=1.0)

@@ -28,6 +28,7 @@ from labelflow.plots import plot_confusion, plot_experiments, plot_fold_curves, 
 log = logging.getLogger(__name__)
 
 EXPERIMENT_PLOT_METRICS = ("valid_accuracy", "recall@1", "recall@5", "auc")
+CALIBRATION_KEYS = ("temperature", "n", "ece_before", "ece_after", "ece_after_method", "fitted_on")
 
 
 def valid_class_metrics(
@@ -63,8 +64,9 @@ def summarize(
     """summary.json of the final model on the valid fold + a confusion-matrix PNG per head.
 
     ``inputs``: dataset, tag2cls, predictions, logits, heads (heads.csv), checkpoint, index
-    (recall.json). valid: class-head metrics on un-augmented images; heads: accuracy of the
-    rotation heads; index: recall@k; stages: best epoch of each stage.
+    (recall.json), calibration (calibration.json). valid: class-head metrics of the validation
+    fold on un-augmented images; heads: accuracy of the rotation heads; index: recall@k;
+    calibration: the temperature and ECE; stages: best epoch of each stage.
     """
     from labelflow.models import load_checkpoint
 
@@ -74,7 +76,7 @@ def summarize(
     predictions = read_predictions(inputs["predictions"])
     if list(predictions["path"]) != list(dataset["path"]):
         raise ValueError(f"{inputs['predictions']} and {inputs['dataset']} list different images; rerun infer")
-    is_valid = (predictions["split"] == "valid").to_numpy()
+    is_valid = (predictions["split"] != "train").to_numpy()
     targets = class_targets(dataset, tag2cls)[is_valid]
     head = load_checkpoint(inputs["checkpoint"])["spec"]["heads"][0]
     multilabel = is_multilabel(dataset)
@@ -87,6 +89,7 @@ def summarize(
         "heads": {},
         "index": {k: index[k] for k in index if k.startswith("recall@")}
         | {"knn_accuracy": index["knn_accuracy"], "explained_variance": index["explained_variance"]},
+        "calibration": {k: v for k, v in read_json(inputs["calibration"]).items() if k in CALIBRATION_KEYS},
         "stages": {},
     }
     confusion_dir = Path(confusion_dir)
@@ -219,7 +222,7 @@ def kfold_summary(
         )
         curves[fold] = [e["valid"]["accuracy"] for e in epochs]
         predictions = read_predictions(paths["predictions"])
-        oof.append(predictions[predictions["split"] == "valid"].assign(fold=fold))
+        oof.append(predictions[predictions["split"] != "train"].assign(fold=fold))
     table = pd.DataFrame(rows)
     write_csv_atomic(table, out_csv)
     metrics = [c for c in table.columns if c not in ("fold", "best_epoch")]

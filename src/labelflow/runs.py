@@ -126,6 +126,7 @@ class Run:
     data: RunData
     valid_folds: tuple[int, ...]
     init: str | None = None  # weights the first stage starts from (autolabel warm start)
+    calibration_share: float = 0.0  # of the validation fold, held out from checkpoint selection
 
     @property
     def stages(self) -> list[str]:
@@ -206,15 +207,16 @@ class RunTable:
         experiment file, ``validate_experiment(experiment, what)`` validates a derived one (a grid
         point) and raises an error naming ``what``."""
         folds = tuple(valid_folds)
+        share = config["calibration"]["holdout"]
         main = RunData("results/data/dataset.csv", "results/data/tag2cls.json", config["dataset"])
         check_names(config["experiments"])
-        static = {name: Run(name, load_experiment(name), main, folds) for name in config["experiments"]}
+        static = {name: Run(name, load_experiment(name), main, folds, None, share) for name in config["experiments"]}
         grid = _grid(config, load_experiment, validate_experiment)
-        static.update({f"grid/{i}": Run(f"grid/{i}", point["experiment"], main, folds) for i, point in grid.items()})
+        static.update({f"grid/{i}": Run(f"grid/{i}", point["experiment"], main, folds, None, share) for i, point in grid.items()})
         for name in config["kfold"]["experiments"] or config["experiments"][:1]:
             experiment = static[name].experiment if name in static else load_experiment(name)
             for k in range(config["n_folds"]):
-                static[f"kfold/{name}/fold_{k}"] = Run(f"kfold/{name}/fold_{k}", experiment, main, (k,))
+                static[f"kfold/{name}/fold_{k}"] = Run(f"kfold/{name}/fold_{k}", experiment, main, (k,), None, share)
 
         ood_data = RunData("results/ood/data/dataset.csv", "results/ood/data/tag2cls.json", config["dataset"])
 
@@ -225,7 +227,7 @@ class RunTable:
                 raise RunError(f"config key `{key}`: {exc}") from None
 
         def ood_run(match: re.Match) -> Run:
-            return Run(match.group(0), load_for("ood.experiment", match.group(1)), ood_data, folds)
+            return Run(match.group(0), load_for("ood.experiment", match.group(1)), ood_data, folds, None, share)
 
         def autolabel_run(match: re.Match) -> Run:
             round_ = int(match.group(1))
@@ -233,7 +235,7 @@ class RunTable:
             data = RunData(f"results/autolabel/round_{round_}/dataset.csv", AUTOLABEL_TAG2CLS, AUTOLABEL_ROOT)
             previous = f"autolabel/round_{round_ - 1}/{list(recipe['stages'])[-1]}/best.pt"
             init = f"results/{previous}" if config["autolabel"]["warm_start"] and round_ > 0 else None
-            return Run(match.group(0), recipe, data, folds, init)
+            return Run(match.group(0), recipe, data, folds, init, share)
 
         families = {rf"ood/({NAME_PATTERN})": ood_run, r"autolabel/round_(\d+)": autolabel_run}
         return cls(static, families, grid)

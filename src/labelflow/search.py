@@ -210,7 +210,7 @@ def calibrate_rejection(
         predictions_csv=index_files["predictions"], classes=classes, vote_k=settings.vote_k, k=settings.k,
     )
     predictions = read_predictions(index_files["predictions"])
-    is_valid = (predictions["split"] == "valid").to_numpy()
+    is_valid = (predictions["split"] != "train").to_numpy()
     labels = predictions["class"].to_numpy()[is_valid]
     result = search.search(load_npy(embeddings_npy)[is_valid])
     correct = result.vote == labels
@@ -370,7 +370,7 @@ def evaluate_ood(
     """
     search = SimilaritySearch.load(rejection_json)
     predictions = read_predictions(predictions_csv)
-    is_valid = (predictions["split"] == "valid").to_numpy()
+    is_valid = (predictions["split"] != "train").to_numpy()
     known_labels = predictions["class"].to_numpy()[is_valid]
     known = search.search(load_npy(embeddings_npy)[is_valid])
     heldout = pd.read_csv(heldout_index_csv, dtype=str, keep_default_na=False)

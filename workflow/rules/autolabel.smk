@@ -20,6 +20,10 @@ rule autolabel_prepare:
     conda:
         "../../envs/torch.yaml"
     params:
+        code=code_of("autolabel_prepare"),
+        content=lambda wildcards: {
+            key: content_of(path) for key, path in autolabel_folders(wildcards).items()
+        },
         n_folds=config["n_folds"],
         seed=config["seed"],
     script:
@@ -35,6 +39,8 @@ rule autolabel_round_dataset:
         "results/logs/autolabel/round_{round}/dataset.log",
     conda:
         "../../envs/torch.yaml"
+    params:
+        code=code_of("autolabel_round_dataset"),
     script:
         "../scripts/autolabel_round_dataset.py"
 
@@ -56,8 +62,11 @@ checkpoint autolabel_round:
     resources:
         gpu=config["gpu"],
     params:
+        code=code_of("autolabel_round"),
         run=lambda wildcards: params_of(round_run(wildcards.round)),
         settings=RoundSettings.keys_of(config["autolabel"]),
+        calibration=config["calibration"],
+        seed=config["seed"],
         last_round=is_last_round,
         batch_size=config["infer_batch_size"],
     script:
@@ -75,6 +84,8 @@ rule autolabel_dataset:
         "results/logs/autolabel/dataset.log",
     conda:
         "../../envs/torch.yaml"
+    params:
+        code=code_of("autolabel_dataset"),
     script:
         "../scripts/autolabel_dataset.py"
 
@@ -92,6 +103,8 @@ rule autolabel_progress:
         "results/logs/autolabel/progress.log",
     conda:
         "../../envs/torch.yaml"
+    params:
+        code=code_of("autolabel_progress"),
     script:
         "../scripts/autolabel_progress.py"
 
@@ -105,6 +118,8 @@ rule autolabel_evaluate:
         "results/logs/autolabel/evaluate.log",
     conda:
         "../../envs/torch.yaml"
+    params:
+        code=code_of("autolabel_evaluate"),
     script:
         "../scripts/autolabel_evaluate.py"
 
@@ -120,6 +135,7 @@ rule autolabel_materialize:
     conda:
         "../../envs/torch.yaml"
     params:
+        code=code_of("autolabel_materialize"),
         mode=config["autolabel"]["materialize"],
     script:
         "../scripts/autolabel_materialize.py"

@@ -1,6 +1,7 @@
 # Config, experiments and runs (labelflow.runs), and the input functions every run's rules
 # share; no rules here. Helpers of one rule family live in that family's .smk file.
 import os
+from functools import lru_cache
 
 import yaml
 from snakemake.exceptions import WorkflowError
@@ -9,6 +10,7 @@ from labelflow.autolabel.round import round_recipe
 from labelflow.dataset import resolve_valid_folds
 from labelflow.experiment import check_experiment
 from labelflow.io import DatasetError
+from labelflow.manifest import code_digest, files_digest, source_digest
 from labelflow.runs import NAME_PATTERN, RunError, RunTable
 
 # Rule demo_dataset writes the digits here; any other `dataset` must already exist.
@@ -109,6 +111,7 @@ def params_of(run):
         "name": run.name,
         "experiment": run.experiment,
         "valid_folds": list(run.valid_folds),
+        "calibration_share": run.calibration_share,
     }
 
 
@@ -150,6 +153,33 @@ def stage_metrics_files(run):
     return [run.path(stage, "metrics.json") for stage in run.stages]
 
 
+@lru_cache(maxsize=None)
+def content_of(path):
+    """Digest of a folder's (or a CSV of image paths') files: a rule passes it as a param so that
+    an image added, replaced or removed anywhere below reruns it (labelflow.manifest).
+    """
+    return source_digest(path)
+
+
+def code_of(script):
+    """Digest of the package code a workflow script runs: a change to it reruns the rule."""
+    return code_digest(
+        os.path.join(workflow.basedir, "workflow", "scripts", f"{script}.py")
+    )
+
+
+def dataset_content(wildcards):
+    """What tag2label reads besides its declared inputs: every file below `dataset` (the demo
+    folder is a rule's output, which Snakemake tracks itself) and the labels CSV."""
+    parts = []
+    if os.path.normpath(DATASET) != DEMO_DATASET:
+        parts.append(content_of(DATASET))
+    if config["labels_csv"]:
+        labels = config["labels_csv"]
+        parts.append(files_digest([labels], os.path.dirname(os.path.abspath(labels))))
+    return ",".join(parts)
+
+
 def labelling_inputs(wildcards):
     inputs = {"dataset": DATASET}
     if config["labels_csv"]:
@@ -177,6 +207,7 @@ def summary_inputs(wildcards):
         "heads": run.path("predictions", "heads.csv"),
         "checkpoint": run.checkpoint(),
         "index": run.path("index", "recall.json"),
+        "calibration": run.path("calibration.json"),
         "stage_metrics": stage_metrics_files(run),
     }
 

@@ -8,6 +8,7 @@ rule demo_dataset:
     conda:
         "../../envs/torch.yaml"
     params:
+        code=code_of("demo_dataset"),
         image_size=config["demo"]["image_size"],
     script:
         "../scripts/demo_dataset.py"
@@ -27,6 +28,9 @@ rule tag2label:
         "results/benchmarks/tag2label.tsv"
     conda:
         "../../envs/torch.yaml"
+    params:
+        code=code_of("tag2label"),
+        content=dataset_content,
     script:
         "../scripts/tag2label.py"
 
@@ -44,6 +48,7 @@ rule split:
     conda:
         "../../envs/torch.yaml"
     params:
+        code=code_of("split"),
         n_folds=config["n_folds"],
         seed=config["seed"],
     script:

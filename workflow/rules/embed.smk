@@ -22,6 +22,8 @@ rule embed:
     resources:
         gpu=config["gpu"],
     params:
+        code=code_of("embed"),
+        content=lambda wildcards: content_of(image_set(wildcards)["source"]),
         run=run_params,
         batch_size=config["embed"]["batch_size"],
         out_dir=subpath(output.embeddings, parent=True),
@@ -41,6 +43,7 @@ rule tensorboard_projector:
     conda:
         "../../envs/torch.yaml"
     params:
+        code=code_of("projector"),
         max_images=config["projector"]["max_images"],
         thumbnail_size=config["projector"]["thumbnail_size"],
         seed=config["seed"],
@@ -65,6 +68,7 @@ rule embedding_plot:
     conda:
         "../../envs/torch.yaml"
     params:
+        code=code_of("embedding_plot"),
         seed=config["seed"],
     script:
         "../scripts/embedding_plot.py"
@@ -83,6 +87,7 @@ rule ood_dataset:
     conda:
         "../../envs/index.yaml"
     params:
+        code=code_of("ood_dataset"),
         classes=config["ood"]["classes"],
     script:
         "../scripts/ood_dataset.py"
@@ -101,6 +106,8 @@ rule ood_evaluate:
         "results/logs/{experiment}/ood_evaluate.log",
     conda:
         "../../envs/index.yaml"
+    params:
+        code=code_of("ood_evaluate"),
     script:
         "../scripts/ood_evaluate.py"
 

@@ -18,6 +18,7 @@ rule pca_index:
     conda:
         "../../envs/index.yaml"
     params:
+        code=code_of("pca_index"),
         index=config["index"],
         seed=config["seed"],
     script:
@@ -40,6 +41,7 @@ rule evaluate_index:
     conda:
         "../../envs/index.yaml"
     params:
+        code=code_of("evaluate_index"),
         index=config["index"],
     script:
         "../scripts/evaluate_index.py"
@@ -63,6 +65,7 @@ rule rejection:
     conda:
         "../../envs/index.yaml"
     params:
+        code=code_of("rejection"),
         run=run_params,
         settings={"query": config["query"], "index": config["index"]},
     script:
@@ -81,6 +84,7 @@ rule query_set:
     conda:
         "../../envs/index.yaml"
     params:
+        code=code_of("query"),
         k=config["query"]["k"],
     script:
         "../scripts/query.py"

@@ -22,6 +22,7 @@ rule summary:
     conda:
         "../../envs/torch.yaml"
     params:
+        code=code_of("summary"),
         stages=lambda wildcards: run_of(wildcards).stages,
     script:
         "../scripts/summary.py"
@@ -47,6 +48,7 @@ rule compare_experiments:
     conda:
         "../../envs/torch.yaml"
     params:
+        code=code_of("compare_experiments"),
         stage_metrics={name: stage_metrics_files(RUNS[name]) for name in EXPERIMENTS},
     script:
         "../scripts/compare_experiments.py"
@@ -77,6 +79,8 @@ rule kfold_summary:
         "results/logs/kfold/{experiment}/summary.log",
     conda:
         "../../envs/torch.yaml"
+    params:
+        code=code_of("kfold_summary"),
     script:
         "../scripts/kfold_summary.py"
 
@@ -106,6 +110,7 @@ rule grid_comparison:
     conda:
         "../../envs/torch.yaml"
     params:
+        code=code_of("grid_comparison"),
         runs=RUNS.grid,
     script:
         "../scripts/grid_comparison.py"

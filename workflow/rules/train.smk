@@ -21,6 +21,7 @@ rule train_stage:
     resources:
         gpu=config["gpu"],
     params:
+        code=code_of("train_stage"),
         run=run_params,
         seed=config["seed"],
         out_dir=subpath(output.best, parent=True),
@@ -53,6 +54,7 @@ rule lrfinder_stage:
     resources:
         gpu=config["gpu"],
     params:
+        code=code_of("lrfinder"),
         run=run_params,
         seed=config["seed"],
         finder=config["lrfinder"],
@@ -79,9 +81,30 @@ rule infer:
     resources:
         gpu=config["gpu"],
     params:
+        code=code_of("infer"),
         run=run_params,
         seed=config["seed"],
         batch_size=config["infer_batch_size"],
         out_dir=subpath(output.predictions, parent=True),
     script:
         "../scripts/infer.py"
+
+
+rule calibrate:
+    input:
+        predictions="results/{run}/predictions/predictions.csv",
+        logits="results/{run}/predictions/logits.npy",
+        tag2cls=lambda wildcards: run_of(wildcards).data.tag2cls,
+    output:
+        "results/{run}/calibration.json",
+    log:
+        "results/logs/{run}/calibrate.log",
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        code=code_of("calibrate"),
+        run=run_params,
+        seed=config["seed"],
+        settings=config["calibration"],
+    script:
+        "../scripts/calibrate.py"

@@ -1,4 +1,5 @@
 from labelflow.autolabel.policy import RoundSettings
+from labelflow.calibration import CalibrationSettings
 from labelflow.autolabel.round import RoundInputs, RoundOutputs, run_round
 from labelflow.jobs import start_job, wants_gpu
 
@@ -19,8 +20,10 @@ run_round(
         metrics_json=snakemake.output.metrics,
     ),
     RoundSettings.from_config(snakemake.params.settings),
+    CalibrationSettings.from_config(snakemake.params.calibration),
     experiment=snakemake.params.run["experiment"],
     valid_folds=snakemake.params.run["valid_folds"],
+    seed=snakemake.params.seed,
     round_=int(snakemake.wildcards.round),
     last_round=snakemake.params.last_round,
     batch_size=snakemake.params.batch_size,

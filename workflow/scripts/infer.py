@@ -9,6 +9,7 @@ infer(
     root=snakemake.input.root,
     experiment=snakemake.params.run["experiment"],
     valid_folds=snakemake.params.run["valid_folds"],
+    calibration_share=snakemake.params.run["calibration_share"],
     seed=snakemake.params.seed,
     out_dir=snakemake.params.out_dir,
     batch_size=snakemake.params.batch_size,

@@ -1,5 +1,5 @@
-from labelflow.experiment import LRFinderSettings, lr_finder
-from labelflow.jobs import stage_setup, start_job
+from labelflow.experiment import LRFinderSettings, lr_finder, stage_setup
+from labelflow.jobs import start_job
 
 start_job(snakemake)
 lr_finder(

@@ -6,7 +6,16 @@ summarize(
     run=snakemake.wildcards.run,
     inputs={
         name: snakemake.input[name]
-        for name in ("dataset", "tag2cls", "predictions", "logits", "heads", "checkpoint", "index")
+        for name in (
+            "dataset",
+            "tag2cls",
+            "predictions",
+            "logits",
+            "heads",
+            "checkpoint",
+            "index",
+            "calibration",
+        )
     },
     stage_metrics=dict(zip(snakemake.params.stages, snakemake.input.stage_metrics)),
     out_json=snakemake.output.summary,

@@ -1,5 +1,5 @@
-from labelflow.experiment import train_stage
-from labelflow.jobs import stage_setup, start_job
+from labelflow.experiment import stage_setup, train_stage
+from labelflow.jobs import start_job
 
 start_job(snakemake)
 train_stage(

@@ -36,7 +36,6 @@ class RoundSettings:
     """Config section ``autolabel`` as a round uses it (defaults: config/schemas/config.schema.yaml)."""
 
     min_confidence: float  # calibrated confidence a pseudo-label needs
-    min_temperature: float  # calibration may soften the model's softmax, never sharpen it below this
     max_new_per_class: float | None  # class-balance cap per round, times the class's human count
     neighbours: int  # nearest labelled images that must share the class (0: off)
     class_min_confidence: Mapping[str, float] = field(default_factory=dict)  # per-class overrides

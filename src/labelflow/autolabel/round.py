@@ -25,7 +25,8 @@ from labelflow.autolabel.policy import (
     round_status,
     select_pseudo_labels,
 )
-from labelflow.dataset import class_names, read_dataset_csv, read_tag2cls, valid_mask
+from labelflow.calibration import CalibrationSettings
+from labelflow.dataset import class_names, read_dataset_csv, read_tag2cls, split_names
 from labelflow.io import DatasetError, PathLike, read_table, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -92,18 +93,19 @@ class RoundOutputs:
 
 @dataclass
 class RoundTables:
-    """What a round reads: its table, the human and validation rows, the candidates."""
+    """What a round reads: its table with each row's role (as the round's run trained: see
+    :func:`labelflow.dataset.split_names`), the human rows, the candidates."""
 
     dataset: pd.DataFrame
+    roles: np.ndarray  # train, valid (chose the checkpoint) or calibration
     classes: list[str]
     tag2cls: dict[str, int]
     human: pd.DataFrame
-    valid: pd.DataFrame
     candidates: pd.DataFrame
     human_counts: dict[str, int]
 
     @classmethod
-    def read(cls, inputs: RoundInputs, valid_folds: Sequence[int]) -> RoundTables:
+    def read(cls, inputs: RoundInputs, valid_folds: Sequence[int], seed: int, share: float) -> RoundTables:
         dataset = read_dataset_csv(inputs.dataset_csv, inputs.root)
         tag2cls = read_tag2cls(inputs.tag2cls_json)
         classes = class_names(tag2cls)
@@ -111,21 +113,34 @@ class RoundTables:
         candidates = remaining_candidates(read_table(inputs.raw_csv), dataset)
         return cls(
             dataset=dataset,
+            roles=split_names(dataset, valid_folds, seed, share),
             classes=classes,
             tag2cls=tag2cls,
             human=human,
-            valid=human[valid_mask(human, list(valid_folds))],
             candidates=candidates,
             human_counts=human.groupby("tag").size().reindex(classes, fill_value=0).to_dict(),
         )
 
+    @property
+    def calibration_rows(self) -> np.ndarray:
+        """The human rows the temperature is fitted on: those held out from checkpoint selection,
+        or (calibration.holdout 0) the whole validation fold."""
+        held = self.roles == "calibration"
+        return held if held.any() else self.roles != "train"
+
+    @property
+    def reference_rows(self) -> np.ndarray:
+        """The neighbour guard's references: human training rows and earlier pseudo-labels; never
+        validation rows, so validation labels do not decide which pseudo-labels train next."""
+        return self.roles == "train"
+
 
 def score_candidates(
     tables: RoundTables, inputs: RoundInputs, experiment: dict[str, Any], settings: RoundSettings,
-    *, batch_size: int, want_gpu: bool,
+    calibration_settings: CalibrationSettings, *, seed: int, batch_size: int, want_gpu: bool,
 ):
-    """Predict every labelled image (validation and the neighbour guard need them) and every
-    candidate; calibrate on the human validation rows. Returns (scored candidates, calibration)."""
+    """Predict every labelled image (calibration and the neighbour guard need them) and every
+    candidate; calibrate on the held-out human rows. Returns (scored candidates, calibration)."""
     from labelflow.calibration import calibrate, top_confidence
     from labelflow.device import select_device
     from labelflow.inference import predict
@@ -133,15 +148,19 @@ def score_candidates(
     from labelflow.losses import get_loss
     from labelflow.models import load_model
 
-    dataset, valid, candidates = tables.dataset, tables.valid, tables.candidates
+    dataset, candidates = tables.dataset, tables.candidates
     device = select_device(want_gpu)
     model = load_model(inputs.checkpoint)
     activation = get_loss(model.spec.heads[0].loss).activation
     paths = np.concatenate([dataset["path"].to_numpy(), candidates["path"].to_numpy()]).astype(str)
     outputs = predict(model, eval_loader(inputs.root, paths, experiment["data"], batch_size=batch_size, device=device), device)
     logits = outputs["logits"].astype(np.float64)
-    valid_logits, cand_logits = logits[dataset.index.get_indexer(valid.index)], logits[len(dataset):]
-    calibration = calibrate(valid_logits, valid["class"].to_numpy(), activation, min_temperature=settings.min_temperature)
+    held = tables.calibration_rows
+    calibration = calibrate(
+        logits[: len(dataset)][held], dataset["class"].to_numpy()[held], activation,
+        min_temperature=calibration_settings.min_temperature, seed=seed,
+    )
+    cand_logits = logits[len(dataset):]
     _, raw_conf = top_confidence(cand_logits, 1.0, activation)
     predicted, conf = top_confidence(cand_logits, calibration.temperature, activation)
     scored = pd.DataFrame(
@@ -149,9 +168,10 @@ def score_candidates(
     )
     if settings.neighbours > 0:
         embeddings = outputs["embeddings"]
+        references = tables.reference_rows
         scored["neighbours_agree"] = neighbours_agree(
-            embeddings[: len(dataset)], dataset["tag"].astype(str).to_numpy(), embeddings[len(dataset):],
-            scored["tag"], settings.neighbours,
+            embeddings[: len(dataset)][references], dataset["tag"].astype(str).to_numpy()[references],
+            embeddings[len(dataset):], scored["tag"], settings.neighbours,
         )
     return scored, calibration
 
@@ -175,9 +195,11 @@ def run_round(
     inputs: RoundInputs,
     outputs: RoundOutputs,
     settings: RoundSettings,
+    calibration_settings: CalibrationSettings,
     *,
     experiment: dict[str, Any],
     valid_folds: Sequence[int],
+    seed: int,
     round_: int,
     last_round: bool,
     batch_size: int = 256,
@@ -185,13 +207,16 @@ def run_round(
 ) -> dict[str, Any]:
     """Predict the unlabelled raw images with the round's model, calibrate, select, report.
 
-    The temperature is fitted on the round's human validation fold, not below
-    ``settings.min_temperature``. With ``settings.neighbours`` > 0 a prediction also needs its
-    nearest labelled images (human and earlier pseudo-labels, in the round model's embedding)
-    to agree (:func:`~labelflow.autolabel.policy.neighbours_agree`).
+    The temperature is fitted on the human validation rows held out from the round model's
+    checkpoint selection, not below ``calibration_settings.min_temperature``. With
+    ``settings.neighbours`` > 0 a prediction also needs its nearest labelled training images
+    (human training rows and earlier pseudo-labels, in the round model's embedding) to agree
+    (:func:`~labelflow.autolabel.policy.neighbours_agree`).
     """
-    tables = RoundTables.read(inputs, valid_folds)
-    scored, calibration = score_candidates(tables, inputs, experiment, settings, batch_size=batch_size, want_gpu=want_gpu)
+    tables = RoundTables.read(inputs, valid_folds, seed, calibration_settings.holdout)
+    scored, calibration = score_candidates(
+        tables, inputs, experiment, settings, calibration_settings, seed=seed, batch_size=batch_size, want_gpu=want_gpu
+    )
     decided = select_pseudo_labels(scored, tables.human_counts, settings, labelled=tables.dataset["path"])
     accepted = decided[decided["decision"] == ACCEPTED].sort_values("path")
     accepted_table = pd.DataFrame(
@@ -229,10 +254,11 @@ def round_metrics(round_, tables: RoundTables, calibration, counts, accepted_tab
     dataset = tables.dataset
     return {
         "round": round_,
-        "train_images": int((~dataset.index.isin(tables.valid.index)).sum()),
+        "train_images": int((tables.roles == "train").sum()),
         "human": int(len(tables.human)),
         "pseudo_before": int(len(dataset) - len(tables.human)),
-        "valid_images": int(len(tables.valid)),
+        "valid_images": int((tables.roles == "valid").sum()),
+        "calibration_images": int(tables.calibration_rows.sum()),
         "valid_accuracy": calibration.accuracy,
         "calibration": calibration.to_dict(),
         "ece_bins": 15,
