@@ -97,7 +97,10 @@ def test_targets_rerun_nothing(use_run):
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
 
 
-def test_empty_sets_name_the_key(tmp_path):
+def test_dry_runs_on_the_default_config(tmp_path):
+    result = run_snakemake(tmp_path, "-n", "export")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and "export_model" in out and "calibrate" in out and "results/softmax/export" in out
     for target, key in (("predict_all", "predict.sets"), ("evaluate_all", "evaluate.sets")):
-        result = run_snakemake(tmp_path, "-n", target)
-        assert result.returncode != 0 and key in result.stdout + result.stderr, target
+        empty = run_snakemake(tmp_path, "-n", target)
+        assert empty.returncode != 0 and key in empty.stdout + empty.stderr, target
