@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_tiny_dataset
+from conftest import make_duplicates_dataset, make_tiny_dataset, write_badly_named_image
 from labelflow import io
 from labelflow.autolabel import policy, results
 from labelflow.autolabel import prepare as prep
@@ -26,7 +26,7 @@ from labelflow.calibration import (
     nll,
     top_confidence,
 )
-from labelflow.dataset import valid_mask
+from labelflow.dataset import DuplicateSettings, valid_mask
 from labelflow.io import DatasetError
 from labelflow.losses import probabilities
 
@@ -297,7 +297,7 @@ def piles(tmp_path):
     return clean, raw
 
 
-def _prepare(tmp_path, clean, raw, n_folds=3):
+def _prepare(tmp_path, clean, raw, n_folds=3, duplicates=DuplicateSettings()):
     out = tmp_path / "results"
     paths = {
         "root_dir": out / "root",
@@ -306,7 +306,7 @@ def _prepare(tmp_path, clean, raw, n_folds=3):
         "raw_csv": out / "raw.csv",
         "skipped_csv": out / "skipped.csv",
     }
-    summary = prep.prepare(clean=clean, raw=raw, n_folds=n_folds, seed=0, **paths)
+    summary = prep.prepare(clean=clean, raw=raw, n_folds=n_folds, seed=0, duplicates=duplicates, **paths)
     return summary, paths
 
 
@@ -319,7 +319,7 @@ def test_prepare_tables_and_root(tmp_path, piles):
     assert os.readlink(root / "clean") == str(clean.resolve()) and os.readlink(root / "raw") == str(raw.resolve())
 
     human = io.read_table(paths["human_csv"])
-    assert list(human.columns) == ["path", "tag", "class", "fold"] and len(human) == 18
+    assert list(human.columns) == ["path", "tag", "class", "fold", "sha1", "group"] and len(human) == 18
     assert human["path"].str.startswith("clean/").all()
     assert sorted(human["fold"].unique()) == [0, 1, 2]
     assert (human.groupby(["fold", "tag"]).size() == 2).all()  # stratified
@@ -340,6 +340,52 @@ def test_prepare_tables_and_root(tmp_path, piles):
     # every path in the tables resolves through the root
     for path in list(human["path"]) + list(table["path"]):
         assert (root / path).is_file()
+
+
+def test_prepare_near_copies_take_the_human_label_and_stay_out_of_other_folds(tmp_path):
+    """clean: cat/dog/owl with exact and near copies (conftest.DUPLICATE_GROUPS); raw: near
+    copies of clean images, one of a clean label conflict, and a file named with non-UTF-8 bytes."""
+    from PIL import Image
+
+    clean = make_duplicates_dataset(tmp_path / "clean")
+    raw = tmp_path / "raw"
+    (raw / "pile").mkdir(parents=True)
+    with Image.open(clean / "dog" / "dog_03.png") as image:
+        image.convert("RGB").save(raw / "pile" / "dog_resaved.jpg", quality=75)  # near copy of a dog
+        image.resize((40, 40), Image.Resampling.BICUBIC).save(raw / "pile" / "dog_small.png")
+    with Image.open(clean / "owl" / "owl_03.png") as image:
+        image.convert("RGB").save(raw / "owl_q50.jpg", quality=50)  # near copy of an exact pair
+    shutil.copy(clean / "cat" / "cat_05.png", raw / "cat_or_owl.png")  # its clean copies disagree
+    with Image.open(clean / "cat" / "cat_02.png") as image:
+        image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(raw / "mirrored.png")  # not a near copy
+    shown = write_badly_named_image(raw / "pile")
+
+    summary, paths = _prepare(tmp_path, clean, raw, duplicates=DuplicateSettings(label_conflicts="keep"))
+    table = io.read_table(paths["raw_csv"]).fillna("").set_index("path")
+    assert table.loc["raw/pile/dog_resaved.jpg", ["tag", "duplicate_of"]].tolist() == ["dog", "clean/dog/dog_03.png"]
+    assert table.loc["raw/pile/dog_small.png", ["tag", "duplicate_of"]].tolist() == ["dog", "clean/dog/dog_03.png"]
+    assert table.loc["raw/owl_q50.jpg", ["tag", "duplicate_of"]].tolist() == [
+        "owl", "clean/owl/owl_03.png;clean/owl/owl_03_copy.png"
+    ]
+    assert table.loc["raw/cat_or_owl.png", ["tag", "duplicate_of"]].tolist() == [
+        "", "clean/cat/cat_05.png;clean/owl/from_cat_05.png"
+    ]
+    assert table.loc["raw/mirrored.png", ["tag", "duplicate_of"]].tolist() == ["", ""]
+    assert summary["human_duplicates"] == 3 and summary["human"] == 32
+    skipped = io.read_table(paths["skipped_csv"])
+    assert skipped.values.tolist() == [[f"raw/pile/{shown}", "file name is not valid UTF-8"]]
+
+    human = io.read_table(paths["human_csv"])  # copies of one picture share a fold
+    assert (human.groupby("group")["fold"].nunique() == 1).all()
+    assert human["group"].nunique() == 32 - 8
+
+    _, dropped = _prepare(tmp_path / "drop", clean, raw)  # default: clean label conflicts left out
+    human = io.read_table(dropped["human_csv"])
+    assert len(human) == 26 and "clean/cat/cat_05.png" not in set(human["path"])
+    reasons = io.read_table(dropped["skipped_csv"]).set_index("path")["reason"]
+    assert reasons["clean/cat/cat_05.png"] == "label conflict: duplicate of clean/owl/from_cat_05.png in class owl"
+    # with its clean copies left out, the raw copy has no human label to take
+    assert io.read_table(dropped["raw_csv"]).fillna("").set_index("path").loc["raw/cat_or_owl.png", "tag"] == ""
 
 
 def test_prepare_errors(tmp_path, piles):

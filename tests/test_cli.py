@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +31,7 @@ def test_digits_tag2label_split(tmp_path: Path, capsys: pytest.CaptureFixture[st
     tag2cls = json.loads((out / "tag2cls.json").read_text(encoding="utf-8"))
     assert tag2cls == {str(d): d for d in range(10)}
     raw = pd.read_csv(out / "dataset_raw.csv", dtype=str)
-    assert list(raw.columns) == ["path", "tag", "sha1"] and len(raw) == 1797
+    assert list(raw.columns) == ["path", "tag", "sha1", "phash", "group"] and len(raw) == 1797
     assert raw["path"].iloc[0] == "0/0000.png" and raw["tag"].iloc[0] == "0"
     skipped = pd.read_csv(out / "skipped.csv")
     assert skipped.values.tolist() == [["notes.txt", "not inside a class folder"]]
@@ -41,12 +42,13 @@ def test_digits_tag2label_split(tmp_path: Path, capsys: pytest.CaptureFixture[st
         "--root", str(digits),
     ]) == 0  # fmt: skip
     dataset = pd.read_csv(out / "dataset.csv", dtype={"path": str, "tag": str})
-    assert list(dataset.columns) == ["path", "tag", "class", "fold"]
+    assert list(dataset.columns) == ["path", "tag", "class", "fold", "sha1", "group"]
     assert len(dataset) == 1797
     assert sorted(dataset["fold"].unique()) == [0, 1, 2, 3]
     assert (dataset["class"] == dataset["tag"].astype(int)).all()
-    assert dataset.groupby("fold").size().between(449, 450).all()
-    assert "fold 0: 450 images" in capsys.readouterr().out
+    assert dataset.groupby("fold").size().between(447, 452).all()
+    assert (dataset.groupby("group")["fold"].nunique() == 1).all()
+    assert "fold 0: " in capsys.readouterr().out
 
 
 def test_bad_dataset_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,7 +79,54 @@ def test_split_error_names_small_class(
     rc = main(["split", "--in-csv", str(out / "raw.csv"), "--tag2cls", str(out / "t.json"),
                "--out-csv", str(out / "d.csv"), "--n-folds", "13"])  # fmt: skip
     assert rc == 2
-    assert "'class_00' (12 images)" in capsys.readouterr().err
+    assert "'class_00' (12 groups, 12 images)" in capsys.readouterr().err
+
+
+def test_tag2label_and_split_write_the_duplicate_tables(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copy(tiny_dataset / "class_00" / "img_000.png", tiny_dataset / "class_01" / "copy.png")
+    shutil.copy(tiny_dataset / "class_02" / "img_005.png", tiny_dataset / "class_02" / "again.png")
+    out = tmp_path / "out"
+    args = [
+        "tag2label", "--in-dir", str(tiny_dataset), "--out-dataset", str(out / "raw.csv"),
+        "--out-tag2cls", str(out / "t.json"), "--out-skipped", str(out / "s.csv"),
+        "--out-duplicates", str(out / "duplicates.csv"),
+    ]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "36 images in 3 classes" in printed
+    assert "2 duplicate group(s) of 4 images, 1 label conflict(s)" in printed
+    assert "(exact, classes class_00;class_01, label conflict): class_00/img_000.png;class_01/copy.png" in printed
+    groups = pd.read_csv(out / "duplicates.csv")
+    assert list(groups.columns) == ["group", "size", "members", "classes", "label_conflict", "kind"]
+    assert groups["members"].tolist() == [
+        "class_00/img_000.png;class_01/copy.png",
+        "class_02/again.png;class_02/img_005.png",
+    ]
+    assert groups["label_conflict"].tolist() == [True, False]
+    skipped = pd.read_csv(out / "s.csv")
+    assert skipped["reason"].tolist() == [
+        "label conflict: duplicate of class_01/copy.png in class class_01",
+        "label conflict: duplicate of class_00/img_000.png in class class_00",
+    ]
+
+    assert main(args[:-2] + ["--label-conflicts", "keep", "--max-distance", "-1"]) == 0
+    assert "38 images in 3 classes" in capsys.readouterr().out
+
+    assert main(args) == 0
+    assert main([
+        "split", "--in-csv", str(out / "raw.csv"), "--tag2cls", str(out / "t.json"),
+        "--out-csv", str(out / "d.csv"), "--n-folds", "3",
+        "--duplicates", str(out / "duplicates.csv"), "--out-duplicate-folds", str(out / "folds.csv"),
+    ]) == 0  # fmt: skip
+    folds = pd.read_csv(out / "folds.csv", dtype={"fold": str}, keep_default_na=False)
+    dataset = pd.read_csv(out / "d.csv").set_index("path")["fold"]
+    assert folds["fold"].tolist() == ["", str(dataset["class_02/again.png"])]
+    assert dataset["class_02/again.png"] == dataset["class_02/img_005.png"]
+    rc = main(["split", "--in-csv", str(out / "raw.csv"), "--tag2cls", str(out / "t.json"),
+               "--out-csv", str(out / "d.csv"), "--duplicates", str(out / "duplicates.csv")])  # fmt: skip
+    assert rc == 2 and "--duplicates and --out-duplicate-folds go together" in capsys.readouterr().err
 
 
 def test_unknown_command_is_a_usage_error() -> None:

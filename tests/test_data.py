@@ -12,8 +12,19 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import make_tiny_dataset
-from labelflow.dataset import read_dataset_csv, read_tag2cls, resolve_valid_folds, split, tag2label, valid_mask
+from conftest import DUPLICATE_GROUPS, REPO, make_duplicates_dataset, make_tiny_dataset, write_badly_named_image
+from labelflow.dataset import (
+    DUPLICATE_COLUMNS,
+    DuplicateSettings,
+    duplicate_folds,
+    read_dataset_csv,
+    read_duplicates,
+    read_tag2cls,
+    resolve_valid_folds,
+    split,
+    tag2label,
+    valid_mask,
+)
 from labelflow.demo import write_digits_dataset
 from labelflow.images import IMAGE_EXTENSIONS, check_image, load_image
 from labelflow.io import (
@@ -130,7 +141,9 @@ def test_check_image_reasons(tmp_path: Path) -> None:
 def test_tag2label_tiny(tiny_dataset: Path) -> None:
     result = tag2label(tiny_dataset)
     assert result.tag2cls == {"class_00": 0, "class_01": 1, "class_02": 2}
-    assert list(result.dataset.columns) == ["path", "tag", "sha1"]
+    assert list(result.dataset.columns) == ["path", "tag", "sha1", "phash", "group"]
+    assert result.dataset["phash"].str.fullmatch("[0-9a-f]{16}").all()
+    assert result.dataset["group"].nunique() == 36  # no copies: one group per image
     assert len(result.dataset) == 36
     assert result.dataset["tag"].value_counts().to_dict() == {
         "class_00": 12,
@@ -142,7 +155,7 @@ def test_tag2label_tiny(tiny_dataset: Path) -> None:
     assert result.dataset.equals(result.dataset.sort_values(["tag", "path"], ignore_index=True))
     assert all((tiny_dataset / p).is_file() for p in result.dataset["path"])
     assert result.skipped.empty and list(result.skipped.columns) == ["path", "reason"]
-    assert result.duplicates.empty and list(result.duplicates.columns) == ["path", "duplicate_of"]
+    assert result.duplicates.empty and list(result.duplicates.columns) == DUPLICATE_COLUMNS
 
 
 def test_tag2label_skips_junk_with_reasons(tiny_dataset: Path) -> None:
@@ -240,18 +253,161 @@ def test_tag2label_unicode_and_spaces(tmp_path: Path) -> None:
     ]
 
 
-def test_tag2label_reports_duplicates(tiny_dataset: Path) -> None:
+def test_tag2label_groups_identical_files_and_drops_label_conflicts(tiny_dataset: Path) -> None:
     shutil.copy(tiny_dataset / "class_00" / "img_000.png", tiny_dataset / "class_01" / "copy.png")
     shutil.copy(tiny_dataset / "class_02" / "img_005.png", tiny_dataset / "class_02" / "again.png")
     result = tag2label(tiny_dataset)
-    assert len(result.dataset) == 38  # duplicates are kept
-    assert result.duplicates.values.tolist() == [
-        ["class_01/copy.png", "class_00/img_000.png"],
-        [
-            "class_02/img_005.png",
-            "class_02/again.png",
-        ],  # first in (tag, path) order is the original
+    assert len(result.dataset) == 36  # 38 files; the two copies in different classes are left out
+    assert "class_00/img_000.png" not in set(result.dataset["path"])
+    kept = result.dataset.set_index("path").loc[["class_02/again.png", "class_02/img_005.png"], "group"]
+    assert kept.nunique() == 1
+    assert result.duplicates.drop(columns="group").values.tolist() == [
+        [2, "class_00/img_000.png;class_01/copy.png", "class_00;class_01", True, "exact"],
+        [2, "class_02/again.png;class_02/img_005.png", "class_02", False, "exact"],
     ]
+    assert result.skipped.values.tolist() == [
+        ["class_00/img_000.png", "label conflict: duplicate of class_01/copy.png in class class_01"],
+        ["class_01/copy.png", "label conflict: duplicate of class_00/img_000.png in class class_00"],
+    ]
+
+    kept_all = tag2label(tiny_dataset, DuplicateSettings(label_conflicts="keep"))
+    assert len(kept_all.dataset) == 38 and kept_all.skipped.empty
+    pd.testing.assert_frame_equal(kept_all.duplicates, result.duplicates)
+
+
+@pytest.fixture
+def duplicates_dataset(tmp_path: Path) -> Path:
+    """cat/dog/owl photo-like images with exact and near copies (conftest.DUPLICATE_GROUPS)."""
+    return make_duplicates_dataset(tmp_path / "dups")
+
+
+def test_near_copies_are_grouped_and_reported(duplicates_dataset: Path, caplog) -> None:
+    with caplog.at_level("WARNING", logger="labelflow.dataset"):
+        result = tag2label(duplicates_dataset)
+    report = result.duplicates
+    assert [tuple(row) for row in report[["members", "classes", "label_conflict", "kind"]].values] == DUPLICATE_GROUPS
+    assert report["size"].tolist() == [2, 2, 2, 2, 3, 2, 2]
+    # the members of the three cross-class groups are left out, each naming a copy in another class
+    reasons = result.skipped.set_index("path")["reason"]
+    assert reasons.to_dict() == {
+        "cat/cat_05.png": "label conflict: duplicate of owl/from_cat_05.png in class owl",
+        "cat/from_dog_06.jpg": "label conflict: duplicate of dog/dog_06.png in class dog",
+        "dog/dog_06.png": "label conflict: duplicate of cat/from_dog_06.jpg in class cat",
+        "dog/from_owl_07.png": "label conflict: duplicate of owl/owl_07.png in class owl",
+        "owl/from_cat_05.png": "label conflict: duplicate of cat/cat_05.png in class cat",
+        "owl/owl_07.png": "label conflict: duplicate of dog/from_owl_07.png in class dog",
+    }
+    assert len(result.dataset) == 32 - 6 and not set(reasons.index) & set(result.dataset["path"])
+    conflicts = [r.getMessage() for r in caplog.records if "label conflict" in r.getMessage()]
+    assert len(conflicts) == 3
+    assert "cat (cat/cat_05.png), owl (owl/from_cat_05.png); dropped" in conflicts[0]
+
+    exact_only = tag2label(duplicates_dataset, DuplicateSettings(max_distance=-1))
+    assert exact_only.duplicates[["members", "kind"]].values.tolist() == [
+        ["dog/dog_04.png;dog/dog_04_copy.png", "exact"],
+        ["dog/from_owl_07.png;owl/owl_07.png", "exact"],
+        ["owl/owl_03.png;owl/owl_03_copy.png", "exact"],
+    ]
+    assert "dog/dog_04_q85.jpg" in set(exact_only.dataset["path"])
+
+
+def _groups_in_one_fold(table: pd.DataFrame) -> bool:
+    return bool((table.groupby("group")["fold"].nunique() == 1).all())
+
+
+@pytest.mark.parametrize("label_conflicts", ["drop", "keep"])
+def test_split_keeps_every_duplicate_group_in_one_fold(duplicates_dataset: Path, label_conflicts: str) -> None:
+    from sklearn.model_selection import StratifiedKFold
+
+    result = tag2label(duplicates_dataset, DuplicateSettings(label_conflicts=label_conflicts))
+    shared = result.duplicates["group"]
+    assert len(result.dataset[result.dataset["group"].isin(shared)]) == (9 if label_conflicts == "drop" else 15)
+    for seed in range(5):
+        folds = split(result.dataset, result.tag2cls, n_folds=3, seed=seed)
+        assert list(folds.columns) == ["path", "tag", "class", "fold", "sha1", "group"]
+        assert _groups_in_one_fold(folds)
+        assert folds.groupby("fold").size().between(len(folds) // 3 - 2, len(folds) // 3 + 2).all()
+        # the data would catch a split that ignores groups: image-level folds break some up
+        plain = np.empty(len(folds), dtype=np.int64)
+        for k, (_, test) in enumerate(StratifiedKFold(3, shuffle=True, random_state=seed).split(folds, folds["class"])):
+            plain[test] = k
+        assert not _groups_in_one_fold(folds.assign(fold=plain))
+
+
+def test_duplicate_folds_table(duplicates_dataset: Path, tmp_path: Path) -> None:
+    result = tag2label(duplicates_dataset)
+    write_csv_atomic(result.duplicates, tmp_path / "duplicates.csv")
+    folds = split(result.dataset, result.tag2cls, n_folds=3, seed=0)
+    table = duplicate_folds(read_duplicates(tmp_path / "duplicates.csv"), folds)
+    assert list(table.columns) == DUPLICATE_COLUMNS + ["fold"]
+    dropped = table["label_conflict"]
+    assert (table.loc[dropped, "fold"] == "").all()  # left out of the dataset: no fold
+    fold_of = folds.set_index("path")["fold"]
+    for members, fold in zip(table.loc[~dropped, "members"], table.loc[~dropped, "fold"]):
+        assert {str(fold_of[m]) for m in members.split(";")} == {fold}
+
+
+def test_split_counts_groups_per_class(duplicates_dataset: Path) -> None:
+    result = tag2label(duplicates_dataset)
+    # after the conflicts are dropped: cat 8 images in 7 groups, dog 10 in 7, owl 8 in 7
+    with pytest.raises(
+        DatasetError,
+        match=r"'cat' \(7 groups, 8 images\), 'dog' \(7 groups, 10 images\), 'owl' \(7 groups, 8 images\) "
+        r"have fewer groups than n_folds=8",
+    ):
+        split(result.dataset, result.tag2cls, n_folds=8)
+    assert split(result.dataset, result.tag2cls, n_folds=7)["fold"].nunique() == 7
+
+
+def test_split_without_duplicates_is_as_stratified_as_stratified_kfold() -> None:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import StratifiedKFold
+
+    target = load_digits().target  # 1,797 images, 174-183 per class
+    table = pd.DataFrame({"path": [f"{y}/{i:04d}.png" for i, y in enumerate(target)], "tag": target.astype(str)})
+    tag2cls = {str(d): d for d in range(10)}
+    plain = np.zeros((5, 10), dtype=int)
+    for k, (_, test) in enumerate(StratifiedKFold(5, shuffle=True, random_state=42).split(table, target)):
+        plain[k] = np.bincount(target[test], minlength=10)
+    for groups in (np.arange(len(table)), np.arange(len(table)) // 2):  # singletons; pairs (same class: sorted)
+        grouped = split(table.sort_values("tag", kind="stable").assign(group=groups), tag2cls, n_folds=5, seed=42)
+        counts = grouped.groupby(["fold", "class"]).size().unstack().to_numpy()
+        assert np.abs(np.sort(counts, axis=0) - np.sort(plain, axis=0)).max() <= (1 if groups[1] == 1 else 2)
+        assert _groups_in_one_fold(grouped)
+
+
+def test_duplicate_settings_defaults_are_the_schema_defaults() -> None:
+    import yaml
+
+    schema = yaml.safe_load((REPO / "config" / "schemas" / "config.schema.yaml").read_text())
+    section = schema["properties"]["duplicates"]["properties"]
+    defaults = DuplicateSettings()
+    assert (section["max_distance"]["default"], section["label_conflicts"]["default"]) == (4, "drop")
+    assert (defaults.max_distance, defaults.label_conflicts) == (4, "drop")
+    assert DuplicateSettings.from_config({"max_distance": -1, "label_conflicts": "keep"}) == DuplicateSettings(-1, "keep")
+    with pytest.raises(DatasetError, match="`duplicates.label_conflicts` must be one of"):
+        DuplicateSettings(label_conflicts="merge")
+    with pytest.raises(DatasetError, match="`duplicates.max_distance` must be an integer in -1..32"):
+        DuplicateSettings(max_distance=40)
+
+
+def test_names_that_are_not_utf8_are_skipped_and_reported(tiny_dataset: Path, tmp_path: Path) -> None:
+    shown = write_badly_named_image(tiny_dataset / "class_00")
+    assert shown == "\\xff\\xfe.png"
+    bad_folder = os.path.join(os.fsencode(tiny_dataset / "class_01"), b"old\xe9zip")
+    os.mkdir(bad_folder)
+    write_badly_named_image(os.fsdecode(bad_folder), b"ok.png")
+    os.mkdir(os.path.join(os.fsencode(tiny_dataset), b"\xfe class"))
+
+    result = tag2label(tiny_dataset)
+    assert len(result.dataset) == 36
+    assert result.skipped.values.tolist() == [
+        ["\\xfe class", "folder name is not valid UTF-8"],
+        ["class_00/\\xff\\xfe.png", "file name is not valid UTF-8"],
+        ["class_01/old\\xe9zip", "folder name is not valid UTF-8"],
+    ]
+    write_csv_atomic(result.skipped, tmp_path / "skipped.csv")  # used to fail: surrogates in UTF-8
+    assert "class_00/\\xff\\xfe.png,file name is not valid UTF-8" in (tmp_path / "skipped.csv").read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- split
@@ -260,7 +416,7 @@ def test_tag2label_reports_duplicates(tiny_dataset: Path) -> None:
 def test_split_is_stratified_and_typed(tiny_dataset: Path) -> None:
     labels = tag2label(tiny_dataset)
     result = split(labels.dataset, labels.tag2cls, n_folds=5, seed=42)
-    assert list(result.columns) == ["path", "tag", "class", "fold"]
+    assert list(result.columns) == ["path", "tag", "class", "fold", "sha1", "group"]
     assert len(result) == 36
     assert result["path"].is_monotonic_increasing
     assert (result["class"] == result["tag"].map(labels.tag2cls)).all()
@@ -287,7 +443,8 @@ def test_split_rejects_small_classes_and_bad_n_folds(tmp_path: Path) -> None:
     dataset["tag"] = dataset["path"].str[0]
     tag2cls = {"a": 0, "b": 1, "c": 2}
     with pytest.raises(
-        DatasetError, match=r"'b' \(3 images\), 'c' \(2 images\).*lower config key `n_folds`"
+        DatasetError,
+        match=r"'b' \(3 groups, 3 images\), 'c' \(2 groups, 2 images\).*lower config key `n_folds`",
     ):
         split(dataset, tag2cls, n_folds=5)
     assert len(split(dataset, tag2cls, n_folds=2)) == 11

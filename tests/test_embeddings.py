@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_tiny_dataset
+from conftest import make_tiny_dataset, write_badly_named_image
 from labelflow import embeddings as emb
 from labelflow import search as sim
 from labelflow.cli import main
@@ -133,6 +133,22 @@ def test_csv_set_keeps_labels_and_skips_unreadable(experiment, tmp_path):
     assert np.load(tmp_path / "out/embeddings.npy").shape == (2, 16)
     with pytest.raises(DatasetError, match="does not exist"):
         emb.read_image_set(tmp_path / "nowhere")
+
+
+def test_folder_set_skips_names_that_are_not_utf8(tmp_path):
+    folder = make_tiny_dataset(tmp_path / "set", n_classes=2, per_class=2)
+    shown = write_badly_named_image(folder / "class_00")
+    (folder / "class_01" / ".DS_Store").write_bytes(b"hidden: left out silently")
+    images = emb.read_image_set(folder, classes=["class_00", "class_01"])
+    assert images.table.values.tolist() == [
+        ["class_00/img_000.png", "class_00"], ["class_00/img_001.png", "class_00"],
+        ["class_01/img_000.png", "class_01"], ["class_01/img_001.png", "class_01"],
+    ]  # fmt: skip
+    assert shown == "\\xff\\xfe.png"
+    assert images.skipped.values.tolist() == [["class_00/\\xff\\xfe.png", "file name is not valid UTF-8"]]
+    write_csv_atomic(images.skipped, tmp_path / "skipped.csv")  # writable as UTF-8
+    with pytest.raises(DatasetError, match="cannot read .*" + re.escape(f"class_00/{shown}: file name is not valid UTF-8")):
+        emb.image_arguments([folder])
 
 
 # --------------------------------------------------------------------------- projector + plot

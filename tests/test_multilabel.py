@@ -53,6 +53,33 @@ def test_tag2label_csv_multi_hot_and_skips(tmp_path):
     assert targets.shape == (36, 2) and targets.sum() == 48  # 12 + 12 + 2*12
 
 
+def test_copies_with_different_label_sets_are_a_label_conflict(tmp_path):
+    import shutil
+
+    from labelflow.dataset import DuplicateSettings
+
+    images, csv = make_multilabel_dataset(tmp_path)
+    shutil.copy(images / "hv" / "03.png", images / "h" / "cross_copy.png")  # labelled h only
+    shutil.copy(images / "v" / "04.png", images / "v" / "same_copy.png")  # same labels: no conflict
+    table = pd.read_csv(csv)
+    extra = pd.DataFrame({"path": ["h/cross_copy.png", "v/same_copy.png"], "labels": ["h", "v"]})
+    pd.concat([table, extra]).to_csv(csv, index=False)
+
+    result = tag2label_csv(csv, images)
+    assert result.duplicates[["members", "classes", "label_conflict"]].values.tolist() == [
+        ["h/cross_copy.png;hv/03.png", "h;v", True],
+        ["v/04.png;v/same_copy.png", "v", False],
+    ]
+    reasons = result.skipped.set_index("path")["reason"]
+    assert reasons["h/cross_copy.png"] == "label conflict: duplicate of hv/03.png in classes h;v"
+    assert reasons["hv/03.png"] == "label conflict: duplicate of h/cross_copy.png in class h"
+    assert len(result.dataset) == 36 - 1 + 1  # two copies added, the conflicting pair left out
+    kept = tag2label_csv(csv, images, DuplicateSettings(label_conflicts="keep"))
+    assert len(kept.dataset) == 38
+    folds = split(kept.dataset, kept.tag2cls, n_folds=3, seed=1)
+    assert (folds.groupby("group")["fold"].nunique() == 1).all()
+
+
 def test_duplicate_rows_are_an_error(tmp_path):
     images, csv = make_multilabel_dataset(tmp_path)
     table = pd.read_csv(csv)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import textured_image
 from labelflow.near_duplicates import (
     DEFAULT_MAX_DISTANCE,
     duplicate_groups,
@@ -16,23 +17,6 @@ from labelflow.near_duplicates import (
     near_pairs,
     perceptual_hash,
 )
-
-
-def textured_image(seed: int, size: int = 128) -> np.ndarray:
-    """A photo-like RGB image: smooth 1/f clouds plus a few flat-coloured rectangles."""
-    rng = np.random.default_rng(seed)
-    freq = np.fft.fftfreq(size)
-    radius = np.hypot(freq[:, None], freq[None, :])
-    radius[0, 0] = 1.0
-    spectrum = (rng.normal(size=(size, size)) + 1j * rng.normal(size=(size, size))) / radius
-    clouds = np.real(np.fft.ifft2(spectrum))
-    clouds = (clouds - clouds.min()) / np.ptp(clouds)
-    pixels = clouds[..., None] * rng.uniform(120, 255, 3)
-    for _ in range(3):
-        top, left = rng.integers(0, size - 32, 2)
-        height, width = rng.integers(10, 32, 2)
-        pixels[top : top + height, left : left + width] = rng.uniform(0, 255, 3)
-    return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
 def flip_bits(value: int, bits: list[int]) -> int:

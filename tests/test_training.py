@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
+import signal
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+import labelflow
 import labelflow.models as models
 import labelflow.training as training
 from conftest import make_tiny_dataset, stage_spec
@@ -30,6 +34,7 @@ from labelflow.training import (
 )
 
 SEED = 7
+FP = {"recipe": "r1", "data": "d1", "code": "c1"}  # a stage fingerprint: named parts
 AUGMENT = [{"name": "HorizontalFlip", "params": {"p": 0.5}}]
 
 
@@ -149,10 +154,10 @@ def test_select_device_cpu():
     assert select_device(False) == torch.device("cpu")
 
 
-def test_fingerprint_is_stable_and_sensitive():
-    a = training.fingerprint({"lr": 0.1, "epochs": 3}, "abc")
-    assert a == training.fingerprint({"epochs": 3, "lr": 0.1}, "abc")
-    assert a != training.fingerprint({"lr": 0.2, "epochs": 3}, "abc")
+def test_digest_is_stable_and_sensitive():
+    a = training.digest({"lr": 0.1, "epochs": 3}, "abc")
+    assert a == training.digest({"epochs": 3, "lr": 0.1}, "abc")
+    assert a != training.digest({"lr": 0.2, "epochs": 3}, "abc")
     assert len(a) == 16
 
 
@@ -174,11 +179,22 @@ def tiny_table(tmp_path_factory):
 
 
 def _run(
-    tiny_table, tmp: Path, epochs: int, *, fp: str = "fp-1", top_k: int = 3, name: str = "run", min_steps: int = 0
+    tiny_table,
+    tmp: Path,
+    epochs: int,
+    *,
+    fp: dict | None = None,
+    top_k: int = 3,
+    name: str = "run",
+    min_steps: int = 0,
+    tiny_encoder: bool = False,
 ) -> dict:
     root, paths, targets, train, valid = tiny_table
     torch.manual_seed(SEED)
-    model = create_model(_model_spec())
+    if tiny_encoder:  # kilobyte checkpoints, for tests that script the epochs instead of training
+        model = models.MultiHeadNet(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()), 4, _model_spec())
+    else:
+        model = create_model(_model_spec())
     train_ds = ImageTableDataset(
         root, [paths[i] for i in train], [targets[i] for i in train], 16, build_transform(AUGMENT, train=True)
     )
@@ -197,7 +213,7 @@ def _run(
         state_dir=tmp / name / "state",
         device=torch.device("cpu"),
         seed=SEED,
-        stage_fingerprint=fp,
+        stage_fingerprint=fp or FP,
     )
 
 
@@ -331,25 +347,505 @@ def test_finished_stage_leaves_no_state_and_changed_fingerprint_starts_fresh(
     tiny_table, tmp_path, monkeypatch, caplog
 ):
     state_dir = tmp_path / "run" / "state"
-    _run(tiny_table, tmp_path, epochs=1, fp="old")
+    _run(tiny_table, tmp_path, epochs=1, fp=FP)
     # published outputs are the record; the resume state (3x the model) is removed
     assert (tmp_path / "run" / "out" / "best.pt").is_file() and not state_dir.exists()
 
     # an interrupted stage keeps its state...
     real_train = _crash_in_epoch(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _run(tiny_table, tmp_path, epochs=2, fp="old")
+        _run(tiny_table, tmp_path, epochs=2, fp=FP)
     monkeypatch.setattr(training, "train_one_epoch", real_train)
-    assert torch.load(state_dir / "state.pt", weights_only=True)["fingerprint"] == "old"
+    assert torch.load(state_dir / "state.pt", weights_only=True)["fingerprint"] == FP
 
     # ...but a rerun with another config or input does not resume into it
     stale = state_dir / "checkpoints" / "stale-marker.pt"
     stale.write_bytes(b"x")
     caplog.set_level(logging.INFO, logger="labelflow.training")
-    metrics = _run(tiny_table, tmp_path, epochs=2, fp="new")
+    metrics = _run(tiny_table, tmp_path, epochs=2, fp={**FP, "data": "d2", "code": "c2"})
     messages = [r.getMessage() for r in caplog.records]
-    assert any("fresh" in m and "old" in m and "new" in m for m in messages)
+    assert any(m.startswith("starting stage stage1 fresh: data, code changed since the saved state") for m in messages)
     assert not any("resuming" in m for m in messages)
     assert sum("stage stage1 epoch 1/2" in m for m in messages) == 1  # trained again from epoch 1
     assert [r["epoch"] for r in metrics["epochs"]] == [1, 2]
     assert not stale.exists() and not state_dir.exists()
+
+
+# --------------------------------------------------------------------------- state, best.pt and top-k after a kill
+#
+# These tests script run_epoch instead of training: each epoch's valid accuracy is given, and the
+# epoch writes its number into the class head's bias, so every checkpoint tells whose weights it
+# holds. The epoch takes real optimizer and scheduler steps (the gradient of |w|²/2, so Adam's
+# moments carry history), and its valid "loss" is a checksum of the weights it starts from, so a
+# resume that loaded the wrong (or half of the) weights, optimizer or scheduler changes the metrics.
+
+MARK = "heads.class.bias"
+ACCS = (0.5, 0.8, 0.6, 0.7)  # best: epoch 2; top-3: epochs 2, 4, 3
+
+
+def _srun(*args, **kwargs) -> dict:
+    return _run(*args, tiny_encoder=True, **kwargs)
+
+
+class Kill(Exception):
+    """A simulated kill of the job at a fault point."""
+
+
+def _script_epochs(monkeypatch, accuracies=ACCS, *, sigterm_at: int | None = None, kill_at: int | None = None):
+    def run_epoch(model, loaders, criteria, optimizer, scheduler, device, *, epoch, progress_every):
+        if epoch == kill_at:
+            raise Kill(f"killed in epoch {epoch}")
+        lr = optimizer.param_groups[0]["lr"]
+        for _ in range(len(loaders.train)):  # real optimizer and scheduler steps (gradient of |w|²/2)
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = param.detach().clone()
+            optimizer.step()
+            scheduler.step()
+        with torch.no_grad():
+            checksum = sum(float(v.double().sum()) for v in model.state_dict().values() if v.is_floating_point())
+            model.state_dict()[MARK].fill_(float(epoch))
+        if epoch == sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # as SLURM does, in the middle of the epoch
+        return {
+            "epoch": epoch, "lr": lr, "seconds": 0.0,
+            "train": {"loss": 1.0, "accuracy": 0.5}, "valid": {"loss": checksum, "accuracy": accuracies[epoch - 1]},
+        }
+
+    monkeypatch.setattr(training, "run_epoch", run_epoch)
+
+
+def _mark(checkpoint: dict) -> int:
+    values = set(checkpoint["model"][MARK].tolist())
+    assert len(values) == 1
+    return int(values.pop())
+
+
+def _outputs(out: Path) -> dict:
+    """The published outputs, after checking that they agree with each other."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    values = {r["epoch"]: r["valid"]["accuracy"] for r in metrics["epochs"]}
+    best = models.load_checkpoint(out / "best.pt")
+    assert best["epoch"] == metrics["best"]["epoch"] == _mark(best)
+    assert metrics["best"]["value"] == max(values.values()) == values[metrics["best"]["epoch"]]
+    last = models.load_checkpoint(out / "last.pt")
+    assert last["epoch"] == _mark(last) == max(values)
+    checkpoints = {}
+    for path in sorted((out / "checkpoints").iterdir()):
+        ckpt = models.load_checkpoint(path)
+        assert ckpt["epoch"] == _mark(ckpt) and ckpt["accuracy"] == values[ckpt["epoch"]]
+        assert path.name == f"epoch={ckpt['epoch']:03d}-accuracy={values[ckpt['epoch']]:.4f}.pt"
+        checkpoints[path.name] = ckpt["epoch"]
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("stage1/valid/accuracy")] == sorted(values)  # each epoch once
+    return {"epochs": _epochs_without_seconds(metrics), "best": metrics["best"], "checkpoints": checkpoints}
+
+
+@pytest.fixture(scope="module")
+def scripted_reference(tiny_table, tmp_path_factory):
+    """The outputs of an uninterrupted scripted run of ACCS (4 epochs, top-3)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _script_epochs(monkeypatch)
+        tmp = tmp_path_factory.mktemp("scripted")
+        _srun(tiny_table, tmp, epochs=4, top_k=3)
+    outputs = _outputs(tmp / "run" / "out")
+    assert outputs["best"] == {"epoch": 2, "value": 0.8}
+    assert sorted(outputs["checkpoints"].values()) == [2, 3, 4]
+    return outputs
+
+
+def _state(tmp: Path) -> dict:
+    return torch.load(tmp / "run" / "state" / "state.pt", weights_only=True)
+
+
+def _messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records]
+
+
+def _trained_epochs(caplog) -> list[int]:
+    return [int(m.split(" epoch ")[1].split("/")[0]) for m in _messages(caplog) if m.startswith("stage stage1 epoch ")]
+
+
+def test_each_epoch_saves_its_state_before_its_checkpoints(tiny_table, tmp_path, monkeypatch):
+    _script_epochs(monkeypatch, (0.5, 0.7, 0.6))
+    writes = []
+    real_state, real_checkpoint = training.save_state, training.save_checkpoint
+
+    def save_state(path, fp, end):
+        real_state(path, fp, end)
+        writes.append(("state", end.epoch))
+
+    def save_checkpoint(path, model, extra=None):
+        saved = torch.load(tmp_path / "run" / "state" / "state.pt", weights_only=True)["epoch"]
+        assert saved >= extra["epoch"], f"{path.name} of epoch {extra['epoch']} written before its state"
+        real_checkpoint(path, model, extra)
+        writes.append((path.parent.name if path.parent.name == "checkpoints" else path.name, extra["epoch"]))
+
+    monkeypatch.setattr(training, "save_state", save_state)
+    monkeypatch.setattr(training, "save_checkpoint", save_checkpoint)
+    _srun(tiny_table, tmp_path, epochs=3, top_k=2)
+    assert writes == [
+        ("state", 1), ("best.pt", 1), ("checkpoints", 1),
+        ("state", 2), ("best.pt", 2), ("checkpoints", 2),
+        ("state", 3), ("checkpoints", 3),  # 0.6: not the best, but it pushes epoch 1 out of the top 2
+        ("last.pt", 3),
+    ]
+
+
+def _kill_at_best_pt(monkeypatch, epoch):
+    real = training.save_checkpoint
+
+    def save_checkpoint(path, model, extra=None):
+        if path.name == "best.pt" and extra["epoch"] == epoch:
+            raise Kill(f"killed before best.pt of epoch {epoch}")
+        real(path, model, extra)
+
+    monkeypatch.setattr(training, "save_checkpoint", save_checkpoint)
+
+
+def _kill_after_state(monkeypatch, epoch):
+    real = training.save_state
+
+    def save_state(path, fp, end):
+        real(path, fp, end)
+        if end.epoch == epoch:
+            raise Kill(f"killed after the state of epoch {epoch}")
+
+    monkeypatch.setattr(training, "save_state", save_state)
+
+
+def _kill_before_delete(monkeypatch, epoch):
+    real = training.remove_unlisted_checkpoints
+
+    def remove(state_dir, topk):
+        if max(t["epoch"] for t in topk) == epoch:
+            raise Kill(f"killed before deleting what fell out of the top k in epoch {epoch}")
+        real(state_dir, topk)
+
+    monkeypatch.setattr(training, "remove_unlisted_checkpoints", remove)
+
+
+# fault point, then (best.pt's epoch, epochs of the files in checkpoints/) the kill leaves at epoch 4
+KILLS = {
+    "after-state": (_kill_after_state, 2, [2, 3]),
+    "before-best": (_kill_at_best_pt, 2, [2, 3]),  # no new best at epoch 4: best.pt is still fine
+    "before-delete": (_kill_before_delete, 2, [1, 2, 3, 4]),
+}
+
+
+@pytest.mark.parametrize("fault", KILLS)
+def test_kill_between_state_and_checkpoints_is_reconciled_on_resume(
+    fault, tiny_table, tmp_path, monkeypatch, caplog, scripted_reference
+):
+    kill, best_left, files_left = KILLS[fault]
+    _script_epochs(monkeypatch)
+    kill(monkeypatch, 4 if fault == "before-delete" else 2)
+    with pytest.raises(Kill):
+        _srun(tiny_table, tmp_path, epochs=4, top_k=3)
+    state_dir = tmp_path / "run" / "state"
+    state = _state(tmp_path)
+    names = sorted(p.name for p in (state_dir / "checkpoints").iterdir())
+    if fault == "before-delete":  # state and files of epoch 4 written, epoch 1's not yet deleted
+        assert state["epoch"] == 4 and [t["epoch"] for t in state["topk"]] == [2, 4, 3]
+        assert [int(n[6:9]) for n in names] == files_left
+        assert models.load_checkpoint(state_dir / "best.pt")["epoch"] == best_left
+    else:  # the state says epoch 2 is the best and in the top k; best.pt and its file lag behind
+        assert state["epoch"] == 2 and state["best_epoch"] == 2
+        assert [t["epoch"] for t in state["topk"]] == [2, 1]
+        assert models.load_checkpoint(state_dir / "best.pt")["epoch"] == 1
+        assert [int(n[6:9]) for n in names] == [1]
+
+    monkeypatch.undo()
+    _script_epochs(monkeypatch)
+    caplog.set_level(logging.INFO, logger="labelflow.training")
+    _srun(tiny_table, tmp_path, epochs=4, top_k=3)
+    messages = _messages(caplog)
+    if fault != "before-delete":
+        assert "best.pt did not hold the saved best epoch 2: rewrote it from the saved state" in messages
+        assert any(m.startswith("top-k checkpoint epoch=002-accuracy=0.8000.pt of the saved last epoch was missing") for m in messages)
+        assert _trained_epochs(caplog) == [3, 4]
+    else:
+        assert _trained_epochs(caplog) == []  # all 4 epochs were saved: only publishing was left
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records)
+    assert _outputs(tmp_path / "run" / "out") == scripted_reference
+
+
+def _stop_after_epoch_3(tiny_table, tmp_path, monkeypatch) -> Path:
+    """A run of ACCS killed in epoch 4: state of epoch 3, best epoch 2, top-3 epochs 2, 3, 1."""
+    _script_epochs(monkeypatch, kill_at=4)
+    with pytest.raises(Kill):
+        _srun(tiny_table, tmp_path, epochs=4, top_k=3)
+    _script_epochs(monkeypatch)
+    state_dir = tmp_path / "run" / "state"
+    assert _state(tmp_path)["best_epoch"] == 2
+    assert sorted(p.name[:9] for p in (state_dir / "checkpoints").iterdir()) == ["epoch=001", "epoch=002", "epoch=003"]
+    return state_dir
+
+
+def test_lost_checkpoint_files_are_rewritten_or_dropped_and_strays_removed(
+    tiny_table, tmp_path, monkeypatch, caplog, scripted_reference
+):
+    state_dir = _stop_after_epoch_3(tiny_table, tmp_path, monkeypatch)
+    checkpoints = state_dir / "checkpoints"
+    (checkpoints / "epoch=001-accuracy=0.5000.pt").unlink()  # an older epoch: weights gone
+    (checkpoints / "epoch=003-accuracy=0.6000.pt").unlink()  # the last epoch: the state has them
+    (checkpoints / "stray.pt").write_bytes(b"x")
+    (checkpoints / ".epoch=004-accuracy=0.7000.pt.tmp-0123").write_bytes(b"half")
+    caplog.set_level(logging.INFO, logger="labelflow.training")
+    _srun(tiny_table, tmp_path, epochs=4, top_k=3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"top-k checkpoint {checkpoints / 'epoch=001-accuracy=0.5000.pt'} is missing; dropped from the top-k list"]
+    assert any(m.startswith("top-k checkpoint epoch=003-accuracy=0.6000.pt of the saved last epoch was missing") for m in _messages(caplog))
+    assert _trained_epochs(caplog) == [4]
+    # epoch 1 would have left the top 3 at epoch 4 anyway: the outputs are the uninterrupted ones
+    assert _outputs(tmp_path / "run" / "out") == scripted_reference
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbled", "other-epoch"])
+def test_best_pt_of_an_earlier_epoch_is_restored_from_its_topk_copy(
+    damage, tiny_table, tmp_path, monkeypatch, caplog, scripted_reference
+):
+    state_dir = _stop_after_epoch_3(tiny_table, tmp_path, monkeypatch)
+    best = state_dir / "best.pt"
+    if damage == "missing":
+        best.unlink()
+    elif damage == "garbled":
+        best.write_bytes(best.read_bytes()[:1000])
+    else:
+        shutil.copyfile(state_dir / "checkpoints" / "epoch=003-accuracy=0.6000.pt", best)
+    caplog.set_level(logging.INFO, logger="labelflow.training")
+    _srun(tiny_table, tmp_path, epochs=4, top_k=3)
+    assert "best.pt did not hold the saved best epoch 2: rewrote it from epoch=002-accuracy=0.8000.pt" in _messages(caplog)
+    assert _trained_epochs(caplog) == [4]
+    assert _outputs(tmp_path / "run" / "out") == scripted_reference
+
+
+def _fresh_start_warning(caplog, state_dir: Path, problem: str) -> Path:
+    """The warning of a state moved aside; returns where it went."""
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    head = f"cannot resume stage stage1 from {state_dir / 'state.pt'}: "
+    assert warnings[0].startswith(head) and problem in warnings[0], warnings[0]
+    moved = Path(warnings[0].split("; moved it to ")[1].split(" and starting the stage fresh")[0])
+    assert moved.parent == state_dir.parent and moved.name.startswith("state.state.pt.corrupt-")
+    return moved
+
+
+def test_state_whose_best_weights_are_lost_is_moved_aside(tiny_table, tmp_path, monkeypatch, caplog, scripted_reference):
+    state_dir = _stop_after_epoch_3(tiny_table, tmp_path, monkeypatch)
+    (state_dir / "best.pt").unlink()
+    (state_dir / "checkpoints" / "epoch=002-accuracy=0.8000.pt").unlink()
+    caplog.set_level(logging.INFO, logger="labelflow.training")
+    _srun(tiny_table, tmp_path, epochs=4, top_k=3)
+    moved = _fresh_start_warning(caplog, state_dir, "best.pt does not hold its best epoch 2 and no top-k copy of it is left")
+    assert torch.load(moved, weights_only=True)["epoch"] == 3
+    assert _trained_epochs(caplog) == [1, 2, 3, 4]
+    assert _outputs(tmp_path / "run" / "out") == scripted_reference
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_state(edit):
+    def apply(path: Path) -> None:
+        state = torch.load(path, weights_only=True)
+        edit(state)
+        torch.save(state, path)
+
+    return apply
+
+
+CORRUPTIONS = {
+    "truncated": (_truncate, "cannot read it ("),
+    "empty": (lambda p: p.write_bytes(b""), "cannot read it ("),
+    "not-a-dict": (lambda p: torch.save(torch.zeros(3), p), "it holds a Tensor, not a state dict"),
+    "missing-key": (_edit_state(lambda s: s.pop("optimizer")), "it lacks ['optimizer']"),
+    "wrong-shape": (_edit_state(lambda s: s["model"].update({MARK: torch.zeros(5)})), f"its model tensor {MARK} has shape (5,)"),
+    "missing-tensor": (_edit_state(lambda s: s["model"].pop(MARK)), "its model tensors are not this model's"),
+    "optimizer": (_edit_state(lambda s: s["optimizer"]["param_groups"][0]["params"].pop()), "its optimizer has other parameter groups"),
+    "optimizer-state": (
+        _edit_state(lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(99))),
+        "its optimizer exp_avg of parameter 0 has shape (99,)",
+    ),
+    "scheduler": (_edit_state(lambda s: s["scheduler"].pop("last_epoch")), "its scheduler state is not this scheduler's"),
+    "history": (_edit_state(lambda s: s.update(epoch=7)), "does not run from 1 to its epoch 7"),
+    "malformed": (_edit_state(lambda s: s.update(history=[{"no": "epoch"}])), "it is malformed (KeyError"),
+    "topk-no-file": (_edit_state(lambda s: s["topk"][-1].pop("file")), "it is malformed (KeyError: 'file')"),
+    "topk-epoch": (_edit_state(lambda s: s["topk"][-1].update(epoch=9)), "its top-k entry {'epoch': 9"),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_unusable_state_is_moved_aside_and_the_stage_starts_fresh(
+    corruption, tiny_table, tmp_path, monkeypatch, caplog, scripted_reference
+):
+    corrupt, problem = CORRUPTIONS[corruption]
+    state_dir = _stop_after_epoch_3(tiny_table, tmp_path, monkeypatch)
+    corrupt(state_dir / "state.pt")
+    corrupted = (state_dir / "state.pt").read_bytes()
+    caplog.set_level(logging.INFO, logger="labelflow.training")
+    _srun(tiny_table, tmp_path, epochs=4, top_k=3)  # no crash: the second try is a fresh start
+    moved = _fresh_start_warning(caplog, state_dir, problem)
+    assert moved.read_bytes() == corrupted  # kept for inspection, beside the state folder
+    assert _trained_epochs(caplog) == [1, 2, 3, 4]
+    assert not any("resuming" in m for m in _messages(caplog))
+    # nothing was loaded from it: the metrics (valid loss is a checksum of the weights) are a fresh run's
+    assert _outputs(tmp_path / "run" / "out") == scripted_reference
+    assert not state_dir.exists()
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_mid_epoch_stops_at_once_and_a_rerun_resumes(
+    tiny_table, tmp_path, monkeypatch, caplog, scripted_reference
+):
+    before = signal.getsignal(signal.SIGTERM)
+    _script_epochs(monkeypatch, sigterm_at=3)
+    caplog.set_level(logging.INFO, logger="labelflow.training")
+    with pytest.raises(SystemExit) as exit_info:
+        _srun(tiny_table, tmp_path, epochs=4, top_k=3)
+    assert exit_info.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) == before
+    state_dir = tmp_path / "run" / "state"
+    assert (
+        f"stage stage1 terminated by SIGTERM; epochs up to 2 are saved in {state_dir} and a rerun "
+        "(snakemake --rerun-incomplete) resumes at epoch 3" in _messages(caplog)
+    )
+    assert _state(tmp_path)["epoch"] == 2 and _trained_epochs(caplog) == [1, 2]  # epoch 3 was cut off
+
+    caplog.clear()
+    _script_epochs(monkeypatch)
+    _srun(tiny_table, tmp_path, epochs=4, top_k=3)
+    assert "resuming stage stage1 at epoch 3 from " + str(state_dir / "state.pt") in _messages(caplog)
+    assert _outputs(tmp_path / "run" / "out") == scripted_reference
+
+
+def test_sigterm_while_the_state_is_written_lets_the_epoch_finish(
+    tiny_table, tmp_path, monkeypatch, caplog, scripted_reference
+):
+    _script_epochs(monkeypatch)
+    state_path = tmp_path / "run" / "state" / "state.pt"
+    real_replace, saves = os.replace, []
+
+    def replace(src, dst):  # the temp file of the state is written; SIGTERM before its rename
+        if Path(dst) == state_path:
+            saves.append(Path(src).stat().st_size)
+            if len(saves) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    caplog.set_level(logging.INFO, logger="labelflow.training")
+    with pytest.raises(SystemExit) as exit_info:
+        _srun(tiny_table, tmp_path, epochs=4, top_k=3)
+    assert exit_info.value.code == 143 and len(saves) == 2
+    # the epoch's state and checkpoints were completed before the job stopped
+    assert any(m.startswith("stage stage1 terminated by SIGTERM; epochs up to 2 are saved") for m in _messages(caplog))
+    assert _state(tmp_path)["epoch"] == 2
+    assert models.load_checkpoint(state_path.parent / "best.pt")["epoch"] == 2
+    assert sorted(p.name[:9] for p in (state_path.parent / "checkpoints").iterdir()) == ["epoch=001", "epoch=002"]
+
+    monkeypatch.setattr(os, "replace", real_replace)
+    caplog.clear()
+    _srun(tiny_table, tmp_path, epochs=4, top_k=3)
+    assert _trained_epochs(caplog) == [3, 4]
+    assert _outputs(tmp_path / "run" / "out") == scripted_reference
+
+
+def test_sigterm_while_publishing_lets_the_stage_finish(tiny_table, tmp_path, monkeypatch, caplog, scripted_reference):
+    _script_epochs(monkeypatch)
+    real_publish = training.publish
+
+    def publish(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(training, "publish", publish)
+    caplog.set_level(logging.INFO, logger="labelflow.training")
+    metrics = _srun(tiny_table, tmp_path, epochs=4, top_k=3)  # returns: no SystemExit
+    assert metrics["best"] == scripted_reference["best"]
+    assert "SIGTERM arrived while stage stage1 was publishing its outputs; finished them first" in _messages(caplog)
+    assert _outputs(tmp_path / "run" / "out") == scripted_reference
+    assert not (tmp_path / "run" / "state").exists()
+
+
+# --------------------------------------------------------------------------- fingerprint parts
+
+
+def test_changed_parts_names_what_differs_in_order():
+    now = {"recipe": "r", "data": "d2", "init": None, "folds": [0], "seed": 1, "code": "0.1.0+b"}
+    assert training.changed_parts(dict(now), now) == []
+    saved = {**now, "data": "d1", "code": "0.1.0+a", "folds": [0]}
+    assert training.changed_parts(saved, now) == ["data", "code"]
+    assert training.changed_parts({**now, "seed": 2, "extra": 1}, now) == ["seed", "extra"]
+    assert training.changed_parts({k: v for k, v in now.items() if k != "init"}, now) == ["init"]
+    assert training.changed_parts("0123456789abcdef", now) == ["fingerprint format"]  # older labelflow
+
+
+@pytest.fixture(scope="module")
+def run_inputs(tmp_path_factory):
+    """dataset.csv (with each image's sha1), tag2cls.json and the image root of a tiny run."""
+    from labelflow.dataset import split, tag2label
+    from labelflow.io import write_csv_atomic, write_json_atomic
+
+    base = tmp_path_factory.mktemp("run_inputs")
+    root = make_tiny_dataset(base / "images", per_class=6)
+    scanned = tag2label(root)
+    table = split(scanned.dataset, scanned.tag2cls, n_folds=3, seed=SEED)
+    table["sha1"] = scanned.dataset.set_index("path").loc[table["path"], "sha1"].to_numpy()
+    write_csv_atomic(table, base / "dataset.csv")
+    write_json_atomic(scanned.tag2cls, base / "tag2cls.json")
+    return base, root
+
+
+def test_stage_fingerprint_has_named_parts_and_each_input_changes_its_own(run_inputs, tmp_path):
+    import copy
+
+    import pandas as pd
+
+    from conftest import validated_experiment
+    from labelflow.experiment import StageSetup, prepare_stage
+    from workflow_helpers import TINY_EXPERIMENT
+
+    base, root = run_inputs
+    experiment = validated_experiment(TINY_EXPERIMENT)
+    setup = StageSetup(base / "dataset.csv", base / "tag2cls.json", root, experiment, "stage1", [0], SEED)
+    prepared = prepare_stage(setup)
+    fp = prepared.fingerprint
+    assert list(fp) == ["recipe", "data", "init", "folds", "seed", "weights", "code"]
+    assert (fp["init"], fp["folds"], fp["seed"]) == (None, {"valid": [0], "calibration_share": 0.0}, SEED)
+    assert fp["weights"] == experiment["model"]["weights"] and fp["code"].startswith(f"{labelflow.__version__}+")
+
+    def changed(lr: float | None = None, **changes) -> list[str]:
+        return training.changed_parts(fp, prepare_stage(replace(setup, **changes), lr=lr).fingerprint)
+
+    assert changed() == []
+    assert changed(seed=SEED + 1) == ["seed"]
+    assert changed(valid_folds=[1]) == ["folds"]
+    assert changed(calibration_share=0.5) == ["folds"]
+    assert changed(lr=0.123) == ["recipe"]  # an LR finder suggestion is part of the recipe
+    other = copy.deepcopy(experiment)
+    other["data"]["augmentations"] = []
+    assert changed(experiment=other) == ["recipe"]
+    # encoder weights from a file: its name and its bytes count
+    weights = tmp_path / "encoder.pt"
+    torch.save(prepared.model.encoder.state_dict(), weights)
+    other = copy.deepcopy(experiment)
+    other["model"]["weights"] = str(weights)
+    assert changed(experiment=other) == ["weights"]
+    with_file = prepare_stage(replace(setup, experiment=other)).fingerprint
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in prepared.model.encoder.state_dict().items()}, weights)
+    assert training.changed_parts(with_file, prepare_stage(replace(setup, experiment=other)).fingerprint) == ["weights"]
+    # an image replaced by other content (same path): its sha1 in the table, and so `data`, changes
+    table = pd.read_csv(base / "dataset.csv", dtype=str)
+    table.loc[0, "sha1"] = "0" * 40
+    table.to_csv(tmp_path / "dataset.csv", index=False)
+    assert changed(dataset_csv=tmp_path / "dataset.csv") == ["data"]
+    models.save_checkpoint(tmp_path / "init.pt", prepared.model)
+    assert changed(init_checkpoint=tmp_path / "init.pt") == ["init"]

@@ -43,7 +43,7 @@ def test_data_tables(finished_run):
     assert "not an image" in skipped["class_02/notes.txt"]
     assert "broken.png" in (workdir / "results/logs/tag2label.log").read_text()
     folds = pd.read_csv(data / "dataset.csv")
-    assert list(folds.columns) == ["path", "tag", "class", "fold"]
+    assert list(folds.columns) == ["path", "tag", "class", "fold", "sha1", "group"]
     # stratified: every fold holds 4 images of each class
     assert (folds.groupby(["fold", "class"]).size() == 4).all()
 

@@ -82,22 +82,39 @@ def _digits(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- tag2label
 
-_SHOWN = 10  # skipped/duplicate rows echoed to the terminal; the CSVs have them all
+_SHOWN = 10  # skipped rows and duplicate groups echoed to the terminal; the CSVs have them all
 
 
 def _tag2label_args(p: argparse.ArgumentParser) -> None:
+    defaults = dataset.DEFAULT_DUPLICATES
     p.add_argument("--in-dir", required=True, help="dataset folder, one sub-folder per class")
-    p.add_argument("--out-dataset", required=True, help="CSV of path,tag")
+    p.add_argument("--out-dataset", required=True, help="CSV of path,tag,sha1,phash,group")
     p.add_argument("--out-tag2cls", required=True, help="JSON tag -> class index")
     p.add_argument("--out-skipped", required=True, help="CSV of path,reason")
-    p.add_argument("--out-duplicates", help="optional CSV of path,duplicate_of")
+    p.add_argument(
+        "--out-duplicates",
+        help="optional CSV of duplicate groups: group,size,members,classes,label_conflict,kind",
+    )
+    p.add_argument(
+        "--max-distance",
+        type=int,
+        default=defaults.max_distance,
+        help=f"pHash bits up to which images are near copies; -1: identical files only (default {defaults.max_distance})",
+    )
+    p.add_argument(
+        "--label-conflicts",
+        choices=dataset.LABEL_CONFLICT_ACTIONS,
+        default=defaults.label_conflicts,
+        help=f"copies of one picture in different classes: drop or keep them (default {defaults.label_conflicts})",
+    )
 
 
 @command(
     "tag2label", "list a folder-per-class dataset and map tags to class indices", _tag2label_args
 )
 def _tag2label(args: argparse.Namespace) -> int:
-    result = dataset.tag2label(args.in_dir)
+    settings = dataset.DuplicateSettings(args.max_distance, args.label_conflicts)
+    result = dataset.tag2label(args.in_dir, settings)
     write_csv_atomic(result.dataset, args.out_dataset)
     write_json_atomic(result.tag2cls, args.out_tag2cls)
     write_csv_atomic(result.skipped, args.out_skipped)
@@ -109,7 +126,7 @@ def _tag2label(args: argparse.Namespace) -> int:
     for tag, cls in result.tag2cls.items():
         print(f"  {cls:>3}  {tag}: {counts.get(tag, 0)}")
     _summarise("skipped", result.skipped, "reason", args.out_skipped)
-    _summarise("duplicate", result.duplicates, "duplicate_of", args.out_duplicates)
+    _summarise_groups(result.duplicates, args.out_duplicates)
     return 0
 
 
@@ -125,24 +142,53 @@ def _summarise(what: str, table: pd.DataFrame, column: str, csv_path: str | None
         print(f"  ... and {len(table) - _SHOWN} more")
 
 
+def _summarise_groups(groups: pd.DataFrame, csv_path: str | None) -> None:
+    if groups.empty:
+        return
+    conflicts = int(groups["label_conflict"].sum())
+    print(
+        f"{len(groups)} duplicate group(s) of {int(groups['size'].sum())} images, {conflicts} label conflict(s)"
+        + (f" (all listed in {csv_path})" if csv_path else "")
+        + ":"
+    )
+    for row in groups.head(_SHOWN).itertuples(index=False):
+        conflict = ", label conflict" if row.label_conflict else ""
+        print(f"  group {row.group} ({row.kind}, classes {row.classes}{conflict}): {row.members}")
+    if len(groups) > _SHOWN:
+        print(f"  ... and {len(groups) - _SHOWN} more")
+
+
 # --------------------------------------------------------------------------- split
 
 
 def _split_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--in-csv", required=True, help="CSV of path,tag from tag2label")
+    p.add_argument("--in-csv", required=True, help="CSV of path,tag[,group] from tag2label")
     p.add_argument("--tag2cls", required=True, help="JSON tag -> class index from tag2label")
-    p.add_argument("--out-csv", required=True, help="CSV of path,tag,class,fold")
+    p.add_argument("--out-csv", required=True, help="CSV of path,tag,class,fold[,sha1,group]")
     p.add_argument("--n-folds", type=int, default=5, help="number of folds (default 5)")
     p.add_argument("--seed", type=int, default=42, help="shuffle seed (default 42)")
     p.add_argument("--root", help="dataset folder; if given, check every path exists in it")
+    p.add_argument("--duplicates", help="duplicate groups CSV from tag2label (--out-duplicates)")
+    p.add_argument(
+        "--out-duplicate-folds", help="with --duplicates: the groups CSV plus the fold of each group"
+    )
 
 
-@command("split", "assign each image a class index and a stratified fold", _split_args)
+@command(
+    "split",
+    "assign each image a class index and a stratified fold (duplicate groups stay in one fold)",
+    _split_args,
+)
 def _split(args: argparse.Namespace) -> int:
+    if bool(args.duplicates) != bool(args.out_duplicate_folds):
+        raise DatasetError("--duplicates and --out-duplicate-folds go together: give both or neither")
     table = dataset.read_dataset_csv(args.in_csv, args.root)
     tag2cls = dataset.read_tag2cls(args.tag2cls)
     result = dataset.split(table, tag2cls, n_folds=args.n_folds, seed=args.seed)
     write_csv_atomic(result, args.out_csv)
+    if args.duplicates:
+        groups = dataset.duplicate_folds(dataset.read_duplicates(args.duplicates), result)
+        write_csv_atomic(groups, args.out_duplicate_folds)
     print(f"split {len(result)} images into {args.n_folds} folds (seed {args.seed}):")
     for fold, n in result["fold"].value_counts().sort_index().items():
         print(f"  fold {fold}: {n} images")

@@ -1,15 +1,19 @@
-"""Dataset tables: tag2label (folder or labels CSV → path,tag), folds, and their readers.
+"""Dataset tables: tag2label (folder or labels CSV → path,tag), duplicate groups, folds, and
+their readers.
 
 A dataset table has one row per usable image: ``path`` (POSIX, relative to the dataset
-folder), ``tag`` (the class folder name; for multilabel data the first label), after
-:func:`split` also ``class`` (index into ``tag2cls.json``) and ``fold``, and for multilabel
-data ``labels`` (sorted, ``;``-joined). Every bad-input problem raises
-:class:`~labelflow.io.DatasetError` naming the file or key at fault.
+folder), ``tag`` (the class folder name; for multilabel data the first label), for
+multilabel data ``labels`` (sorted, ``;``-joined), ``sha1`` (of the file's bytes), from
+tag2label also ``phash`` (16 hex digits) and ``group`` (copies of one picture, exact or near,
+share it: :mod:`labelflow.near_duplicates`), and after :func:`split` also ``class`` (index
+into ``tag2cls.json``) and ``fold``; a group never spans folds. Every bad-input problem
+raises :class:`~labelflow.io.DatasetError` naming the file or key at fault.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,30 +23,127 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from labelflow.images import SNAKEMAKE_TIMESTAMP, inspect_images, walk_images
-from labelflow.io import MAX_LISTED, DatasetError, PathLike, quote, read_table, require_columns
+from labelflow.images import (
+    NOT_UTF8_FILE,
+    NOT_UTF8_FOLDER,
+    SNAKEMAKE_TIMESTAMP,
+    inspect_images,
+    is_valid_utf8,
+    readable_path,
+    walk_images,
+)
+from labelflow.io import (
+    MAX_LISTED,
+    DatasetError,
+    PathLike,
+    quote,
+    read_table,
+    require_columns,
+)
+from labelflow.near_duplicates import (
+    DEFAULT_MAX_DISTANCE,
+    duplicate_groups,
+    group_report,
+)
+
+log = logging.getLogger(__name__)
+
+LABEL_CONFLICT_ACTIONS = ("drop", "keep")
+
+
+@dataclass(frozen=True)
+class DuplicateSettings:
+    """Config section ``duplicates`` (defaults in config/schemas/config.schema.yaml; the same
+    values here serve callers outside the workflow, and a test keeps them equal)."""
+
+    max_distance: int = DEFAULT_MAX_DISTANCE  # pHash bits; -1: exact (byte-identical) copies only
+    label_conflicts: str = "drop"  # a group whose members carry different labels: drop | keep
+
+    def __post_init__(self) -> None:
+        if self.label_conflicts not in LABEL_CONFLICT_ACTIONS:
+            raise DatasetError(
+                f"config key `duplicates.label_conflicts` must be one of {LABEL_CONFLICT_ACTIONS}, "
+                f"got {self.label_conflicts!r}"
+            )
+        distance = self.max_distance
+        if isinstance(distance, bool) or not isinstance(distance, int) or not -1 <= distance <= 32:
+            raise DatasetError(
+                f"config key `duplicates.max_distance` must be an integer in -1..32, got {distance!r}"
+            )
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> DuplicateSettings:
+        return cls(**{name: section[name] for name in cls.__dataclass_fields__})
+
+
+DEFAULT_DUPLICATES = DuplicateSettings()
 
 
 @dataclass(frozen=True)
 class Tag2LabelResult:
     """Outcome of :func:`tag2label`; all paths are POSIX and relative to the dataset."""
 
-    dataset: pd.DataFrame  # path, tag[, labels], sha1; sorted by (tag, path) or path
+    dataset: pd.DataFrame  # path, tag[, labels], sha1, phash, group; sorted by (tag, path) or path
     tag2cls: dict[str, int]  # sorted tag -> 0..n-1
-    skipped: pd.DataFrame  # path, reason
-    duplicates: pd.DataFrame  # path, duplicate_of (identical bytes; not an error)
+    skipped: pd.DataFrame  # path, reason (label conflicts dropped with `drop` among them)
+    duplicates: pd.DataFrame  # groups of 2+ copies: group, size, members, classes, label_conflict, kind
 
 
-def exact_duplicates(paths: Sequence[str], digests: Sequence[str]) -> pd.DataFrame:
-    """``path,duplicate_of``: every file whose bytes equal an earlier file's (in table order)."""
-    table = pd.DataFrame({"path": list(paths), "sha1": list(digests)})
-    first = table.groupby("sha1", sort=False)["path"].transform("first")
-    repeated = table["path"] != first
-    return (
-        pd.DataFrame({"path": table["path"][repeated], "duplicate_of": first[repeated]})
-        .sort_values(["path", "duplicate_of"])
-        .reset_index(drop=True)
+SKIPPED_COLUMNS = ["path", "reason"]
+DUPLICATE_COLUMNS = ["group", "size", "members", "classes", "label_conflict", "kind"]
+
+
+def group_duplicates(
+    table: pd.DataFrame, settings: DuplicateSettings, label_column: str = "tag"
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Give each row of a ``path,<label_column>,sha1,phash`` table its duplicate ``group``.
+
+    Returns ``(table, skipped, report)``: the table with ``group`` (without the members of
+    label-conflict groups when ``settings.label_conflicts`` is ``drop``), the dropped rows
+    as ``path,reason``, and :func:`~labelflow.near_duplicates.group_report` of every group
+    of two or more (a label conflict: members whose label values differ; for multilabel
+    data, different label sets). Each conflict is logged as a warning naming its files.
+    """
+    groups = duplicate_groups(
+        table["path"].tolist(), table["sha1"].tolist(), table["phash"].tolist(), settings.max_distance
     )
+    table = table.assign(group=groups)
+    report = group_report(table["path"], table[label_column], groups, table["sha1"])
+    conflicts = report.loc[report["label_conflict"], "group"]
+    in_conflict = table["group"].isin(conflicts)
+    action = "dropped" if settings.label_conflicts == "drop" else "kept"
+    for group, members in table[in_conflict].groupby("group"):
+        _warn_conflict(int(group), members, label_column, action)
+    if settings.label_conflicts == "keep" or not in_conflict.any():
+        return table, pd.DataFrame(columns=SKIPPED_COLUMNS), report
+    skipped = _conflict_reasons(table[in_conflict], label_column)
+    return table[~in_conflict].reset_index(drop=True), skipped, report
+
+
+def _warn_conflict(group: int, members: pd.DataFrame, label_column: str, action: str) -> None:
+    """One warning per conflict group: each of its labels with one of its files."""
+    by_label = members.sort_values("path").groupby(label_column)["path"]
+    labels = ", ".join(
+        f"{label} ({paths.iloc[0]}{f' and {len(paths) - 1} more' if len(paths) > 1 else ''})"
+        for label, paths in by_label
+    )
+    log.warning(
+        "label conflict: duplicate group %d (%d copies of one picture) carries different labels: %s; %s "
+        "(config key `duplicates.label_conflicts`; members listed in duplicates.csv)",
+        group, len(members), labels, action,
+    )
+
+
+def _conflict_reasons(members: pd.DataFrame, label_column: str) -> pd.DataFrame:
+    """``path,reason`` for members of label-conflict groups: each names one copy (the first
+    by path) whose label differs from its own. One row per member of a conflict group."""
+    rows = []
+    for _, group in members.sort_values("path").groupby("group"):
+        for path, label in zip(group["path"], group[label_column]):
+            other = group[group[label_column] != label].iloc[0]
+            what = "classes" if ";" in str(other[label_column]) else "class"
+            rows.append((path, f"label conflict: duplicate of {other['path']} in {what} {other[label_column]}"))
+    return pd.DataFrame(rows, columns=SKIPPED_COLUMNS)
 
 
 def _class_folder_files(root: Path, rel) -> tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]:
@@ -54,7 +155,10 @@ def _class_folder_files(root: Path, rel) -> tuple[list[str], list[tuple[str, str
         for entry in sorted(entries, key=lambda e: e.name):
             if entry.name == SNAKEMAKE_TIMESTAMP:
                 continue
-            if entry.name.startswith("."):
+            if not is_valid_utf8(entry.name):
+                reason = NOT_UTF8_FOLDER if entry.is_dir() else NOT_UTF8_FILE
+                skipped.append((readable_path(entry.name), reason))
+            elif entry.name.startswith("."):
                 skipped.append((entry.name, "hidden folder" if entry.is_dir() else "hidden file"))
             elif entry.is_dir():
                 tags.append(entry.name)
@@ -64,13 +168,16 @@ def _class_folder_files(root: Path, rel) -> tuple[list[str], list[tuple[str, str
     return tags, candidates, skipped
 
 
-def tag2label(dataset_dir: PathLike) -> Tag2LabelResult:
+def tag2label(dataset_dir: PathLike, duplicates: DuplicateSettings = DEFAULT_DUPLICATES) -> Tag2LabelResult:
     """Scan a folder-per-class dataset into a table of usable images and their tags.
 
     Each immediate sub-folder is a class (its name is the tag); files anywhere below it
     belong to it. Symlinks are followed, with a guard against loops. Hidden entries,
-    non-image files and unreadable images are skipped and reported, never fatal; a
-    class left without images, or fewer than two classes, is a :class:`DatasetError`.
+    names that are not valid UTF-8, non-image files and unreadable images are skipped and
+    reported, never fatal; a class left without images, or fewer than two classes, is a
+    :class:`DatasetError`. Copies of one picture (byte-identical, or near-identical within
+    ``duplicates.max_distance``) share a ``group``; see :func:`group_duplicates` for groups
+    whose members sit in different classes.
     """
     root = Path(dataset_dir)
     if not root.exists():
@@ -89,45 +196,71 @@ def tag2label(dataset_dir: PathLike) -> Tag2LabelResult:
         return Path(os.path.relpath(path, root)).as_posix()
 
     tags, candidates, skipped = _class_folder_files(root, rel)
-    checked = inspect_images([path for _, path in candidates])
-    rows: list[tuple[str, str, str]] = []  # tag, path, sha1
-    for (tag, path), (reason, digest) in zip(candidates, checked, strict=True):
-        if reason is None:
-            rows.append((tag, rel(path), digest or ""))
-        else:
-            skipped.append((rel(path), reason))
-    rows.sort()
+    images, unusable = _inspected([path for _, path in candidates], [rel(p) for _, p in candidates])
+    images.insert(1, "tag", [tag for (tag, _), usable in zip(candidates, unusable["usable"]) if usable])
+    skipped += unusable.loc[~unusable["usable"], ["path", "reason"]].itertuples(index=False, name=None)
+    images = images.sort_values(["tag", "path"], ignore_index=True)
+    _check_class_folders(root, tags, set(images["tag"]), "has no readable images; remove it or add images")
+    dataset, conflicts, report = group_duplicates(images, duplicates)
+    _check_class_folders(
+        root, tags, set(dataset["tag"]),
+        "has no images left: all are copies of images in other classes (label conflicts, see "
+        "duplicates.csv); fix the labels or set config key `duplicates.label_conflicts: keep`",
+    )  # fmt: skip
+    return Tag2LabelResult(
+        dataset=dataset,
+        tag2cls={tag: i for i, tag in enumerate(sorted(tags))},
+        skipped=_skipped_table(skipped, conflicts),
+        duplicates=report,
+    )
 
-    with_images = {tag for tag, _, _ in rows}
+
+def _inspected(paths: Sequence[str], names: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(``path,sha1,phash`` of the usable images, ``path,usable,reason`` of every file), with
+    the files named by ``names``; each file is decoded once (:func:`inspect_images`)."""
+    checked = inspect_images(list(paths))
+    status = pd.DataFrame(
+        {"path": list(names), "usable": [c.reason is None for c in checked], "reason": [c.reason for c in checked]}
+    )
+    usable = status["usable"].to_numpy(dtype=bool)
+    images = pd.DataFrame(
+        {
+            "path": status["path"][usable].tolist(),
+            "sha1": [c.sha1 for c in checked if c.reason is None],
+            "phash": [c.phash for c in checked if c.reason is None],
+        },
+        columns=["path", "sha1", "phash"],
+    )
+    return images, status
+
+
+def _skipped_table(skipped: Sequence[tuple[str, str]], *more: pd.DataFrame) -> pd.DataFrame:
+    table = pd.concat([pd.DataFrame(list(skipped), columns=SKIPPED_COLUMNS), *more], ignore_index=True)
+    return table.sort_values(SKIPPED_COLUMNS, ignore_index=True)
+
+
+def _check_class_folders(root: Path, tags: Sequence[str], with_images: set[str], problem: str) -> None:
     empty = [t for t in tags if t not in with_images]
     if empty:
         names = ", ".join(repr(t) for t in empty)
-        raise DatasetError(
-            f"class folder {names} has no readable images; remove it or add images "
-            f"(dataset folder {root})"
-        )
+        raise DatasetError(f"class folder {names} {problem} (dataset folder {root})")
     if len(tags) < 2:
         raise DatasetError(
             f"dataset folder {root} has {len(tags)} class folder(s) ({', '.join(tags) or 'none'}); "
             "at least 2 are needed - put each class's images in its own sub-folder"
         )
 
-    dataset = pd.DataFrame([(p, t, d) for t, p, d in rows], columns=["path", "tag", "sha1"])
-    return Tag2LabelResult(
-        dataset=dataset,
-        tag2cls={tag: i for i, tag in enumerate(sorted(tags))},
-        skipped=pd.DataFrame(sorted(skipped), columns=["path", "reason"]),
-        duplicates=exact_duplicates(dataset["path"], dataset["sha1"]),
-    )
 
-
-def tag2label_csv(labels_csv: PathLike, root: PathLike) -> Tag2LabelResult:
+def tag2label_csv(
+    labels_csv: PathLike, root: PathLike, duplicates: DuplicateSettings = DEFAULT_DUPLICATES
+) -> Tag2LabelResult:
     """A labels table (``path,labels``; labels separated by ``;``; paths relative to ``root``)
     → the same shapes as :func:`tag2label`, plus a ``labels`` column (sorted, ``;``-joined).
 
     ``tag`` is the first label (sorted), used to stratify folds. Rows whose path is absolute,
     escapes ``root``, is missing or is not a readable image, and rows without labels, are
-    skipped and reported; a file listed twice is an error.
+    skipped and reported; a file listed twice is an error. Copies share a ``group``; a group
+    whose members carry different label sets is a label conflict (:func:`group_duplicates`).
     """
     labels_csv, root = Path(labels_csv), Path(root)
     if not root.is_dir():
@@ -152,43 +285,49 @@ def tag2label_csv(labels_csv: PathLike, root: PathLike) -> Tag2LabelResult:
             listed.append((path, labels))
         else:
             skipped.append((path, problem))
-    checked = inspect_images([os.path.join(base, path) for path, _ in listed])
-    rows: list[tuple[str, str, str, str]] = []  # path, tag, labels, sha1
-    for (path, labels), (problem, digest) in zip(listed, checked, strict=True):
-        if problem is None:
-            rows.append((Path(path).as_posix(), labels[0], ";".join(labels), digest or ""))
-        else:
-            skipped.append((path, problem))
-    rows.sort()
-    all_labels = sorted({label for _, _, labels, _ in rows for label in labels.split(";")})
+    images, status = _inspected([os.path.join(base, p) for p, _ in listed], [p for p, _ in listed])
+    skipped += status.loc[~status["usable"], ["path", "reason"]].itertuples(index=False, name=None)
+    usable_labels = [labels for (_, labels), usable in zip(listed, status["usable"]) if usable]
+    images["path"] = [Path(p).as_posix() for p in images["path"]]
+    images.insert(1, "tag", [labels[0] for labels in usable_labels])
+    images.insert(2, "labels", [";".join(labels) for labels in usable_labels])
+    images = images.sort_values("path", ignore_index=True)
+    dataset, conflicts, report = group_duplicates(images, duplicates, label_column="labels")
+    all_labels = sorted({label for labels in dataset["labels"] for label in labels.split(";")})
     if len(all_labels) < 2:
         raise DatasetError(f"labels table {labels_csv} has {len(all_labels)} usable label(s); at least 2 are needed")
-    dataset = pd.DataFrame(rows, columns=["path", "tag", "labels", "sha1"])
     return Tag2LabelResult(
         dataset=dataset,
         tag2cls={label: i for i, label in enumerate(all_labels)},
-        skipped=pd.DataFrame(sorted(skipped), columns=["path", "reason"]),
-        duplicates=exact_duplicates(dataset["path"], dataset["sha1"]),
+        skipped=_skipped_table(skipped, conflicts),
+        duplicates=report,
     )
 
 
 def split(
     dataset: pd.DataFrame, tag2cls: dict[str, int], n_folds: int = 5, seed: int = 42
 ) -> pd.DataFrame:
-    """Add ``class`` and a stratified ``fold`` (0..n_folds-1) to a ``path,tag`` table.
+    """Add ``class`` and a stratified, group-aware ``fold`` (0..n_folds-1) to a ``path,tag`` table.
 
-    Rows are sorted by path first, so the result depends only on the content and the
-    seed, not on the order the table arrived in. Returns ``path,tag,class,fold``.
+    Folds come from scikit-learn's ``StratifiedGroupKFold(shuffle=True, random_state=seed)``
+    on the table's ``group`` column (tag2label's duplicate groups), so copies of a picture
+    never straddle folds; a table without ``group`` is split image by image. Every class
+    needs at least ``n_folds`` groups. Rows are sorted by path first, so the result depends
+    only on the content and the seed, not on the order the table arrived in. Returns
+    ``path,tag,class,fold`` (``+labels`` for multilabel data, ``+sha1``, ``+group`` when the
+    input has them).
     """
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold
 
     if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
         raise DatasetError(f"config key `n_folds` must be an integer >= 2, got {n_folds!r}")
     require_columns(dataset, ["path", "tag"], "dataset table")
     # Multilabel tables (from a labels CSV) carry `labels`; `tag` is then the first label,
     # the key the folds are stratified on.
-    columns = ["path", "tag"] + (["labels"] if "labels" in dataset.columns else [])
+    columns = ["path", "tag"] + [c for c in ("labels", "sha1", "group") if c in dataset.columns]
     df = dataset[columns].sort_values("path", kind="stable").reset_index(drop=True)
+    if "group" not in df.columns:
+        df["group"] = np.arange(len(df))
 
     unknown = sorted(set(df["tag"]) - set(tag2cls))
     if unknown:
@@ -196,24 +335,51 @@ def split(
             f"tags {quote(unknown)} are not in the tag-to-class mapping; "
             "rerun tag2label so the dataset table and tag2cls.json match"
         )
-    counts = df["tag"].value_counts()
-    # Every class must reach every fold; in a multilabel table only the first labels
-    # (the stratification key) are checked, since other labels ride along.
-    keys = sorted(set(df["tag"])) if "labels" in df.columns else sorted(tag2cls)
-    small = {tag: int(counts.get(tag, 0)) for tag in keys if counts.get(tag, 0) < n_folds}
-    if small:
-        listed = ", ".join(f"{tag!r} ({n} images)" for tag, n in small.items())
-        raise DatasetError(
-            f"class(es) {listed} have fewer images than n_folds={n_folds}; "
-            "lower config key `n_folds` or add images to those classes"
-        )
+    _check_groups_per_class(df, tag2cls, n_folds)
 
     df["class"] = df["tag"].map(tag2cls).astype(np.int64)
     df["fold"] = np.int64(-1)
-    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for fold, (_, test) in enumerate(folds.split(np.zeros(len(df)), df["class"])):
+    folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for fold, (_, test) in enumerate(folds.split(np.zeros(len(df)), df["class"], df["group"])):
         df.loc[test, "fold"] = fold
     return df[["path", "tag", "class", "fold"] + columns[2:]]
+
+
+def _check_groups_per_class(df: pd.DataFrame, tag2cls: dict[str, int], n_folds: int) -> None:
+    """Every class must reach every fold: it needs ``n_folds`` groups (copies share one fold).
+
+    In a multilabel table only the first labels (the stratification key) are checked, since
+    other labels ride along.
+    """
+    groups = df.groupby("tag")["group"].nunique()
+    images = df["tag"].value_counts()
+    keys = sorted(set(df["tag"])) if "labels" in df.columns else sorted(tag2cls)
+    small = [tag for tag in keys if groups.get(tag, 0) < n_folds]
+    if small:
+        listed = ", ".join(
+            f"{tag!r} ({int(groups.get(tag, 0))} groups, {int(images.get(tag, 0))} images)" for tag in small
+        )
+        raise DatasetError(
+            f"class(es) {listed} have fewer groups than n_folds={n_folds}; copies of a picture "
+            "(duplicate groups) stay in one fold, so each class needs n_folds distinct pictures: "
+            "lower config key `n_folds` or add images to those classes"
+        )
+
+
+def duplicate_folds(duplicates: pd.DataFrame, dataset: pd.DataFrame) -> pd.DataFrame:
+    """The duplicate-group report (tag2label's duplicates.csv) with ``fold``: the fold that
+    holds the group's members in the split ``dataset`` (one per group; empty for a group
+    left out of the dataset as a label conflict)."""
+    require_columns(dataset, ["group", "fold"], "split dataset table")
+    folds = dataset.groupby("group")["fold"].agg(lambda f: ";".join(str(v) for v in sorted(set(f))))
+    return duplicates.assign(fold=duplicates["group"].map(folds).fillna("").astype(str))
+
+
+def read_duplicates(path: PathLike) -> pd.DataFrame:
+    """duplicates.csv of tag2label (see :func:`group_duplicates`); member and class names stay text."""
+    table = read_table(path, text_columns=("members", "classes", "kind"))
+    require_columns(table, DUPLICATE_COLUMNS, f"duplicates table {path}")
+    return table
 
 
 def resolve_valid_folds(n_folds: int, valid_folds: Sequence[int] | int | None) -> list[int]:
@@ -302,7 +468,7 @@ def read_dataset_csv(
     try:
         df = pd.read_csv(
             csv_path,
-            dtype={"path": str, "tag": str, "labels": str},
+            dtype={"path": str, "tag": str, "labels": str, "sha1": str, "phash": str},
             keep_default_na=False,
             na_values=[""],
         )

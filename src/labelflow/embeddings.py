@@ -24,7 +24,13 @@ import numpy as np
 import pandas as pd
 
 from labelflow.dataset import class_names, read_predictions, read_tag2cls
-from labelflow.images import IMAGE_EXTENSIONS, inspect_images, walk_images
+from labelflow.images import (
+    IMAGE_EXTENSIONS,
+    NOT_UTF8_FILE,
+    NOT_UTF8_FOLDER,
+    inspect_images,
+    walk_images,
+)
 from labelflow.io import (
     DatasetError,
     PathLike,
@@ -73,11 +79,13 @@ def read_image_set(source: PathLike, classes: Sequence[str] = (), root: PathLike
     Folder: an image's label is its top-level sub-folder when that folder is named like one of
     ``classes`` (a folder-per-class set), else unknown. CSV: labels come from the first of the
     columns label/labels/tag it has; paths are relative to ``root`` (default: the CSV's folder)
-    or absolute. Unreadable or missing images are skipped and listed, never fatal.
+    or absolute. Unreadable or missing images, and files or folders whose names are not valid
+    UTF-8, are skipped and listed, never fatal.
     """
     source = Path(source)
+    listed = pd.DataFrame(columns=["path", "reason"])
     if source.is_dir():
-        table = _folder_table(source, set(classes))
+        table, listed = _folder_table(source, set(classes))
         root = source
     elif source.is_file() and source.suffix.lower() == ".csv":
         table = _csv_table(source)
@@ -91,32 +99,39 @@ def read_image_set(source: PathLike, classes: Sequence[str] = (), root: PathLike
         raise DatasetError(f"image set {source} is neither a folder nor a .csv table of image paths")
 
     full_paths = [str(Path(root) / p) for p in table["path"]]
-    reasons = [reason for reason, _ in inspect_images(full_paths, digest=False)]
+    reasons = [checked.reason for checked in inspect_images(full_paths, hashes=False)]
     bad = np.array([r is not None for r in reasons], dtype=bool)
-    skipped = pd.DataFrame(
+    unreadable = pd.DataFrame(
         {"path": table["path"][bad].tolist(), "reason": [r for r in reasons if r is not None]},
         columns=["path", "reason"],
     )
+    skipped = pd.concat([listed, unreadable], ignore_index=True)
     table = table[~bad].reset_index(drop=True)
     if table.empty:
         raise DatasetError(f"image set {source} holds no readable images ({len(skipped)} file(s) skipped)")
     return ImageSet(table=table, root=Path(root), skipped=skipped)
 
 
-def _folder_table(folder: Path, classes: set[str]) -> pd.DataFrame:
-    """path,label of the image files below ``folder`` (hidden entries and other extensions are
-    left out); the label is the top-level sub-folder when it is named like a class."""
+def _folder_table(folder: Path, classes: set[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(path,label of the image files below ``folder``, path,reason of the entries skipped).
+
+    Hidden entries and other extensions are left out silently; names that are not valid
+    UTF-8, unreadable folders and symlink loops are listed as skipped (paths written in an
+    escaped, readable form). The label is the top-level sub-folder when it is named like a class.
+    """
 
     def rel(path: PathLike) -> str:
         return Path(os.path.relpath(path, folder)).as_posix()
 
     rows = []
-    for path in walk_images(str(folder), rel, skipped=[]):
+    walked: list[tuple[str, str]] = []
+    for path in walk_images(str(folder), rel, skipped=walked):
         if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
             parts = rel(path).split("/")
             rows.append((rel(path), parts[0] if len(parts) > 1 and parts[0] in classes else ""))
     rows.sort()
-    return pd.DataFrame(rows, columns=["path", "label"])
+    skipped = sorted((p, reason) for p, reason in walked if not reason.startswith("hidden "))
+    return pd.DataFrame(rows, columns=["path", "label"]), pd.DataFrame(skipped, columns=["path", "reason"])
 
 
 def _csv_table(csv_path: Path) -> pd.DataFrame:
@@ -135,17 +150,21 @@ def _csv_table(csv_path: Path) -> pd.DataFrame:
 
 
 def image_arguments(items: Sequence[PathLike], classes: Sequence[str] = ()) -> pd.DataFrame:
-    """Files and folders given on a command line → table path,label (paths as given/found)."""
-    rows = []
+    """Files and folders given on a command line → table path,label (paths as given/found).
+    Any file that cannot be read, or whose name is not valid UTF-8, is an error naming it."""
+    rows: list[tuple[str, str]] = []
+    problems: list[str] = []
     for item in items:
         item = Path(item)
         if item.is_dir():
-            found = _folder_table(item, set(classes))
+            found, skipped = _folder_table(item, set(classes))
             rows += [((item / p).as_posix(), label) for p, label in zip(found["path"], found["label"])]
+            bad_names = skipped[skipped["reason"].isin([NOT_UTF8_FILE, NOT_UTF8_FOLDER])]
+            problems += [f"{(item / p).as_posix()}: {r}" for p, r in zip(bad_names["path"], bad_names["reason"])]
         else:
             rows.append((item.as_posix(), ""))
-    checked = inspect_images([p for p, _ in rows], digest=False)
-    problems = [f"{p}: {reason}" for (p, _), (reason, _) in zip(rows, checked) if reason is not None]
+    checked = inspect_images([p for p, _ in rows], hashes=False)
+    problems += [f"{p}: {c.reason}" for (p, _), c in zip(rows, checked) if c.reason is not None]
     if problems:
         raise DatasetError("cannot read " + "; ".join(problems[:5]) + (f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""))
     if not rows:

@@ -27,8 +27,10 @@ from labelflow.loaders import ImageTableDataset, build_transform, eval_loader, m
 from labelflow.losses import get_loss
 from labelflow.metrics import predict_labels
 from labelflow.models import HeadSpec, ModelSpec, create_model, load_model, load_weights_into
+from labelflow import __version__
 from labelflow.io import file_digest
-from labelflow.training import StageLoaders, StageSpec, fingerprint, run_stage
+from labelflow.manifest import modules_digest
+from labelflow.training import Fingerprint, StageLoaders, StageSpec, digest, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ class PreparedStage:
     stage_spec: StageSpec
     device: torch.device
     loaders: StageLoaders
-    fingerprint: str
+    fingerprint: Fingerprint
 
 
 def stage_loaders(
@@ -196,12 +198,30 @@ def prepare_stage(setup: StageSetup, lr: float | None = None) -> PreparedStage:
         batch_size=stage_spec.batch_size, heads=head_names(spec), seed=setup.seed, device=device,
     )
     model = stage_model(spec, experiment["model"]["weights"], setup.init_checkpoint, setup.seed)
-    stage_fp = fingerprint(
-        spec.to_dict(), stage_cfg, data_cfg, setup.seed, list(setup.valid_folds), setup.calibration_share,
-        file_digest(setup.dataset_csv), file_digest(setup.init_checkpoint) if setup.init_checkpoint else None,
-        experiment["model"]["weights"],
-    )
-    return PreparedStage(model, stage_spec, device, loaders, stage_fp)
+    return PreparedStage(model, stage_spec, device, loaders, stage_fingerprint(setup, spec, stage_cfg))
+
+
+def stage_fingerprint(setup: StageSetup, spec: ModelSpec, stage_cfg: dict[str, Any]) -> Fingerprint:
+    """What a saved state must share with this stage to be resumed, as named parts (the log
+    names those that differ): ``recipe`` (model spec, stage config as trained, data config),
+    ``data`` (the dataset table's bytes, sha1 of each image included when the table has them),
+    ``init`` (the initial weights' bytes), ``folds`` (the validation folds and the share held out
+    for calibration), ``seed``, ``weights`` (the encoder's
+    pretrained weights: the name, and the bytes when it is a file) and ``code``
+    (labelflow's version and :func:`labelflow.manifest.modules_digest` of this module: the code
+    that trains a stage, docstrings and comments aside, the same digest that makes Snakemake
+    rerun the rule))."""
+    experiment = setup.experiment
+    weights = experiment["model"]["weights"]
+    return {
+        "recipe": digest(spec.to_dict(), stage_cfg, experiment["data"]),
+        "data": file_digest(setup.dataset_csv)[:16],
+        "init": file_digest(setup.init_checkpoint)[:16] if setup.init_checkpoint else None,
+        "folds": {"valid": sorted(int(f) for f in setup.valid_folds), "calibration_share": setup.calibration_share},
+        "seed": setup.seed,
+        "weights": f"{weights} {file_digest(weights)[:16]}" if Path(weights).is_file() else weights,
+        "code": f"{__version__}+{modules_digest(['labelflow.experiment'])}",
+    }
 
 
 def read_lr_suggestion(path: PathLike) -> float:

@@ -1,7 +1,14 @@
-"""Image files: decode any common format to RGB, check readability, walk folders, hash bytes.
+"""Image files: decode any common format to RGB, check readability, walk folders, hash bytes
+and pixels.
 
 One walker (:func:`walk_images`) and one parallel inspector (:func:`inspect_images`) serve
-every scan: tag2label, the autolabel piles, embedding sets and command-line folders.
+every scan: tag2label, the autolabel piles, embedding sets and command-line folders. The
+inspector decodes each file once, for the readability check and the perceptual hash
+(:func:`phash_pixels`, grouped into near duplicates by :mod:`labelflow.near_duplicates`).
+
+File names that are not valid UTF-8 (bytes from an old zip file, which Python's ``os``
+functions hand over as surrogate-escaped ``str``) are skipped by the walker and reported in
+an escaped, writable form (:func:`readable_path`): they could not be written to a UTF-8 CSV.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -105,72 +113,133 @@ def check_image(path: PathLike) -> str | None:
     Never raises for a bad file: Pillow's decoders fail with many exception types on
     garbage input, and one bad file must not stop a scan of thousands.
     """
+    return _decode_checked(path)[0]
+
+
+def _decode_checked(path: PathLike) -> tuple[str | None, np.ndarray | None]:
+    """(reason the file is unusable, None) or (None, its pixels): see :func:`check_image`."""
     suffix = Path(path).suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
-        return f"not an image file (extension {suffix or 'none'})"
+        return f"not an image file (extension {suffix or 'none'})", None
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
-            return "not a regular file"  # opening a FIFO or device could block forever
-        load_image(path)
+            return "not a regular file", None  # opening a FIFO or device could block forever
+        return None, load_image(path)
     except UnidentifiedImageError as err:
-        return f"not an image: {err}"
+        return f"not an image: {err}", None
     except Image.DecompressionBombError as err:
-        return f"too large: {err}"
+        return f"too large: {err}", None
     except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
-        return f"unreadable: {err.strerror}"
+        return f"unreadable: {err.strerror}", None
     except DatasetError as err:
-        return f"unsupported image: {err}"
-    except Exception as err:  # noqa: BLE001 - see docstring
-        return f"corrupt or truncated: {err}"
-    return None
+        return f"unsupported image: {err}", None
+    except Exception as err:  # noqa: BLE001 - see check_image
+        return f"corrupt or truncated: {err}", None
+
+
+def phash_pixels(pixels: np.ndarray) -> int:
+    """64-bit pHash (``imagehash.phash``, 8x8) of a ``uint8`` ``H x W x 3`` or ``H x W`` array.
+
+    The bits are the ``imagehash`` 8x8 boolean matrix read row by row, most significant
+    bit first, so ``f"{h:016x}"`` equals ``str(imagehash.phash(...))``. Raises
+    ``ValueError`` for an array of another dtype or shape.
+    """
+    import imagehash  # only scans that hash need it
+
+    is_gray = pixels.ndim == 2
+    is_rgb = pixels.ndim == 3 and pixels.shape[2] == 3
+    if not (is_gray or is_rgb) or pixels.dtype != np.uint8 or pixels.size == 0:
+        raise ValueError(
+            "perceptual_hash needs a non-empty uint8 array of shape (H, W) or (H, W, 3); "
+            f"got dtype {pixels.dtype} and shape {pixels.shape}"
+        )
+    bits = imagehash.phash(Image.fromarray(np.ascontiguousarray(pixels)), hash_size=8).hash
+    return int.from_bytes(np.packbits(bits.ravel()).tobytes(), "big")
+
+
+def is_valid_utf8(name: str) -> bool:
+    """False for a name ``os`` read from bytes that are not UTF-8 (it holds lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def readable_path(path: str) -> str:
+    """``path`` with bytes that are not UTF-8 written as ``\\xff``: safe to print and to write."""
+    return path if is_valid_utf8(path) else os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+NOT_UTF8_FILE = "file name is not valid UTF-8"
+NOT_UTF8_FOLDER = "folder name is not valid UTF-8"
 
 
 def walk_images(
     class_dir: str, rel: Callable[[PathLike], str], skipped: list[tuple[str, str]]
 ) -> Iterator[str]:
-    """Yield candidate file paths below ``class_dir``; record hidden/looping entries."""
+    """Yield candidate file paths below ``class_dir``; record hidden, looping and badly named
+    entries in ``skipped`` as ``(readable relative path, reason)``."""
+
+    def skip(path: str, reason: str) -> None:
+        skipped.append((readable_path(rel(path)), reason))
 
     def unreadable(err: OSError) -> None:
-        skipped.append((rel(err.filename), f"unreadable folder: {err.strerror}"))
+        skip(err.filename, f"unreadable folder: {err.strerror}")
 
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(class_dir, onerror=unreadable, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:  # reached again through a symlink
-            skipped.append((rel(dirpath), "folder already visited (symlink loop)"))
+            skip(dirpath, "folder already visited (symlink loop)")
             dirnames.clear()
             continue
         seen.add((st.st_dev, st.st_ino))
-        for name in [d for d in dirnames if d.startswith(".")]:
-            skipped.append((rel(os.path.join(dirpath, name)), "hidden folder"))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(dirnames):
+            if not is_valid_utf8(name):
+                skip(os.path.join(dirpath, name), NOT_UTF8_FOLDER)
+            elif name.startswith("."):
+                skip(os.path.join(dirpath, name), "hidden folder")
+        dirnames[:] = sorted(d for d in dirnames if is_valid_utf8(d) and not d.startswith("."))
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             if name == SNAKEMAKE_TIMESTAMP:
                 continue
-            if name.startswith("."):
-                skipped.append((rel(path), "hidden file"))
+            if not is_valid_utf8(name):
+                skip(path, NOT_UTF8_FILE)
+            elif name.startswith("."):
+                skip(path, "hidden file")
             else:
                 yield path
 
 
-def inspect_image(path: str) -> tuple[str | None, str | None]:
-    """(reason it is unusable or None, sha1 of its bytes if usable)."""
-    reason = check_image(path)
-    if reason is not None:
-        return reason, None
+class Inspection(NamedTuple):
+    """What :func:`inspect_image` found out about one file."""
+
+    reason: str | None  # why it is unusable, None if it is a readable image
+    sha1: str | None  # hex digest of its bytes (usable images, when hashing)
+    phash: str | None  # 64-bit pHash of its pixels as 16 hex digits (usable images, when hashing)
+
+
+def inspect_image(path: str, hashes: bool = True) -> Inspection:
+    """Decode ``path`` once: the readability check and, with ``hashes``, the SHA-1 of its
+    bytes and the pHash of the decoded pixels (hex strings: a CSV column of 64-bit integers
+    would become floats in pandas and lose bits)."""
+    reason, pixels = _decode_checked(path)
+    if reason is not None or not hashes:
+        return Inspection(reason, None, None)
     try:
-        return None, file_digest(path, "sha1")
+        digest = file_digest(path, "sha1")
     except OSError as err:
-        return f"unreadable: {err.strerror}", None
+        return Inspection(f"unreadable: {err.strerror}", None, None)
+    return Inspection(None, digest, f"{phash_pixels(pixels):016x}")
 
 
-def inspect_images(paths: Sequence[str], digest: bool = True) -> list[tuple[str | None, str | None]]:
+def inspect_images(paths: Sequence[str], hashes: bool = True) -> list[Inspection]:
     """:func:`inspect_image` of every path, in order, on a thread pool (decoding releases the GIL).
-    With ``digest=False`` only readability is checked (the second item is always None)."""
-    check = inspect_image if digest else (lambda p: (check_image(p), None))
+    With ``hashes=False`` only readability is checked (``sha1`` and ``phash`` are None)."""
     with ThreadPoolExecutor() as pool:
-        return list(pool.map(check, paths))
+        return list(pool.map(lambda p: inspect_image(p, hashes), paths))
 
 
 def decode_resized(path: PathLike, image_size: int) -> np.ndarray:

@@ -60,21 +60,69 @@ def atomic_output(path: PathLike, suffix: str = ".tmp") -> Iterator[Path]:
 @contextmanager
 def atomic_directory(path: PathLike) -> Iterator[Path]:
     """A temp folder beside ``path`` to fill; it replaces ``path`` (and what was there) on
-    success and is removed on any error, leaving ``path`` as it was."""
+    success and is removed on any error, leaving ``path`` as it was.
+
+    ``path`` is never missing once it existed: the old one is renamed aside, the new one renamed
+    in, and only then is the old one deleted. A process killed between those steps leaves a
+    ``.<name>.old-*`` (or ``.<name>.tmp-*``) sibling, which the next call for the same ``path``
+    puts right first (:func:`recover_directory`). One writer per ``path`` at a time, as
+    Snakemake guarantees for an output.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(path)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
         yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        os.rename(tmp, path)
+        old = _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        _remove(old)
+
+
+def _swap_in(tmp: Path, path: Path) -> Path | None:
+    """Rename ``path`` aside (if there) and ``tmp`` into its place; returns the old one's new
+    name. If the second rename fails, the old one is put back before the error goes on."""
+    old = None
+    if path.exists() or path.is_symlink():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        raise
+    return old
+
+
+def recover_directory(path: PathLike) -> None:
+    """Put right what a killed :func:`atomic_directory` left beside ``path``: a ``.<name>.old-*``
+    folder is renamed back when ``path`` is missing (the kill came between the two renames) and
+    deleted when ``path`` exists (the kill came before the old one was deleted); a
+    ``.<name>.tmp-*`` folder (a kill while it was being filled) is deleted."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    old_prefix, tmp_prefix = f".{path.name}.old-", f".{path.name}.tmp-"
+    for leftover in sorted(path.parent.iterdir()):
+        if leftover.name.startswith(old_prefix):
+            if path.exists() or path.is_symlink():
+                _remove(leftover)
+            else:
+                os.rename(leftover, path)
+        elif leftover.name.startswith(tmp_prefix) and leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 @contextmanager

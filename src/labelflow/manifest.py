@@ -113,7 +113,13 @@ def _parsed(path: Path) -> tuple[frozenset[str], str]:
 def code_digest(script: PathLike) -> str:
     """Digest of the package code ``script`` runs: the labelflow modules it imports, directly
     or through other modules, as parsed code (comments and docstrings do not count)."""
-    pending = set(_parsed(Path(script))[0])
+    return modules_digest(_parsed(Path(script))[0])
+
+
+def modules_digest(modules: Iterable[str]) -> str:
+    """Digest of the given labelflow modules and every labelflow module they import, directly or
+    through others, as parsed code without docstrings (comments are not in the parse)."""
+    pending = set(modules)
     seen: set[Path] = set()
     while pending:
         path = _module_file(pending.pop())

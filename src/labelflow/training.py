@@ -3,11 +3,12 @@ grid points, k-fold folds, the OOD run and every autolabel round) calls :func:`r
 and the LR finder runs the same :func:`train_one_epoch`.
 
 Shaped after torchvision's reference script: ``train_one_epoch``, ``evaluate``, a checkpoint
-dict with model/optimizer/scheduler/epoch. What happens after each epoch (TensorBoard scalars,
-best/top-k checkpoints, the resume state) is a list of hooks, so the loop stays readable.
+dict with model/optimizer/scheduler/epoch. What happens after each epoch (the resume state,
+TensorBoard scalars, best/top-k checkpoints) is a list of hooks, so the loop stays readable.
 Training state is saved atomically after every epoch in ``state_dir`` (not a declared
 Snakemake output, which would be deleted on failure) so a killed job resumes where it
-stopped; declared outputs are written once, at the end.
+stopped; a state that cannot be read is moved aside and the stage starts fresh, never a
+crash loop. Declared outputs are written once, at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from labelflow.device import autocast, images_for, place_model, to_device
-from labelflow.io import atomic_output, write_json_atomic
+from labelflow.io import atomic_directory, atomic_output, write_json_atomic
 from labelflow.losses import get_loss
 from labelflow.metrics import HeadMetrics
 from labelflow.models import MultiHeadNet, atomic_torch_save, save_checkpoint
@@ -202,30 +205,79 @@ def evaluate(model: MultiHeadNet, loader: DataLoader, criteria, device: torch.de
     return metrics.result()
 
 
-def fingerprint(*parts: Any) -> str:
-    """Stable hash of a stage's config and inputs: resume only into the same training."""
+# --------------------------------------------------------------------------- fingerprint
+
+Fingerprint = dict[str, Any]  # named parts, e.g. recipe, data, init, folds, seed, weights, code
+
+def digest(*parts: Any) -> str:
+    """Stable short hash of JSON-able values (dict key order does not matter)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def changed_parts(saved: Any, now: Fingerprint) -> list[str]:
+    """Names of the fingerprint parts in which a saved state and this stage differ, in the order
+    of ``now``; a saved fingerprint that is not a dict of parts (older labelflow) gives
+    ``["fingerprint format"]``."""
+    if not isinstance(saved, dict):
+        return ["fingerprint format"]
+    names = list(now) + [k for k in saved if k not in now]
+    return [k for k in names if k not in saved or k not in now or _canonical(saved[k]) != _canonical(now[k])]
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+# --------------------------------------------------------------------------- SIGTERM
 
 
 class Terminated(Exception):
     """SIGTERM arrived (SLURM pre-emption, timeout): stop after saving what is saved."""
 
 
-@contextmanager
-def terminate_on_sigterm() -> Iterator[None]:
-    def handler(signum, frame):
-        raise Terminated()
+class SigtermGuard:
+    """While installed, SIGTERM raises :class:`Terminated` at once, except inside a :meth:`held`
+    section, which it lets finish first."""
 
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending = False
+
+    def handle(self, signum, frame) -> None:
+        if self.holding:
+            self.pending = True
+        else:
+            raise Terminated()
+
+    @contextmanager
+    def held(self, *, then_stop: bool = True) -> Iterator[None]:
+        """Hold SIGTERM back during the body; after it, raise Terminated if one came and
+        ``then_stop`` (else the caller reads ``pending``)."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending and then_stop:
+            raise Terminated()
+
+
+@contextmanager
+def terminate_on_sigterm() -> Iterator[SigtermGuard]:
+    guard = SigtermGuard()
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = signal.signal(signal.SIGTERM, guard.handle)
     except ValueError:  # not the main thread: leave signals alone
-        yield
+        yield guard
         return
     try:
-        yield
+        yield guard
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------- progress and hooks
 
 
 @dataclass
@@ -235,10 +287,27 @@ class StageProgress:
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
     topk: list[dict[str, Any]] = field(default_factory=list)  # {"epoch", "value", "file"}, best first
     best_value: float | None = None
+    best_epoch: int | None = None
+
+    @property
+    def last_epoch(self) -> int:
+        return self.history[-1]["epoch"] if self.history else 0
 
     @property
     def next_epoch(self) -> int:
-        return self.history[-1]["epoch"] + 1 if self.history else 1
+        return self.last_epoch + 1
+
+    def add(self, record: dict[str, Any], main_metric: str, top_k: int) -> None:
+        """Record an epoch and rank it: the best so far (the first epoch of the highest valid
+        ``main_metric``) and the top ``top_k`` epochs. Files are written later, by the hooks."""
+        self.history.append(record)
+        epoch, value = record["epoch"], record["valid"][main_metric]
+        if self.best_value is None or value > self.best_value:
+            self.best_value, self.best_epoch = value, epoch
+        if top_k > 0 and (len(self.topk) < top_k or value > self.topk[-1]["value"]):
+            self.topk.append({"epoch": epoch, "value": value, "file": f"epoch={epoch:03d}-{main_metric}={value:.4f}.pt"})
+            self.topk.sort(key=lambda t: (-t["value"], t["epoch"]))
+            del self.topk[top_k:]
 
 
 @dataclass
@@ -257,62 +326,21 @@ class EpochEnd:
 EpochHook = Callable[[EpochEnd], None]
 
 
-class TensorBoardScalars:
-    """Every train/valid metric and the lr of an epoch as TensorBoard scalars."""
-
-    def __init__(self, log_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-
-    def __call__(self, end: EpochEnd) -> None:
-        for split_name in ("train", "valid"):
-            for key, value in end.record[split_name].items():
-                self.writer.add_scalar(f"{end.spec.name}/{split_name}/{key}", value, end.epoch)
-        self.writer.add_scalar(f"{end.spec.name}/lr", end.record["lr"], end.epoch)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class CheckpointKeeper:
-    """best.pt when the epoch's valid ``main_metric`` beats the best so far; ``checkpoints/``
-    keeps the top-k epochs, named with the value."""
-
-    def __init__(self, state_dir: Path, main_metric: str):
-        self.state_dir = state_dir
-        self.main_metric = main_metric
-
-    def __call__(self, end: EpochEnd) -> None:
-        progress, spec, epoch = end.progress, end.spec, end.epoch
-        value = end.record["valid"][self.main_metric]
-        meta = {"epoch": epoch, self.main_metric: value}
-        if progress.best_value is None or value > progress.best_value:
-            progress.best_value = value
-            save_checkpoint(self.state_dir / "best.pt", end.model, meta)
-        if spec.top_k > 0 and (len(progress.topk) < spec.top_k or value > progress.topk[-1]["value"]):
-            name = f"epoch={epoch:03d}-{self.main_metric}={value:.4f}.pt"
-            save_checkpoint(self.state_dir / "checkpoints" / name, end.model, meta)
-            progress.topk.append({"epoch": epoch, "value": value, "file": name})
-            progress.topk.sort(key=lambda t: (-t["value"], t["epoch"]))
-            for dropped in progress.topk[spec.top_k:]:
-                (self.state_dir / "checkpoints" / dropped["file"]).unlink(missing_ok=True)
-            progress.topk = progress.topk[: spec.top_k]
-
-
 class StateSaver:
-    """The resume state (model, optimizer, scheduler, progress) after every epoch."""
+    """The resume state (model, optimizer, scheduler, progress, fingerprint) after every epoch;
+    ``saved_epoch`` is the last epoch the state file holds."""
 
-    def __init__(self, state_dir: Path, stage_fingerprint: str):
+    def __init__(self, state_dir: Path, stage_fingerprint: Fingerprint, saved_epoch: int = 0):
         self.path = state_dir / "state.pt"
         self.fingerprint = stage_fingerprint
+        self.saved_epoch = saved_epoch
 
     def __call__(self, end: EpochEnd) -> None:
         save_state(self.path, self.fingerprint, end)
+        self.saved_epoch = end.epoch
 
 
-def save_state(path: Path, stage_fingerprint: str, end: EpochEnd) -> None:
+def save_state(path: Path, stage_fingerprint: Fingerprint, end: EpochEnd) -> None:
     atomic_torch_save(
         {
             "fingerprint": stage_fingerprint,
@@ -323,31 +351,260 @@ def save_state(path: Path, stage_fingerprint: str, end: EpochEnd) -> None:
             "history": end.progress.history,
             "topk": end.progress.topk,
             "best_value": end.progress.best_value,
+            "best_epoch": end.progress.best_epoch,
         },
         path,
     )
 
 
-def resume(state_dir: Path, stage_fingerprint: str, name: str, model, optimizer, scheduler) -> StageProgress:
-    """The saved progress when ``state_dir`` holds this very stage (same fingerprint), else a
-    fresh start (a state of another config or input is removed)."""
+class TensorBoardScalars:
+    """Every train/valid metric and the lr of an epoch as TensorBoard scalars. The log is started
+    afresh from ``history`` (a resumed stage's saved epochs), so it holds exactly the state's
+    epochs, once each, even when a kill came between the state and the scalars."""
+
+    def __init__(self, log_dir: Path, stage_name: str, history: Sequence[dict[str, Any]] = ()):
+        from torch.utils.tensorboard import SummaryWriter
+
+        shutil.rmtree(log_dir, ignore_errors=True)
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+        for record in history:
+            self.write(stage_name, record)
+
+    def __call__(self, end: EpochEnd) -> None:
+        self.write(end.spec.name, end.record)
+
+    def write(self, stage_name: str, record: dict[str, Any]) -> None:
+        for split_name in ("train", "valid"):
+            for key, value in record[split_name].items():
+                self.writer.add_scalar(f"{stage_name}/{split_name}/{key}", value, record["epoch"])
+        self.writer.add_scalar(f"{stage_name}/lr", record["lr"], record["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# How state.pt, best.pt and checkpoints/ agree. state.pt is the record: each epoch it is
+# written first (StateSaver runs before CheckpointKeeper), and only then are best.pt and the
+# top-k files made to match it. So a kill between the two can leave only these gaps, each
+# repaired from the state alone when the stage resumes (reconcile_checkpoints):
+#   * best.pt missing or of an older epoch while the state's best is its last epoch
+#     -> rewritten from the state's weights, which are that epoch's;
+#   * the top-k file of the state's last epoch missing -> rewritten the same way;
+#   * a file in checkpoints/ the state does not list (fell out of the top k) -> deleted.
+# Gaps no kill can cause (files deleted by hand) are repaired from a copy where one exists
+# (best.pt from the top-k file of its epoch), else an older top-k file is dropped from the list
+# with a warning, and a state whose best weights are gone altogether is moved aside.
+
+
+def checkpoint_meta(main_metric: str, epoch: int, value: float | None) -> dict[str, Any]:
+    return {"epoch": epoch, main_metric: value}
+
+
+class CheckpointKeeper:
+    """best.pt and ``checkpoints/`` (the top-k epochs by ``main_metric``, named with the value)
+    made to match the progress the state has just recorded: the epoch's weights are written
+    if it is the new best or in the top k, and files that fell out of the top k are deleted."""
+
+    def __init__(self, state_dir: Path, main_metric: str):
+        self.state_dir = state_dir
+        self.main_metric = main_metric
+
+    def __call__(self, end: EpochEnd) -> None:
+        progress = end.progress
+        if progress.best_epoch == end.epoch:
+            meta = checkpoint_meta(self.main_metric, end.epoch, progress.best_value)
+            save_checkpoint(self.state_dir / "best.pt", end.model, meta)
+        for entry in progress.topk:
+            if entry["epoch"] == end.epoch:
+                meta = checkpoint_meta(self.main_metric, end.epoch, entry["value"])
+                save_checkpoint(self.state_dir / "checkpoints" / entry["file"], end.model, meta)
+        remove_unlisted_checkpoints(self.state_dir, progress.topk)
+
+
+def remove_unlisted_checkpoints(state_dir: Path, topk: Sequence[dict[str, Any]]) -> None:
+    """Delete what ``checkpoints/`` holds beyond the listed top-k files (temp files included)."""
+    listed = {entry["file"] for entry in topk}
+    folder = state_dir / "checkpoints"
+    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if path.name in listed:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+# --------------------------------------------------------------------------- resume
+
+STATE_KEYS = ("fingerprint", "epoch", "model", "optimizer", "scheduler", "history", "topk", "best_value", "best_epoch")
+
+
+class StateError(Exception):
+    """A saved state that cannot be resumed: unreadable, incomplete, not fitting the model, or
+    its best epoch's weights are lost."""
+
+
+def resume(
+    state_dir: Path, stage_fingerprint: Fingerprint, name: str, model, optimizer, scheduler, main_metric: str = "accuracy"
+) -> StageProgress:
+    """The saved progress when ``state_dir`` holds this very stage, with the model, optimizer
+    and scheduler loaded and best.pt / checkpoints/ reconciled with it; else a fresh start in an
+    emptied ``state_dir``. A state of another config, input or code is removed and the log names
+    the fingerprint parts that differ. An unusable state (see :func:`check_state`) is moved aside
+    (:func:`move_aside`) with a warning naming the problem; nothing is loaded from it."""
     state_path = state_dir / "state.pt"
     if not state_path.exists():
+        shutil.rmtree(state_dir, ignore_errors=True)  # files of a run killed before its first save
         return StageProgress()
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    if state.get("fingerprint") != stage_fingerprint:
-        log.info(
-            "starting stage %s fresh: saved state %s belongs to another config or input "
-            "(fingerprint %s, now %s)", name, state_path, state.get("fingerprint"), stage_fingerprint,
-        )
+    try:
+        state = read_state(state_path)
+        changed = changed_parts(state.get("fingerprint"), stage_fingerprint)
+        if changed:
+            log.info(
+                "starting stage %s fresh: %s changed since the saved state in %s (removed)",
+                name, ", ".join(changed), state_dir,
+            )
+            shutil.rmtree(state_dir)
+            return StageProgress()
+        progress, best_source = check_state(state, state_dir, model, optimizer, scheduler)
+    except StateError as exc:
+        moved = move_aside(state_path, state_dir)
+        log.warning("cannot resume stage %s from %s: %s; moved it to %s and starting the stage fresh", name, state_path, exc, moved)
         shutil.rmtree(state_dir)
         return StageProgress()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    progress = StageProgress(state["history"], state["topk"], state["best_value"])
+    reconcile_checkpoints(state_dir, progress, model, main_metric, best_source)
     log.info("resuming stage %s at epoch %d from %s", name, progress.next_epoch, state_path)
     return progress
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A state file's dict (tensors and plain values only); StateError when it cannot be read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or garbled bytes, a pickled object, ...
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise StateError(f"cannot read it ({type(exc).__name__}: {first_line})") from exc
+    if not isinstance(state, dict):
+        raise StateError(f"it holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def check_state(state: dict[str, Any], state_dir: Path, model, optimizer, scheduler) -> tuple[StageProgress, str | None]:
+    """The progress of a state of this stage, and where best.pt comes from (:func:`best_source`),
+    after checking that the state can be loaded whole: every key, one record per epoch up to its
+    epoch, top-k entries of those epochs, tensors that fit the model and optimizer, the
+    scheduler's keys, and the best epoch's weights somewhere. Loads nothing; raises StateError
+    naming the first problem."""
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise StateError(f"it lacks {missing}")
+    try:
+        progress = StageProgress(list(state["history"]), list(state["topk"]), state["best_value"], state["best_epoch"])
+        epochs = [record["epoch"] for record in progress.history]
+        if not epochs or epochs != list(range(1, len(epochs) + 1)) or epochs[-1] != state["epoch"]:
+            raise StateError(f"its history (epochs {epochs}) does not run from 1 to its epoch {state['epoch']}")
+        if progress.best_epoch not in epochs:
+            raise StateError(f"its best epoch {progress.best_epoch} is not one of its epochs")
+        for entry in progress.topk:
+            if entry["epoch"] not in epochs or float(entry["value"]) != entry["value"] or Path(entry["file"]).name != entry["file"]:
+                raise StateError(f"its top-k entry {entry} is not one of its epochs' files")
+        _check_tensors_fit("model", model.state_dict(), state["model"])
+        _check_optimizer_fits(optimizer, state["optimizer"])
+        if not isinstance(state["scheduler"], dict) or state["scheduler"].keys() != scheduler.state_dict().keys():
+            raise StateError("its scheduler state is not this scheduler's")
+        return progress, best_source(state_dir, progress)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise StateError(f"it is malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_tensors_fit(what: str, expected: dict[str, torch.Tensor], saved: Any) -> None:
+    if not isinstance(saved, dict) or saved.keys() != expected.keys():
+        keys = saved.keys() if isinstance(saved, dict) else set()
+        odd = sorted(set(keys) ^ set(expected))[:3]
+        raise StateError(f"its {what} tensors are not this model's (keys differ: {odd})")
+    for key, tensor in expected.items():
+        value = saved[key]
+        if not torch.is_tensor(value) or value.shape != tensor.shape:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise StateError(f"its {what} tensor {key} has shape {shape}, the model's {tuple(tensor.shape)}")
+
+
+def _check_optimizer_fits(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    groups, saved_groups = optimizer.param_groups, saved["param_groups"]
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups]:
+        raise StateError("its optimizer has other parameter groups than this model's")
+    shapes = {i: p.shape for sg, g in zip(saved_groups, groups) for i, p in zip(sg["params"], g["params"])}
+    for index, slot in saved["state"].items():
+        for name, value in slot.items():
+            if torch.is_tensor(value) and value.ndim > 0 and value.shape != shapes.get(index):
+                raise StateError(f"its optimizer {name} of parameter {index} has shape {tuple(value.shape)}")
+
+
+def checkpoint_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint file holds; None when it is missing or unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+    except Exception:
+        return None
+
+
+def best_source(state_dir: Path, progress: StageProgress) -> str | None:
+    """Where best.pt's weights come from on resume: None when best.pt already holds the best
+    epoch; ``"state"`` when the best epoch is the state's last (its weights are the state's);
+    else the name of the best epoch's top-k file. StateError when none of these holds them."""
+    if checkpoint_epoch(state_dir / "best.pt") == progress.best_epoch:
+        return None
+    if progress.best_epoch == progress.last_epoch:
+        return "state"
+    for entry in progress.topk:
+        if entry["epoch"] == progress.best_epoch and (state_dir / "checkpoints" / entry["file"]).is_file():
+            return entry["file"]
+    raise StateError(f"best.pt does not hold its best epoch {progress.best_epoch} and no top-k copy of it is left")
+
+
+def reconcile_checkpoints(
+    state_dir: Path, progress: StageProgress, model: MultiHeadNet, main_metric: str, best_from: str | None
+) -> None:
+    """Make best.pt and checkpoints/ match the state just loaded into ``model`` (see the
+    invariant above CheckpointKeeper): best.pt from ``best_from`` (:func:`best_source`); a
+    missing top-k file of the last epoch rewritten, of an older epoch dropped from the list
+    with a warning; files the list does not name deleted."""
+    checkpoints = state_dir / "checkpoints"
+    if best_from == "state":
+        save_checkpoint(state_dir / "best.pt", model, checkpoint_meta(main_metric, progress.best_epoch, progress.best_value))
+    elif best_from is not None:
+        with atomic_output(state_dir / "best.pt") as tmp:
+            shutil.copyfile(checkpoints / best_from, tmp)
+    if best_from is not None:
+        log.info("best.pt did not hold the saved best epoch %d: rewrote it from %s", progress.best_epoch,
+                 "the saved state" if best_from == "state" else best_from)
+    kept = []
+    for entry in progress.topk:
+        if not (checkpoints / entry["file"]).is_file():
+            if entry["epoch"] != progress.last_epoch:
+                log.warning("top-k checkpoint %s is missing; dropped from the top-k list", checkpoints / entry["file"])
+                continue
+            save_checkpoint(checkpoints / entry["file"], model, checkpoint_meta(main_metric, entry["epoch"], entry["value"]))
+            log.info("top-k checkpoint %s of the saved last epoch was missing: rewrote it from the saved state", entry["file"])
+        kept.append(entry)
+    progress.topk = kept
+    remove_unlisted_checkpoints(state_dir, kept)
+
+
+def move_aside(state_path: Path, state_dir: Path) -> Path:
+    """Move an unusable state file to ``<state folder>.state.pt.corrupt-<UTC time>`` beside the
+    state folder (which is then emptied for a fresh start), where it stays for inspection."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = state_dir.with_name(f"{state_dir.name}.state.pt.corrupt-{stamp}")
+    os.replace(state_path, target)
+    return target
+
+
+# --------------------------------------------------------------------------- the stage
 
 
 def run_epoch(
@@ -396,16 +653,20 @@ def run_stage(
     state_dir: str | Path,
     device: torch.device,
     seed: int,
-    stage_fingerprint: str,
+    stage_fingerprint: Fingerprint,
     main_metric: str = "accuracy",
     extra_hooks: Sequence[EpochHook] = (),
 ) -> dict[str, Any]:
     """Train `model` for one stage; resume from `state_dir` when its fingerprint matches.
 
-    After every epoch the hooks run in order: TensorBoard scalars, best/top-k checkpoints,
-    the resume state, then ``extra_hooks``. At the end it writes into out_dir best.pt, last.pt,
+    After every epoch the hooks run in order: the resume state, TensorBoard scalars, best/top-k
+    checkpoints (after the state: see the invariant above CheckpointKeeper), then
+    ``extra_hooks``. A SIGTERM during the hooks waits for them; anywhere else in the loop it
+    stops at once (the state holds the epoch before). Either way the log says which epochs are
+    saved and the job exits 143. At the end it writes into out_dir best.pt, last.pt,
     checkpoints/ (top-k by `main_metric` on valid), metrics.json and the TensorBoard log, and
-    removes `state_dir`. Returns the metrics (also in metrics.json).
+    removes `state_dir`; a SIGTERM then waits until that is done and the stage ends normally.
+    Returns the metrics (also in metrics.json).
     """
     out_dir, state_dir = Path(out_dir), Path(state_dir)
     spec = spec.for_loader(len(loaders.train))
@@ -414,35 +675,59 @@ def run_stage(
     criteria = build_criteria(model)
     optimizer = build_optimizer(model, spec)
     scheduler = build_scheduler(optimizer, spec, len(loaders.train))
-    progress = resume(state_dir, stage_fingerprint, spec.name, model, optimizer, scheduler)
+    progress = resume(state_dir, stage_fingerprint, spec.name, model, optimizer, scheduler, main_metric)
     (state_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    tensorboard = TensorBoardScalars(state_dir / "tensorboard")
-    hooks = [tensorboard, CheckpointKeeper(state_dir, main_metric), StateSaver(state_dir, stage_fingerprint), *extra_hooks]
+    tensorboard = TensorBoardScalars(state_dir / "tensorboard", spec.name, progress.history)
+    saver = StateSaver(state_dir, stage_fingerprint, saved_epoch=progress.last_epoch)
+    hooks = [saver, tensorboard, CheckpointKeeper(state_dir, main_metric), *extra_hooks]
     _log_start(model, loaders, spec)
     progress_every = max(1, len(loaders.train) // 4) if len(loaders.train) >= 40 else 0
     try:
-        with terminate_on_sigterm():
+        with terminate_on_sigterm() as sigterm:
             for epoch in range(progress.next_epoch, spec.epochs + 1):
                 seed_epoch(loaders.train, seed, epoch)
                 record = run_epoch(
                     model, loaders, criteria, optimizer, scheduler, device, epoch=epoch, progress_every=progress_every
                 )
-                progress.history.append(record)
-                _log_epoch(spec, record)
-                for hook in hooks:
-                    hook(EpochEnd(spec, epoch, record, model, optimizer, scheduler, progress))
+                with sigterm.held():  # a SIGTERM never splits an epoch's state from its checkpoints
+                    progress.add(record, main_metric, spec.top_k)
+                    _log_epoch(spec, record)
+                    end = EpochEnd(spec, epoch, record, model, optimizer, scheduler, progress)
+                    for hook in hooks:
+                        hook(end)
+            tensorboard.close()
+            with sigterm.held(then_stop=False):  # finishing takes seconds: better than losing it
+                metrics = finish_stage(out_dir, state_dir, model, spec, progress, main_metric)
+            if sigterm.pending:
+                log.warning("SIGTERM arrived while stage %s was publishing its outputs; finished them first", spec.name)
     except Terminated:
-        log.error(
-            "stage %s terminated by SIGTERM; epochs up to %d are saved in %s and a rerun "
-            "(snakemake --rerun-incomplete) resumes from there", spec.name, progress.next_epoch - 1, state_dir,
-        )
+        _log_terminated(spec.name, saver.saved_epoch, state_dir)
         raise SystemExit(143) from None
     finally:
         tensorboard.close()
+    return metrics
+
+
+def _log_terminated(name: str, saved_epoch: int, state_dir: Path) -> None:
+    if saved_epoch:
+        log.error(
+            "stage %s terminated by SIGTERM; epochs up to %d are saved in %s and a rerun "
+            "(snakemake --rerun-incomplete) resumes at epoch %d", name, saved_epoch, state_dir, saved_epoch + 1,
+        )
+    else:
+        log.error("stage %s terminated by SIGTERM before its first epoch was saved; a rerun starts it over", name)
+
+
+def finish_stage(
+    out_dir: Path, state_dir: Path, model: MultiHeadNet, spec: StageSpec, progress: StageProgress, main_metric: str
+) -> dict[str, Any]:
+    """Publish the finished stage and remove its state; returns the metrics."""
     metrics = stage_metrics(spec, progress, main_metric)
-    publish(out_dir, state_dir, model, metrics)
+    publish(out_dir, state_dir, model, metrics, [entry["file"] for entry in progress.topk])
     # The state is there to resume an interrupted stage; once the outputs are published it
     # would only double the disk (model + optimizer moments + copies of every checkpoint).
+    # state.pt goes first, so a removal cut short leaves no state rather than a partial one.
+    (state_dir / "state.pt").unlink(missing_ok=True)
     shutil.rmtree(state_dir, ignore_errors=True)
     return metrics
 
@@ -466,28 +751,31 @@ def _log_epoch(spec: StageSpec, record: dict[str, Any]) -> None:
 
 
 def stage_metrics(spec: StageSpec, progress: StageProgress, main_metric: str) -> dict[str, Any]:
-    """metrics.json of a finished stage: the spec as trained, every epoch, the best one."""
-    history = progress.history
-    best_epoch = max(history, key=lambda r: (r["valid"][main_metric], -r["epoch"]))["epoch"]
+    """metrics.json of a finished stage: the spec as trained, every epoch, the best one (the
+    epoch best.pt holds)."""
     return {
         "stage": spec.name,
         "spec": asdict(spec),
         "main_metric": f"valid/{main_metric}",
-        "best": {"epoch": best_epoch, "value": progress.best_value},
-        "epochs": history,
+        "best": {"epoch": progress.best_epoch, "value": progress.best_value},
+        "epochs": progress.history,
     }
 
 
-def publish(out_dir: Path, state_dir: Path, model: MultiHeadNet, metrics: dict[str, Any]) -> None:
-    """Copy the finished stage from its state folder into the declared outputs."""
+def publish(
+    out_dir: Path, state_dir: Path, model: MultiHeadNet, metrics: dict[str, Any], checkpoint_files: Sequence[str]
+) -> None:
+    """Copy the finished stage from its state folder into the declared outputs, which agree
+    because they come from one reconciled state: last.pt is ``model``, best.pt holds the best
+    epoch of ``metrics``, checkpoints/ exactly ``checkpoint_files`` (the top-k list),
+    tensorboard/ exactly the epochs of ``metrics``; metrics.json is written last."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    last_epoch = metrics["epochs"][-1]["epoch"]
-    save_checkpoint(out_dir / "last.pt", model, {"epoch": last_epoch})
+    save_checkpoint(out_dir / "last.pt", model, {"epoch": metrics["epochs"][-1]["epoch"]})
     with atomic_output(out_dir / "best.pt") as tmp:
         shutil.copyfile(state_dir / "best.pt", tmp)
-    for name in ("checkpoints", "tensorboard"):
-        target = out_dir / name
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(state_dir / name, target)
+    with atomic_directory(out_dir / "checkpoints") as tmp:
+        for name in checkpoint_files:
+            shutil.copyfile(state_dir / "checkpoints" / name, tmp / name)
+    with atomic_directory(out_dir / "tensorboard") as tmp:
+        shutil.copytree(state_dir / "tensorboard", tmp, dirs_exist_ok=True)
     write_json_atomic(metrics, out_dir / "metrics.json")

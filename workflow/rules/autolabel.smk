@@ -26,6 +26,7 @@ rule autolabel_prepare:
         },
         n_folds=config["n_folds"],
         seed=config["seed"],
+        duplicates=config["duplicates"],
     script:
         "../scripts/autolabel_prepare.py"
 

@@ -31,6 +31,7 @@ rule tag2label:
     params:
         code=code_of("tag2label"),
         content=dataset_content,
+        duplicates=config["duplicates"],
     script:
         "../scripts/tag2label.py"
 
@@ -39,8 +40,10 @@ rule split:
     input:
         dataset="results/data/dataset_raw.csv",
         tag2cls="results/data/tag2cls.json",
+        duplicates="results/data/duplicates.csv",
     output:
-        "results/data/dataset.csv",
+        dataset="results/data/dataset.csv",
+        duplicate_folds="results/data/duplicate_folds.csv",
     log:
         "results/logs/split.log",
     benchmark:

@@ -1,4 +1,5 @@
 from labelflow.autolabel.prepare import prepare
+from labelflow.dataset import DuplicateSettings
 from labelflow.jobs import start_job
 
 start_job(snakemake)
@@ -12,4 +13,5 @@ prepare(
     skipped_csv=snakemake.output.skipped,
     n_folds=snakemake.params.n_folds,
     seed=snakemake.params.seed,
+    duplicates=DuplicateSettings.from_config(snakemake.params.duplicates),
 )

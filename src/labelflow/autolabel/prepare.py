@@ -3,8 +3,9 @@
 Builds one *autolabel root* holding two symlinks, ``clean -> <clean>`` and ``raw -> <raw>``.
 Every table names an image by its path relative to that root (``clean/<class>/x.png``,
 ``raw/a/b/x.png``): identity is the path, never the basename, and inputs are only read.
-Human rows get stratified folds; raw images byte-identical to a clean image take its label
-(source ``human-duplicate``).
+Human rows get stratified folds that keep duplicate groups (exact and near copies, see
+:mod:`labelflow.near_duplicates`) together; a raw image in one duplicate group with clean
+images takes their label when they agree (source ``human-duplicate``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 
 import pandas as pd
 
-from labelflow.dataset import split, tag2label
+from labelflow.dataset import DEFAULT_DUPLICATES, DuplicateSettings, split, tag2label
 from labelflow.images import inspect_images, walk_images
 from labelflow.io import DatasetError, PathLike, write_csv_atomic, write_json_atomic
+from labelflow.near_duplicates import duplicate_groups
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,9 @@ RAW_COLUMNS = ["path", "sha1", "duplicate_of", "tag"]
 def scan_raw(raw_dir: PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every readable image below ``raw_dir`` (recursively, symlinks followed once).
 
-    Returns ``(images, skipped)``: ``path,sha1`` and ``path,reason`` with POSIX paths
-    relative to ``raw_dir``. Hidden entries, non-images and unreadable files are skipped.
+    Returns ``(images, skipped)``: ``path,sha1,phash`` and ``path,reason`` with POSIX paths
+    relative to ``raw_dir``. Hidden entries, names that are not valid UTF-8, non-images and
+    unreadable files are skipped.
     """
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
@@ -39,14 +42,13 @@ def scan_raw(raw_dir: PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     rel = lambda p: Path(os.path.relpath(p, raw_dir)).as_posix()  # noqa: E731
     skipped: list[tuple[str, str]] = []
     candidates = list(walk_images(str(raw_dir), rel, skipped))
-    checked = inspect_images(candidates)
     rows = []
-    for path, (reason, digest) in zip(candidates, checked, strict=True):
-        if reason is None:
-            rows.append((rel(path), digest))
+    for path, checked in zip(candidates, inspect_images(candidates), strict=True):
+        if checked.reason is None:
+            rows.append((rel(path), checked.sha1, checked.phash))
         else:
-            skipped.append((rel(path), reason))
-    images = pd.DataFrame(sorted(rows), columns=["path", "sha1"])
+            skipped.append((rel(path), checked.reason))
+    images = pd.DataFrame(sorted(rows), columns=["path", "sha1", "phash"])
     return images, pd.DataFrame(sorted(skipped), columns=["path", "reason"])
 
 
@@ -66,21 +68,39 @@ def make_root(root_dir: PathLike, clean: PathLike, raw: PathLike) -> Path:
     return root
 
 
-def raw_with_human_duplicates(images: pd.DataFrame, human: pd.DataFrame, digest_of: dict[str, str]) -> pd.DataFrame:
-    """raw.csv rows: ``tag`` is set (and ``duplicate_of`` names the clean image) when a raw
-    image's bytes equal a clean image's; when identical clean images carry different tags the
-    raw image stays unlabelled and ``duplicate_of`` lists them all."""
-    by_digest: dict[str, list[tuple[str, str]]] = {}
-    for path, tag in zip(human["path"], human["tag"]):
-        by_digest.setdefault(digest_of[path], []).append((path, tag))
-    duplicate_of, tags = [], []
-    for digest in images["sha1"]:
-        matches = by_digest.get(digest, [])
-        duplicate_of.append(";".join(p for p, _ in matches))
-        match_tags = {t for _, t in matches}
-        tags.append(match_tags.pop() if len(match_tags) == 1 else "")
+def raw_with_human_duplicates(
+    images: pd.DataFrame, human: pd.DataFrame, max_distance: int = DEFAULT_DUPLICATES.max_distance
+) -> pd.DataFrame:
+    """raw.csv rows for the raw ``images`` (``path,sha1,phash``, paths relative to raw).
+
+    Clean and raw images are grouped together (byte-identical, or pHash within
+    ``max_distance`` bits; transitively). A raw image whose group holds clean images takes
+    their tag when they all carry the same one; ``duplicate_of`` names them (``;``-joined).
+    When they disagree, the raw image stays unlabelled (``tag`` empty) and ``duplicate_of``
+    still lists them all.
+    """
+    raw_paths = _prefixed(images["path"], RAW)
+    everything = pd.concat(
+        [human[["path", "sha1", "phash", "tag"]], images.assign(path=raw_paths, tag="")[["path", "sha1", "phash", "tag"]]],
+        ignore_index=True,
+    )
+    everything["group"] = duplicate_groups(
+        everything["path"].tolist(), everything["sha1"].tolist(), everything["phash"].tolist(), max_distance
+    )
+    clean = everything.iloc[: len(human)].sort_values("path")
+    by_group = clean.groupby("group").agg(
+        duplicate_of=("path", ";".join), n_tags=("tag", "nunique"), tag=("tag", "first")
+    )
+    raw_groups = everything["group"].iloc[len(human) :]
+    matched = by_group.reindex(raw_groups.to_numpy())
+    agreed = matched["n_tags"].eq(1).to_numpy()
     return pd.DataFrame(
-        {"path": _prefixed(images["path"], RAW), "sha1": images["sha1"], "duplicate_of": duplicate_of, "tag": tags},
+        {
+            "path": raw_paths,
+            "sha1": images["sha1"].tolist(),
+            "duplicate_of": matched["duplicate_of"].fillna("").tolist(),
+            "tag": [t if ok else "" for t, ok in zip(matched["tag"].tolist(), agreed)],
+        },
         columns=RAW_COLUMNS,
     )
 
@@ -96,30 +116,38 @@ def prepare(
     skipped_csv: PathLike,
     n_folds: int,
     seed: int,
+    duplicates: DuplicateSettings = DEFAULT_DUPLICATES,
 ) -> dict[str, Any]:
     """Scan clean and raw, build the autolabel root and the human/raw tables.
 
-    * human.csv ``path,tag,class,fold``: clean images with stratified folds 0..n_folds-1;
+    * human.csv ``path,tag,class,fold,sha1,group``: clean images with stratified folds
+      0..n_folds-1 that keep each duplicate group in one fold (:func:`labelflow.dataset.split`);
+      clean label conflicts are handled as ``duplicates.label_conflicts`` says;
     * raw.csv ``path,sha1,duplicate_of,tag``: readable raw images (see
       :func:`raw_with_human_duplicates`);
-    * skipped.csv ``path,reason`` for clean and raw files that are not usable images.
+    * skipped.csv ``path,reason`` for clean and raw files that are not usable images (and
+      clean label conflicts left out).
     """
     for key, folder in (("clean", clean), ("raw", raw)):
         if not Path(folder).is_dir():
             raise DatasetError(f"config key `autolabel.{key}`: folder {folder} does not exist")
     try:
-        labelled = tag2label(clean)
+        labelled = tag2label(clean, duplicates)
     except DatasetError as err:
         raise DatasetError(f"config key `autolabel.clean`: {err}") from None
-    human = labelled.dataset.copy()
-    human["path"] = _prefixed(human["path"], CLEAN)
-    digest_of = dict(zip(human["path"], human["sha1"]))  # split() keeps path,tag,class,fold only
-    human = split(human, labelled.tag2cls, n_folds, seed)
+    clean_table = labelled.dataset.assign(path=_prefixed(labelled.dataset["path"], CLEAN))
+    human = split(clean_table, labelled.tag2cls, n_folds, seed)
     images, raw_skipped = scan_raw(raw)
-    raw_table = raw_with_human_duplicates(images, human, digest_of)
+    raw_table = raw_with_human_duplicates(images, clean_table, duplicates.max_distance)
     skipped = pd.concat(
         [
-            labelled.skipped.assign(path=_prefixed(labelled.skipped["path"], CLEAN)),
+            labelled.skipped.assign(
+                path=_prefixed(labelled.skipped["path"], CLEAN),
+                # a label conflict names the other copy by its path in clean; name it from the root
+                reason=labelled.skipped["reason"].str.replace(
+                    "^label conflict: duplicate of ", f"label conflict: duplicate of {CLEAN}/", regex=True
+                ),
+            ),
             raw_skipped.assign(path=_prefixed(raw_skipped["path"], RAW)),
         ],
         ignore_index=True,
@@ -138,7 +166,8 @@ def prepare(
         "skipped": len(skipped),
     }
     log.info(
-        "%d human-labelled images in %d classes; %d raw images (%d byte-identical to a clean image); %d skipped",
+        "%d human-labelled images in %d classes; %d raw images (%d copies of a clean image, exact or near, "
+        "took its label); %d skipped",
         summary["human"], summary["classes"], summary["raw"], n_dup, summary["skipped"],
     )
     for row in skipped.itertuples():

@@ -1,0 +1,167 @@
+"""labelflow.io.atomic_directory: the target folder is never missing, whatever step a crash hits.
+
+A crash is simulated by making os.rename or shutil.rmtree raise at one chosen call. Where the
+process would have died there (SIGKILL), the in-process clean-up is made to fail too, so the
+leftovers are what a killed process leaves, and the next use must put them right.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from labelflow.io import atomic_directory, recover_directory
+
+
+class Crash(BaseException):
+    """A simulated kill: BaseException, so nothing on the way catches it as an ordinary error."""
+
+
+def _tree(path: Path) -> dict[str, str]:
+    return {p.relative_to(path).as_posix(): p.read_text() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Path:
+    out = tmp_path / "out" / "tree"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "a.txt").write_text("old")
+    return out
+
+
+def _write_new(tmp: Path) -> None:
+    (tmp / "b.txt").write_text("new")
+
+
+def _failing_rename(monkeypatch, should_fail):
+    """os.rename raises Crash on the calls for which should_fail(src, dst) is true."""
+    real = os.rename
+
+    def rename(src, dst):
+        if should_fail(Path(src), Path(dst)):
+            raise Crash(f"killed at rename {Path(src).name} -> {Path(dst).name}")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def test_success_replaces_the_folder_and_leaves_nothing_beside_it(target: Path) -> None:
+    with atomic_directory(target) as tmp:
+        _write_new(tmp)
+    assert _tree(target) == {"b.txt": "new"}
+    assert _siblings(target) == ["tree"]
+
+
+def test_new_folder_where_none_was(tmp_path: Path) -> None:
+    out = tmp_path / "deep" / "new"
+    with atomic_directory(out) as tmp:
+        _write_new(tmp)
+    assert _tree(out) == {"b.txt": "new"} and _siblings(out) == ["new"]
+
+
+def test_file_or_symlink_in_the_way_is_replaced(tmp_path: Path) -> None:
+    file_target = tmp_path / "f"
+    file_target.write_text("a file")
+    with atomic_directory(file_target) as tmp:
+        _write_new(tmp)
+    assert _tree(file_target) == {"b.txt": "new"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep")
+    link = tmp_path / "link"
+    link.symlink_to(elsewhere)
+    with atomic_directory(link) as tmp:
+        _write_new(tmp)
+    assert not link.is_symlink() and _tree(link) == {"b.txt": "new"}
+    assert _tree(elsewhere) == {"keep.txt": "keep"}  # the link's target is not touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "f", "link"]
+
+
+def test_error_while_filling_leaves_the_old_folder(target: Path) -> None:
+    with pytest.raises(OSError, match="disk full"), atomic_directory(target) as tmp:
+        _write_new(tmp)
+        raise OSError("disk full")
+    assert _tree(target) == {"sub/a.txt": "old"}
+    assert _siblings(target) == ["tree"]
+
+
+def test_crash_renaming_the_old_folder_aside_leaves_it_in_place(target: Path, monkeypatch) -> None:
+    _failing_rename(monkeypatch, lambda src, dst: src == target)
+    with pytest.raises(Crash), atomic_directory(target) as tmp:
+        _write_new(tmp)
+    assert _tree(target) == {"sub/a.txt": "old"}
+    assert _siblings(target) == ["tree"]
+
+
+def test_failed_rename_of_the_new_folder_puts_the_old_one_back(target: Path, monkeypatch) -> None:
+    _failing_rename(monkeypatch, lambda src, dst: dst == target and src.name.startswith(".tree.tmp-"))
+    with pytest.raises(Crash), atomic_directory(target) as tmp:
+        _write_new(tmp)
+    assert _tree(target) == {"sub/a.txt": "old"}
+    assert _siblings(target) == ["tree"]
+
+
+def test_kill_between_the_two_renames_is_recovered_on_next_use(target: Path, monkeypatch) -> None:
+    # The process dies after renaming the old folder aside: neither the new folder's rename nor
+    # any clean-up runs (the roll-back rename and the temp folder's removal fail too).
+    _failing_rename(monkeypatch, lambda src, dst: dst == target)
+    monkeypatch.setattr(shutil, "rmtree", _raise_crash)
+    with pytest.raises(Crash), atomic_directory(target) as tmp:
+        _write_new(tmp)
+    monkeypatch.undo()
+    assert not target.exists()
+    leftovers = _siblings(target)
+    assert len(leftovers) == 2
+    assert leftovers[0].startswith(".tree.old-") and leftovers[1].startswith(".tree.tmp-")
+
+    # The next use renames the old folder back before anything else: a failing writer then
+    # leaves the old content, exactly as if the killed run had never started.
+    with pytest.raises(RuntimeError, match="second writer fails"), atomic_directory(target):
+        raise RuntimeError("second writer fails")
+    assert _tree(target) == {"sub/a.txt": "old"}
+    assert _siblings(target) == ["tree"]
+
+
+def test_kill_before_deleting_the_old_folder_keeps_the_new_one(target: Path, monkeypatch) -> None:
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).name.startswith(".tree.old-"):
+            raise Crash("killed while deleting the old folder")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.raises(Crash), atomic_directory(target) as tmp:
+        _write_new(tmp)
+    monkeypatch.undo()
+    assert _tree(target) == {"b.txt": "new"}
+    old = [name for name in _siblings(target) if name != "tree"]
+    assert len(old) == 1 and old[0].startswith(".tree.old-")
+    assert _tree(target.parent / old[0]) == {"sub/a.txt": "old"}
+
+    recover_directory(target)  # what the next use does first
+    assert _tree(target) == {"b.txt": "new"}
+    assert _siblings(target) == ["tree"]
+
+
+def test_recovery_ignores_other_folders_and_a_missing_parent(tmp_path: Path) -> None:
+    recover_directory(tmp_path / "no" / "such" / "tree")  # nothing to do, no error
+    out = tmp_path / "tree"
+    for name in ("tree2", ".tree2.old-1", ".treehouse"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".tree.tmp-1.txt").write_text("x")  # an atomic_output temp file, not a folder
+    recover_directory(out)
+    # .tree2.old-1 belongs to tree2, a file named like a temp folder is not ours to delete
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tree.tmp-1.txt", ".tree2.old-1", ".treehouse", "tree2"]
+    assert not out.exists()
+
+
+def _raise_crash(*args, **kwargs):
+    raise Crash("killed")
