@@ -32,6 +32,8 @@ include: "workflow/rules/autolabel_inputs.smk"
 include: "workflow/rules/autolabel.smk"
 include: "workflow/rules/embed_inputs.smk"
 include: "workflow/rules/embed.smk"
+include: "workflow/rules/use_inputs.smk"
+include: "workflow/rules/use.smk"
 
 
 rule all:

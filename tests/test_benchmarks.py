@@ -28,3 +28,9 @@ def test_workflow_scale_smoke():
     out = _run("workflow_scale.py", "--dry-only", "--folds", "3")
     jobs = int(re.search(r"dry run: (\d+) jobs", out).group(1))
     assert jobs > 100
+
+
+def test_predict_throughput_smoke():
+    out = _run("predict_throughput.py", "--images", "64", "--rounds", "1")
+    assert re.search(r"ratio predict/bare: per round \d+\.\d+", out)
+    assert "predict " in out and "bare " in out and "torch " in out

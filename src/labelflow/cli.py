@@ -261,5 +261,86 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- predict / evaluate / export
+
+
+def _trained(args: argparse.Namespace):
+    """The run in --experiment-dir, on the device asked for."""
+    from labelflow.device import select_device
+    from labelflow.trained import ModelFiles, load_trained
+
+    return load_trained(ModelFiles.in_run_dir(args.experiment_dir)), select_device(args.gpu)
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders (searched recursively) or CSVs with a `path` column")
+    p.add_argument("--out", required=True, help="CSV: path, predicted (class or `unknown`), confidence, rejected, nearest_distance, top-k, error")
+    p.add_argument("--top-k", type=int, default=3, help="most probable classes listed per image (default 3)")
+    _experiment_dir_arg(p)
+
+
+@command(
+    "predict",
+    "classify images with a trained run: class, calibrated confidence, top-k, `unknown` beyond the rejection threshold",
+    _predict_args,
+)
+def _predict(args: argparse.Namespace) -> int:
+    from labelflow.predict import collect_inputs, predict_to_csv
+
+    trained, device = _trained(args)
+    counts = predict_to_csv(
+        trained, collect_inputs(args.inputs), args.out, top_k=args.top_k, batch_size=args.batch_size, device=device
+    )
+    predicted = ", ".join(f"{name or '(none)'} {n}" for name, n in counts["predicted"].items()) or "none"
+    print(f"{counts['images']} files: {predicted}; unknown {counts['unknown']} (nearest indexed image farther than "
+          f"{trained.threshold:.4f}); unreadable {counts['unreadable']} → {args.out}")  # fmt: skip
+    return 0
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="DIR", help="folder of class folders, or a CSV with columns path,label")
+    p.add_argument("--out-dir", help="where metrics.json, confusion.png, errors.csv, errors/index.html go "
+                   "(default: <experiment-dir>/eval/<name of DIR>)")  # fmt: skip
+    _experiment_dir_arg(p)
+
+
+@command("evaluate", "score a trained run on labelled images: metrics, confusion matrix, the errors as a contact sheet", _evaluate_args)
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from labelflow.evaluate import evaluate_images
+
+    trained, device = _trained(args)
+    out_dir = args.out_dir or str(Path(args.experiment_dir) / "eval" / Path(args.source).stem)
+    m = evaluate_images(args.source, trained, out_dir, batch_size=args.batch_size, device=device)
+    print(f"{m['n_images']} images ({m['n_unreadable']} unreadable): accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, "
+          f"macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f}, rejected {m['rejected_fraction']:.2%}")  # fmt: skip
+    print(f"{m['n_misclassified']} misclassified: {out_dir}/errors.csv, {out_dir}/errors/index.html; metrics in {out_dir}/metrics.json")
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["torchscript", "onnx"], default="onnx", help="default onnx (needs pip install '.[export]')")
+    p.add_argument("--out-dir", help="folder to write (replaced); default <experiment-dir>/export")
+    _experiment_dir_arg(p)
+
+
+@command("export", "export a trained run for serving: model, model_card.json and an example script", _export_args)
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from labelflow.export import export_model
+
+    trained, _ = _trained(args)
+    out_dir = args.out_dir or str(Path(args.experiment_dir) / "export")
+    card = export_model(trained, out_dir, args.format)
+    checked = card["check"]["max_abs_difference"]
+    print(f"wrote {out_dir}/{card['file']}, model_card.json, example.py ({len(card['classes'])} classes, "
+          f"{card['input']['image_size']} px); max abs difference to PyTorch: "
+          f"{'not checked (no onnxruntime)' if checked is None else f'{checked:.2g}'}")  # fmt: skip
+    print(f"try it: cd {out_dir} && python example.py IMAGE")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())
