@@ -21,7 +21,7 @@ ONE_EPOCH = {
     **TINY_EXPERIMENT,
     "stages": {name: {**stage, "epochs": 1} for name, stage in TINY_EXPERIMENT["stages"].items()},
 }
-TARGETS = ("predict_all", "evaluate_all", "export")
+TARGETS = ("all", "predict_all", "evaluate_all", "export")
 # ONNX when the export extra is installed (make test installs it), else TorchScript
 ONNX = all(importlib.util.find_spec(name) for name in ("onnxscript", "onnxruntime"))
 FORMAT = "onnx" if ONNX else "torchscript"
@@ -45,11 +45,29 @@ def use_run(tmp_path_factory):
         workdir, dataset, experiments={"softmax": ONE_EPOCH},
         predict={"sets": {"new": str(new)}, "top_k": 2, "batch_size": 4},
         evaluate={"sets": {"held": str(held)}, "batch_size": 8},
-        export={"format": FORMAT},
+        export={"format": FORMAT}, test_fraction=0.25,
     )
     result = run_snakemake(workdir, "--printshellcmds", *TARGETS, configfile=config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return workdir, new
+
+
+def test_held_out_test_set_is_never_trained_on_and_reports(use_run):
+    workdir, _ = use_run
+    results = workdir / "results"
+    test = pd.read_csv(results / "data/test.csv")
+    dataset = pd.read_csv(results / "data/dataset.csv")
+    assert test.groupby("tag").size().to_dict() == {"class_00": 3, "class_01": 3, "class_02": 3}  # 25 % of 12
+    assert not set(test["path"]) & set(dataset["path"]) and len(test) + len(dataset) == 36
+    trained_on = pd.read_csv(results / "softmax/predictions/predictions.csv")["path"]
+    assert not set(test["path"]) & set(trained_on)  # not in any split of the run
+    metrics = json.loads((results / "softmax/test.json").read_text())
+    per_image = pd.read_csv(results / "softmax/test/predictions.csv")
+    assert metrics["n_images"] == 9 and sorted(per_image["path"].str.split("/images/").str[-1]) == sorted(test["path"])
+    assert metrics["accuracy"] == pytest.approx((per_image["label"] == per_image["predicted"]).mean())
+    table = pd.read_csv(results / "experiments.csv").set_index("experiment")
+    assert table.loc["softmax", "test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert table.columns[0] == "test_accuracy" and table.loc["softmax", "test_images"] == 9
 
 
 def test_predict_all(use_run):

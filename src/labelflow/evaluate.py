@@ -45,11 +45,11 @@ ERRORS_SHOWN = 500  # rows of the contact sheet; errors.csv has them all
 # --------------------------------------------------------------------------- labelled inputs
 
 
-def labelled_images(source: PathLike) -> pd.DataFrame:
+def labelled_images(source: PathLike, root: PathLike | None = None) -> pd.DataFrame:
     """A folder of class folders, or a CSV with ``path`` and ``label`` (or ``tag``) → table
     path,label. Folder: every file below a sub-folder has that sub-folder's name as label
     (hidden entries are left out; loose files in the folder itself are left out with a
-    warning). CSV: relative paths start at the CSV's folder."""
+    warning). CSV: relative paths start at ``root``, by default the CSV's folder."""
     source = Path(source)
     if source.is_dir():
         rows = []
@@ -60,7 +60,7 @@ def labelled_images(source: PathLike) -> pd.DataFrame:
                 log.warning("left out %s: not inside a class folder", entry)
         table = pd.DataFrame(rows, columns=["path", "label"])
     elif source.is_file() and source.suffix.lower() == ".csv":
-        table = _labels_csv(source)
+        table = _labels_csv(source, Path(root) if root is not None else source.parent)
     else:
         raise DatasetError(f"{source} is neither a folder of class folders nor a .csv of path,label")
     if table.empty:
@@ -68,7 +68,7 @@ def labelled_images(source: PathLike) -> pd.DataFrame:
     return table
 
 
-def _labels_csv(csv_path: Path) -> pd.DataFrame:
+def _labels_csv(csv_path: Path, root: Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -79,7 +79,7 @@ def _labels_csv(csv_path: Path) -> pd.DataFrame:
     unlabelled = table[column].str.strip() == ""
     if unlabelled.any():
         raise DatasetError(f"labels table {csv_path}: line(s) {list(np.flatnonzero(unlabelled) + 2)[:5]} have no label")
-    paths = [p if Path(p).is_absolute() else (csv_path.parent / p).as_posix() for p in table["path"]]
+    paths = [p if Path(p).is_absolute() else (root / p).as_posix() for p in table["path"]]
     return pd.DataFrame({"path": paths, "label": table[column].tolist()})
 
 
@@ -242,10 +242,13 @@ def write_evaluation(evaluation: Evaluation, classes: Sequence[str], out_dir: Pa
 
 
 def evaluate_images(
-    source: PathLike, trained: TrainedModel, out_dir: PathLike, *, batch_size: int = 64, device: torch.device | None = None
+    source: PathLike, trained: TrainedModel, out_dir: PathLike, *, batch_size: int = 64,
+    device: torch.device | None = None, root: PathLike | None = None,
 ) -> dict[str, Any]:
-    """:func:`labelled_images` of ``source``, :func:`evaluate_table`, :func:`write_evaluation`."""
-    table = labelled_images(source)
+    """:func:`labelled_images` of ``source``, :func:`evaluate_table`, :func:`write_evaluation`.
+    With ``root``, a CSV's relative paths start there instead of at the CSV's folder (the
+    workflow's test.csv names images relative to the dataset folder)."""
+    table = labelled_images(source, root)
     evaluation = evaluate_table(table, trained, batch_size=batch_size, device=device)
     metrics = write_evaluation(evaluation, trained.classes, out_dir, f"{Path(source).name} ({len(table)} images)")
     log.info(

@@ -152,8 +152,11 @@ def compare_experiments(
     stage_metrics: Mapping[str, Sequence[PathLike]],
     out_csv: PathLike,
     out_png: PathLike,
+    tests: Mapping[str, PathLike] | None = None,
 ) -> pd.DataFrame:
-    """experiments.csv (one row per experiment) and a bar chart of the main metrics."""
+    """experiments.csv (one row per experiment) and a bar chart of the main metrics. With a test
+    set (``tests``: test.json per experiment), the test columns come first: they are the figures
+    to report; the valid ones come from the images that chose the checkpoint."""
     rows = []
     for name, path in summaries.items():
         s = read_json(path)
@@ -161,6 +164,7 @@ def compare_experiments(
         rows.append(
             {
                 "experiment": name,
+                **(_test_columns(read_json(tests[name])) if tests else {}),
                 "valid_accuracy": valid["accuracy"],
                 "valid_loss": valid["loss"],
                 **{k: v for k, v in s["index"].items() if k.startswith("recall@")},
@@ -173,8 +177,18 @@ def compare_experiments(
         )
     table = pd.DataFrame(rows)
     write_csv_atomic(table, out_csv)
-    plot_experiments(table, EXPERIMENT_PLOT_METRICS, out_png)
+    plot_experiments(table, ("test_accuracy",) + EXPERIMENT_PLOT_METRICS if tests else EXPERIMENT_PLOT_METRICS, out_png)
     return table
+
+
+def _test_columns(test: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "test_loss": test["loss"],
+        "test_ece": test["ece"],
+        "test_images": test["n_images"],
+    }
 
 
 def format_experiments(csv_path: PathLike) -> str:
@@ -182,7 +196,8 @@ def format_experiments(csv_path: PathLike) -> str:
     if not Path(csv_path).exists():
         return ""
     table = pd.read_csv(csv_path).dropna(axis=1, how="all")
-    return "Results (valid fold)\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    what = "test set; valid_* on the fold that chose the checkpoint" if "test_accuracy" in table else "valid fold"
+    return f"Results ({what})\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
 def heldout_accuracy(predictions_csv: PathLike) -> tuple[float | None, int]:

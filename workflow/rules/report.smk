@@ -34,6 +34,10 @@ rule compare_experiments:
         stage_metrics=[
             f for name in EXPERIMENTS for f in stage_metrics_files(RUNS[name])
         ],
+        # the held-out test set, when one is configured (test_fraction or test_dataset)
+        tests=expand(
+            "results/{run}/test.json", run=EXPERIMENTS if TEST.configured else []
+        ),
     output:
         table="results/experiments.csv",
         plot=report(

@@ -95,3 +95,27 @@ rule evaluate_all:
 rule export:
     input:
         lambda wildcards: f"results/{use_experiment('export')}/export",
+
+
+rule test_evaluation:
+    input:
+        unpack(trained_model_files),
+        table="results/data/test.csv",
+    output:
+        metrics="results/{run}/test.json",
+        details=directory("results/{run}/test"),
+    log:
+        "results/logs/{run}/test_evaluation.log",
+    benchmark:
+        "results/benchmarks/{run}/test_evaluation.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=config["gpu"],
+    params:
+        code=code_of("test_evaluation"),
+        root=config["test_dataset"] or DATASET,
+        batch_size=config["evaluate"]["batch_size"],
+    script:
+        "../scripts/test_evaluation.py"

@@ -6,6 +6,7 @@ stage_metrics = snakemake.params.stage_metrics
 compare_experiments(
     summaries=dict(zip(stage_metrics, snakemake.input.summaries)),
     stage_metrics=stage_metrics,
+    tests=dict(zip(stage_metrics, snakemake.input.tests)),
     out_csv=snakemake.output.table,
     out_png=snakemake.output.plot,
 )
