@@ -140,7 +140,7 @@ HUMAN = {"cat": 4, "dog": 2, "eel": 10}
 def _settings(min_confidence=0.9, *, max_new_per_class=1.0, class_min_confidence=None) -> RoundSettings:
     return RoundSettings(
         min_confidence=min_confidence, max_new_per_class=max_new_per_class,
-        neighbours=0, class_min_confidence=class_min_confidence or {},
+        neighbours=0, reference_per_class=500, class_min_confidence=class_min_confidence or {},
     )
 
 

@@ -80,6 +80,27 @@ def _digits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fashion_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create (must not exist): OUT_DIR/train/<class>/, OUT_DIR/test/<class>/")
+    p.add_argument("--size", type=int, default=28, help="side of the square images in pixels (default 28, the original)")
+    p.add_argument("--format", choices=("png", "jpg"), default="png", help="image format (default png)")
+    p.add_argument("--source", help="folder with the four IDX files (default: where the Debian package dataset-fashion-mnist puts them)")
+    p.add_argument("--limit", type=int, help="images per split, a seeded class-stratified subset (default: all 60,000 + 10,000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default 0)")
+
+
+@command("fashion", "write Fashion-MNIST (Debian package dataset-fashion-mnist) as class folders", _fashion_args)
+def _fashion(args: argparse.Namespace) -> int:
+    from labelflow.fashion import write_fashion_dataset
+
+    counts = write_fashion_dataset(
+        args.out_dir, size=args.size, image_format=args.format, source=args.source, limit=args.limit, seed=args.seed
+    )
+    for split, per_class in counts.items():
+        print(f"{split}: {sum(per_class.values())} images in {len(per_class)} classes → {args.out_dir}/{split}/")
+    return 0
+
+
 # --------------------------------------------------------------------------- tag2label
 
 _SHOWN = 10  # skipped rows and duplicate groups echoed to the terminal; the CSVs have them all
@@ -182,7 +203,7 @@ def _split_args(p: argparse.ArgumentParser) -> None:
 def _split(args: argparse.Namespace) -> int:
     if bool(args.duplicates) != bool(args.out_duplicate_folds):
         raise DatasetError("--duplicates and --out-duplicate-folds go together: give both or neither")
-    table = dataset.read_dataset_csv(args.in_csv, args.root)
+    table = dataset.read_dataset_csv(args.in_csv, args.root, check_files=args.root is not None)
     tag2cls = dataset.read_tag2cls(args.tag2cls)
     result = dataset.split(table, tag2cls, n_folds=args.n_folds, seed=args.seed)
     write_csv_atomic(result, args.out_csv)

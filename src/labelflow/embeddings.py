@@ -187,8 +187,7 @@ def embed_paths(
     from labelflow.inference import predict
     from labelflow.loaders import eval_loader
 
-    # decoded per batch, not cached: a large set need not fit in memory
-    loader = eval_loader(root, paths, data_cfg, batch_size=batch_size, device=device, cache=False)
+    loader = eval_loader(root, paths, data_cfg, batch_size=batch_size, device=device)  # streams
     return predict(model, loader, device)["embeddings"].astype(np.float32)
 
 
@@ -241,7 +240,7 @@ def model_section(checkpoint: PathLike, data_cfg: dict[str, Any], here: PathLike
         "image_size": int(data_cfg["image_size"]),
         "mean": [float(v) for v in data_cfg["mean"]],
         "std": [float(v) for v in data_cfg["std"]],
-        "num_workers": int(data_cfg.get("num_workers", 0)),
+        "num_workers": data_cfg.get("num_workers", "auto"),
     }
 
 

@@ -23,7 +23,7 @@ from labelflow.device import select_device
 from labelflow.heads import get_head, uses_rotation
 from labelflow.inference import predict
 from labelflow.io import DatasetError, PathLike, read_json, save_npy_atomic, write_csv_atomic, write_json_atomic
-from labelflow.loaders import ImageTableDataset, build_transform, eval_loader, make_loader
+from labelflow.loaders import ImageTableDataset, build_transform, eval_loader, make_loader, plan_loading
 from labelflow.losses import get_loss
 from labelflow.metrics import predict_labels
 from labelflow.models import HeadSpec, ModelSpec, create_model, load_model, load_weights_into
@@ -143,7 +143,10 @@ def stage_loaders(
     eval_tf = build_transform(train=False, **norm)
     rotation = uses_rotation(heads)
     paths = dataset["path"].to_numpy()
-    common = {"image_size": data_cfg["image_size"], "cache": data_cfg["cache"], "heads": heads}
+    plan = plan_loading(data_cfg, len(paths), torch.get_num_threads(), device)
+    log.info("loading: %s, %d worker process(es) (%s)", "cache in memory" if plan.cache else "streaming",
+             plan.num_workers, plan.reason)  # fmt: skip
+    common = {"image_size": data_cfg["image_size"], "cache": plan.cache, "heads": heads}
     train_ds = ImageTableDataset(
         root, paths[~is_valid], targets[~is_valid], transform=train_tf,
         rotation="random" if rotation else "none", rotation_p=data_cfg["rotation_p"], **common,
@@ -152,7 +155,7 @@ def stage_loaders(
         root, paths[is_valid], targets[is_valid], transform=eval_tf,
         rotation="seeded" if rotation else "none", rotation_seed=seed, rotation_p=data_cfg["rotation_p"], **common,
     )
-    options = {"num_workers": data_cfg["num_workers"], "pin_memory": device.type == "cuda", "seed": seed}
+    options = {"num_workers": plan.num_workers, "pin_memory": device.type == "cuda", "seed": seed}
     # drop_last avoids a 1-image BatchNorm batch at the end of an epoch
     train = make_loader(train_ds, batch_size=batch_size, shuffle=True, drop_last=len(train_ds) > batch_size, **options)
     valid = make_loader(valid_ds, batch_size=batch_size, shuffle=False, **options)

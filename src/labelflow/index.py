@@ -129,8 +129,12 @@ def build_index(
     ef_construction: int = 200,
     ef: int = 64,
     seed: int = 42,
+    threads: int = 1,
 ) -> hnswlib.Index:
     """Build an HNSW index whose ids are the row numbers 0..n-1 of ``vectors``.
+
+    ``threads`` > 1 builds faster, but the insertion order, and so the graph and the answers
+    near ties, then vary between runs: 1 (the default) gives the same index every time.
 
     ``labels`` is only checked for length: class labels are looked up by the caller as
     ``labels[ids]``, which keeps the index independent of the label dtype.
@@ -145,8 +149,7 @@ def build_index(
 
     index = hnswlib.Index(space=space, dim=dim)
     index.init_index(max_elements=n, ef_construction=ef_construction, M=M, random_seed=seed)
-    # One thread: with several, insertion order (and hence the graph) varies between runs.
-    index.add_items(data, np.arange(n, dtype=np.int64), num_threads=1)
+    index.add_items(data, np.arange(n, dtype=np.int64), num_threads=threads)
     index.set_ef(max(int(ef), 1))
     return index
 

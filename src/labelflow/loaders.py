@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -66,10 +68,13 @@ def apply_rotation_code(image: torch.Tensor, code: int) -> torch.Tensor:
 
 
 class ImageTableDataset(Dataset):
-    """Images named by paths relative to `root`, resized once to `image_size`.
+    """Images named by paths relative to `root`, resized to `image_size` when loaded.
 
-    With cache=True every image is decoded and resized once, when the dataset is built:
-    small datasets then cost no decoding per epoch.
+    With cache=True an image is kept (decoded and resized) the first time it is loaded, so
+    the first batch comes at once, the cache fills during the first epoch and later epochs
+    decode nothing. Without it every load decodes (streaming: memory does not grow with the
+    number of images). A cache lives in the process that loads, so use it with num_workers 0
+    (:func:`plan_loading` does).
 
     `targets` are class indices (N,) or multi-hot rows (N, C); each item carries the target
     of every head in `heads` that has one for it (labelflow.heads). With rotation="random"
@@ -86,7 +91,7 @@ class ImageTableDataset(Dataset):
         targets: Sequence[int] | np.ndarray | None,
         image_size: int,
         transform: A.Compose,
-        cache: bool = True,
+        cache: bool = False,
         rotation: str = "none",
         rotation_seed: int = 0,
         rotation_p: float = 1.0,
@@ -104,7 +109,7 @@ class ImageTableDataset(Dataset):
         self.rotation_p = rotation_p
         self.heads = [get_head(name) for name in heads]
         self.rng = np.random.default_rng(rotation_seed)
-        self.images = [self._decode(i) for i in range(len(self.paths))] if cache else None
+        self.images: list[np.ndarray | None] | None = [None] * len(self.paths) if cache else None
 
     def _decode(self, index: int) -> np.ndarray:
         return decode_resized(self.root / self.paths[index], self.image_size)
@@ -113,7 +118,12 @@ class ImageTableDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = self.images[index] if self.images is not None else self._decode(index)
+        if self.images is None:
+            image = self._decode(index)
+        else:
+            if self.images[index] is None:
+                self.images[index] = self._decode(index)
+            image = self.images[index]
         item = {"image": self.transform(image=image)["image"], "index": index}
         code = None
         if self.rotation != "none":
@@ -163,6 +173,60 @@ def make_loader(
     )
 
 
+# Training keeps decoded images in memory only when they fit in this share of the memory
+# available when the job starts (data.cache: auto); the rest of the memory is the model's,
+# the optimizer's and the other jobs'.
+CACHE_MEMORY_SHARE = 0.25
+MAX_AUTO_WORKERS = 8
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable of /proc/meminfo; total memory elsewhere)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class LoadingPlan:
+    cache: bool
+    num_workers: int
+    reason: str
+
+
+def plan_loading(data_cfg: dict[str, Any], n_images: int, threads: int, device: torch.device | None = None,
+                 memory: int | None = None) -> LoadingPlan:
+    """How a training job loads its images (config ``data.cache``, ``data.num_workers``).
+
+    ``cache: auto`` keeps decoded images in memory when they fit in ``CACHE_MEMORY_SHARE`` of the
+    memory available (``image_size``\u00b2 x 3 bytes each), else streams them. ``num_workers:
+    auto`` is 0 with a cache (nothing to decode after the first epoch; a worker's cache would be
+    lost), else DataLoader worker processes decode in parallel with the model: half the job's
+    threads on the CPU (the other half compute), up to 8 per GPU job.
+    """
+    size = data_cfg["image_size"]
+    needed = n_images * size * size * 3
+    budget = int(CACHE_MEMORY_SHARE * (available_memory() if memory is None else memory))
+    cache = data_cfg["cache"]
+    if cache == "auto":
+        cache = needed <= budget
+        reason = f"decoded images {needed / 2**30:.2f} GiB {'<=' if cache else '>'} cache budget {budget / 2**30:.2f} GiB"
+    else:
+        reason = f"data.cache is {cache}"
+    workers = data_cfg["num_workers"]
+    if workers == "auto":
+        on_gpu = device is not None and device.type == "cuda"
+        workers = 0 if cache else min(MAX_AUTO_WORKERS, os.cpu_count() or 1) if on_gpu else max(1, threads // 2)
+    if cache and workers:
+        cache, reason = False, f"{reason}; no cache with {workers} worker processes (each would keep its own)"
+    return LoadingPlan(bool(cache), int(workers), reason)
+
+
 def eval_loader(
     root: str | Path,
     paths: Sequence[str],
@@ -171,17 +235,15 @@ def eval_loader(
     batch_size: int,
     device: torch.device | None = None,
     targets: Sequence[int] | np.ndarray | None = None,
-    cache: bool | None = None,
     **dataset_options: Any,
 ) -> DataLoader:
     """Deterministic, un-augmented loader over `paths` with an experiment's data section:
-    what inference, embedding and autolabel prediction all run on."""
+    what inference, embedding and autolabel prediction all run on. It streams (one pass: a
+    cache would only hold every image at once); ``data.num_workers`` as :func:`plan_loading`."""
     transform = build_transform(train=False, mean=data_cfg["mean"], std=data_cfg["std"])
-    dataset = ImageTableDataset(
-        root, list(paths), targets, data_cfg["image_size"], transform,
-        data_cfg.get("cache", True) if cache is None else cache, **dataset_options,
-    )
+    dataset = ImageTableDataset(root, list(paths), targets, data_cfg["image_size"], transform, cache=False, **dataset_options)
+    plan = plan_loading({**data_cfg, "cache": False}, len(dataset), torch.get_num_threads(), device)
     return make_loader(
         dataset, batch_size=batch_size, shuffle=False, seed=0,
-        num_workers=data_cfg.get("num_workers", 0), pin_memory=device is not None and device.type == "cuda",
+        num_workers=plan.num_workers, pin_memory=device is not None and device.type == "cuda",
     )

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from labelflow.device import autocast, images_for, place_model
 from labelflow.images import check_image, walk_images
 from labelflow.io import DatasetError, PathLike, atomic_output
-from labelflow.loaders import ImageTableDataset, build_transform
+from labelflow.loaders import ImageTableDataset, build_transform, plan_loading
 from labelflow.losses import probabilities
 from labelflow.progress import Progress
 from labelflow.search import UNKNOWN
@@ -136,9 +136,11 @@ class Predictor:
         pre = self.trained.preprocessing
         transform = build_transform(train=False, mean=pre["mean"], std=pre["std"])
         images = ImageTableDataset(root, list(paths), None, pre["image_size"], transform, cache=False)
+        plan = plan_loading({**pre, "cache": False, "num_workers": pre.get("num_workers", "auto")}, len(images),
+                            torch.get_num_threads(), self.device)  # fmt: skip
         return DataLoader(
             _ImagesOrErrors(images), batch_size=self.batch_size, shuffle=False, collate_fn=_collate,
-            num_workers=pre.get("num_workers", 0), pin_memory=self.device.type == "cuda",
+            num_workers=plan.num_workers, pin_memory=self.device.type == "cuda",
         )
 
     @torch.inference_mode()

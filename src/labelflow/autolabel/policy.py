@@ -38,6 +38,7 @@ class RoundSettings:
     min_confidence: float  # calibrated confidence a pseudo-label needs
     max_new_per_class: float | None  # class-balance cap per round, times the class's human count
     neighbours: int  # nearest labelled images that must share the class (0: off)
+    reference_per_class: int  # earlier pseudo-labels per class the guard compares with (sampled)
     class_min_confidence: Mapping[str, float] = field(default_factory=dict)  # per-class overrides
 
     @classmethod
@@ -68,20 +69,45 @@ def remaining_candidates(raw: pd.DataFrame, dataset: pd.DataFrame) -> pd.DataFra
     return raw.loc[~has_human_label & ~taken, ["path"]].reset_index(drop=True)
 
 
+def nearest_references(references: np.ndarray, queries: np.ndarray, k: int, exact: bool = False) -> np.ndarray:
+    """Row numbers (n_queries, min(k, n_refs)) of each query's nearest references by cosine,
+    nearest first: an HNSW index (labelflow.index, built and queried in about n log n, so a
+    round's guard stays near-linear as the pile grows), or with ``exact`` brute force."""
+    from labelflow.index import build_index, query_index
+
+    k = min(k, len(references))
+    if exact:
+        from sklearn.neighbors import NearestNeighbors
+
+        return NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(references).kneighbors(queries)[1]
+    index = build_index(references, space="cosine", ef=max(64, 2 * k))
+    return query_index(index, queries, k)[0]
+
+
+def neighbour_recall(references: np.ndarray, queries: np.ndarray, k: int, sample: int = 1000, seed: int = 0) -> float:
+    """recall@k of :func:`nearest_references` against exact search on up to ``sample`` queries."""
+    if len(queries) == 0 or len(references) == 0:
+        return float("nan")
+    rows = np.random.default_rng(seed).permutation(len(queries))[:sample]
+    approximate = nearest_references(references, queries[rows], k)
+    exact = nearest_references(references, queries[rows], k, exact=True)
+    return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approximate, exact)]))
+
+
 def neighbours_agree(
     labelled_embeddings: np.ndarray,
     labelled_tags: Sequence[str],
     candidate_embeddings: np.ndarray,
     predicted_tags: Sequence[str],
     k: int,
+    exact: bool = False,
 ) -> np.ndarray:
     """Whether each candidate's nearest labelled images (cosine, in the round model's embedding
     space) all carry its predicted class: the ``min(k, n_c)`` nearest, where ``n_c`` is the
     number of labelled images of the predicted class, so a small class is not asked for more
     neighbours than it has. A second, non-parametric opinion next to the classifier head:
-    a confident head whose neighbourhood says otherwise is extrapolating."""
-    from sklearn.neighbors import NearestNeighbors
-
+    a confident head whose neighbourhood says otherwise is extrapolating. Approximate (HNSW) by
+    default; :func:`neighbour_recall` measures how close to exact search it is."""
     labelled_tags = np.asarray(labelled_tags, dtype=object)
     predicted_tags = np.asarray(predicted_tags, dtype=object)
     if len(candidate_embeddings) == 0:
@@ -91,10 +117,7 @@ def neighbours_agree(
     tags, class_counts = np.unique(labelled_tags, return_counts=True)
     per_class = dict(zip(tags, class_counts))
     needed = np.array([min(k, per_class.get(t, 0)) for t in predicted_tags])
-    # exact search: a round has a few thousand labelled images at most, and a guard should not
-    # depend on an approximate index's recall (labelflow.index's HNSW serves the big search index)
-    index = NearestNeighbors(n_neighbors=min(k, len(labelled_tags)), metric="cosine", algorithm="brute")
-    _, nearest = index.fit(labelled_embeddings).kneighbors(candidate_embeddings)
+    nearest = nearest_references(labelled_embeddings, candidate_embeddings, k, exact)
     same = labelled_tags[nearest] == predicted_tags[:, None]
     # all of the first `needed` neighbours share the class (a class nobody labelled: never)
     leading = np.cumprod(same, axis=1).sum(axis=1)

@@ -20,6 +20,7 @@ from labelflow.autolabel.policy import (
     ACCEPTED,
     REJECTIONS,
     RoundSettings,
+    neighbour_recall,
     neighbours_agree,
     remaining_candidates,
     round_status,
@@ -128,19 +129,30 @@ class RoundTables:
         held = self.roles == "calibration"
         return held if held.any() else self.roles != "train"
 
-    @property
-    def reference_rows(self) -> np.ndarray:
-        """The neighbour guard's references: human training rows and earlier pseudo-labels; never
-        validation rows, so validation labels do not decide which pseudo-labels train next."""
-        return self.roles == "train"
+    def reference_rows(self, per_class: int, seed: int) -> np.ndarray:
+        """The neighbour guard's references: the human training rows and, per class, up to
+        ``per_class`` earlier pseudo-labels (a seeded sample, so a round's work does not grow
+        with everything labelled before); never validation rows, so validation labels do not
+        decide which pseudo-labels train next."""
+        train = self.roles == "train"
+        pseudo = np.flatnonzero(train & (self.dataset["fold"] < 0).to_numpy())
+        rng = np.random.default_rng(seed)
+        keep = np.zeros(len(self.dataset), dtype=bool)
+        keep[train & (self.dataset["fold"] >= 0).to_numpy()] = True
+        tags = self.dataset["tag"].to_numpy()[pseudo]
+        for tag in np.unique(tags):
+            rows = pseudo[tags == tag]
+            keep[rng.permutation(rows)[:per_class]] = True
+        return keep
 
 
 def score_candidates(
     tables: RoundTables, inputs: RoundInputs, experiment: dict[str, Any], settings: RoundSettings,
     calibration_settings: CalibrationSettings, *, seed: int, batch_size: int, want_gpu: bool,
 ):
-    """Predict every labelled image (calibration and the neighbour guard need them) and every
-    candidate; calibrate on the held-out human rows. Returns (scored candidates, calibration)."""
+    """Predict the still-unlabelled candidates, the held-out human rows (calibration) and the
+    neighbour guard's references, nothing else; calibrate on the held-out rows. Returns
+    (scored candidates, calibration, guard report)."""
     from labelflow.calibration import calibrate, top_confidence
     from labelflow.device import select_device
     from labelflow.inference import predict
@@ -149,31 +161,36 @@ def score_candidates(
     from labelflow.models import load_model
 
     dataset, candidates = tables.dataset, tables.candidates
+    held = tables.calibration_rows
+    references = tables.reference_rows(settings.reference_per_class, seed) if settings.neighbours > 0 else held & False
+    labelled = held | references  # the labelled rows this round needs predicted, in table order
     device = select_device(want_gpu)
     model = load_model(inputs.checkpoint)
     activation = get_loss(model.spec.heads[0].loss).activation
-    paths = np.concatenate([dataset["path"].to_numpy(), candidates["path"].to_numpy()]).astype(str)
+    paths = np.concatenate([dataset["path"].to_numpy()[labelled], candidates["path"].to_numpy()]).astype(str)
     outputs = predict(model, eval_loader(inputs.root, paths, experiment["data"], batch_size=batch_size, device=device), device)
+    n = int(labelled.sum())
     logits = outputs["logits"].astype(np.float64)
-    held = tables.calibration_rows
     calibration = calibrate(
-        logits[: len(dataset)][held], dataset["class"].to_numpy()[held], activation,
+        logits[:n][held[labelled]], dataset["class"].to_numpy()[held], activation,
         min_temperature=calibration_settings.min_temperature, seed=seed,
     )
-    cand_logits = logits[len(dataset):]
+    cand_logits = logits[n:]
     _, raw_conf = top_confidence(cand_logits, 1.0, activation)
     predicted, conf = top_confidence(cand_logits, calibration.temperature, activation)
     scored = pd.DataFrame(
         {"path": candidates["path"], "tag": [tables.classes[i] for i in predicted], "confidence": conf, "uncalibrated": raw_conf}
     )
+    guard = {"references": int(references.sum())}
     if settings.neighbours > 0:
         embeddings = outputs["embeddings"]
-        references = tables.reference_rows
+        reference_embeddings = embeddings[:n][references[labelled]]
         scored["neighbours_agree"] = neighbours_agree(
-            embeddings[: len(dataset)][references], dataset["tag"].astype(str).to_numpy()[references],
-            embeddings[len(dataset):], scored["tag"], settings.neighbours,
+            reference_embeddings, dataset["tag"].astype(str).to_numpy()[references],
+            embeddings[n:], scored["tag"], settings.neighbours,
         )
-    return scored, calibration
+        guard["index_recall"] = neighbour_recall(reference_embeddings, embeddings[n:], settings.neighbours, seed=seed)
+    return scored, calibration, guard
 
 
 def class_counts(tables: RoundTables, decided: pd.DataFrame) -> pd.DataFrame:
@@ -214,7 +231,7 @@ def run_round(
     (:func:`~labelflow.autolabel.policy.neighbours_agree`).
     """
     tables = RoundTables.read(inputs, valid_folds, seed, calibration_settings.holdout)
-    scored, calibration = score_candidates(
+    scored, calibration, guard = score_candidates(
         tables, inputs, experiment, settings, calibration_settings, seed=seed, batch_size=batch_size, want_gpu=want_gpu
     )
     decided = select_pseudo_labels(scored, tables.human_counts, settings, labelled=tables.dataset["path"])
@@ -232,7 +249,7 @@ def run_round(
     counts = class_counts(tables, decided)
     n_candidates = len(tables.candidates)
     status = round_status(round_, len(accepted_table), n_candidates - len(accepted_table), last_round)
-    metrics = round_metrics(round_, tables, calibration, counts, accepted_table, settings)
+    metrics = {**round_metrics(round_, tables, calibration, counts, accepted_table, settings), "neighbour_guard": guard}
     write_csv_atomic(decided.sort_values("path"), outputs.predictions_csv)
     write_csv_atomic(accepted_table, outputs.accepted_csv)
     write_csv_atomic(counts, outputs.counts_csv)

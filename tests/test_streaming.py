@@ -1,0 +1,64 @@
+"""Memory bounded by design: inference streams its images; training caches them only when they
+fit the budget, filling the cache as it goes (the first batch comes at once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import labelflow.images as images
+from conftest import make_tiny_dataset
+from labelflow.loaders import ImageTableDataset, build_transform, eval_loader, make_loader, plan_loading
+
+DATA = {"image_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "cache": "auto", "num_workers": "auto"}
+
+
+def _table(root: Path):
+    paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    return paths, [int(p.split("/")[0][-2:]) for p in paths]
+
+
+def test_cache_auto_streams_over_a_tiny_budget_and_caches_under_a_big_one():
+    big = plan_loading(DATA, 1000, threads=2, memory=10 * 2**30)
+    assert big.cache and big.num_workers == 0 and "<=" in big.reason
+    small = plan_loading(DATA, 1000, threads=2, memory=2**20)  # 1000 x 16 x 16 x 3 = 768 kB > 256 kB
+    assert not small.cache and small.num_workers == 1 and ">" in small.reason
+    assert plan_loading({**DATA, "cache": True, "num_workers": 0}, 10**9, threads=4).cache  # forced
+    forced = plan_loading({**DATA, "cache": True, "num_workers": 2}, 10, threads=4)
+    assert not forced.cache and forced.num_workers == 2 and "worker" in forced.reason
+    assert plan_loading({**DATA, "cache": False}, 10, threads=8).num_workers == 4  # half the threads
+
+
+def test_cache_fills_lazily_during_the_first_epoch(tmp_path, monkeypatch):
+    root = make_tiny_dataset(tmp_path / "tiny", n_classes=2, per_class=6)
+    paths, targets = _table(root)
+    decoded = []
+    real = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda p: decoded.append(p) or real(p))
+    dataset = ImageTableDataset(root, paths, targets, 16, build_transform(train=False), cache=True)
+    assert decoded == []  # nothing decoded before the first batch
+    loader = make_loader(dataset, batch_size=4, shuffle=True, seed=0)
+    first = next(iter(loader))
+    assert len(first["index"]) == 4 and len(decoded) == 4
+    for _ in range(2):
+        for _batch in loader:
+            pass
+    assert sorted(map(str, decoded)) == sorted(str(root / p) for p in paths)  # each image once
+
+
+def test_inference_streams_one_batch_at_a_time(tmp_path, monkeypatch):
+    root = make_tiny_dataset(tmp_path / "tiny", n_classes=2, per_class=10)
+    paths, _ = _table(root)
+    decoded = []
+    real = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda p: decoded.append(p) or real(p))
+    loader = eval_loader(root, paths, {**DATA, "num_workers": 0}, batch_size=5, device=torch.device("cpu"))
+    assert loader.dataset.images is None  # no cache: memory does not grow with the set
+    seen = []
+    for batch in loader:
+        seen.append(len(decoded))  # decoded so far when each batch arrives
+        assert batch["image"].shape == (5, 3, 16, 16)
+    assert seen == [5, 10, 15, 20]  # one batch decoded per batch consumed, never the whole set ahead
+    assert np.isclose(len(decoded), len(paths))
