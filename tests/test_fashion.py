@@ -6,6 +6,8 @@ package files (with a small ``limit``) when they are installed.
 
 from __future__ import annotations
 
+import os
+
 import gzip
 import struct
 from pathlib import Path
@@ -258,7 +260,12 @@ def test_real_debian_files_when_installed(tmp_path: Path) -> None:
     try:
         found = find_source()
     except DatasetError:
-        pytest.skip(f"dataset-fashion-mnist not installed (no files in {DEBIAN_SOURCE_DIRS[0]})")
+        if os.environ.get("LABELFLOW_REQUIRE_FASHION") == "1":
+            pytest.fail(f"LABELFLOW_REQUIRE_FASHION=1 but no Fashion-MNIST files in {DEBIAN_SOURCE_DIRS[0]}")
+        pytest.skip(
+            f"dataset-fashion-mnist not installed (no files in {DEBIAN_SOURCE_DIRS[0]}): "
+            "apt-get install dataset-fashion-mnist"
+        )
     labels = read_idx(found.files["test"][1])
     assert labels.shape == (10000,)
     assert np.bincount(labels).tolist() == [1000] * 10
