@@ -70,7 +70,10 @@ class Comparison:
     name: str
     ours: Pass
     reference: Pass
-    repeats: int = 1  # passes per measurement, set in the warm-up round
+    ours_repeats: int = 1  # passes per measurement, set in the warm-up round
+    reference_repeats: int = 1
+    ours_label: str = "ours"
+    reference_label: str = "reference"
     ours_rates: list[float] = field(default_factory=list)  # items/s, one per timed round
     reference_rates: list[float] = field(default_factory=list)
 
@@ -107,38 +110,42 @@ def run_interleaved(
     progress: Callable[[str], None] | None = print,
 ) -> None:
     """One untimed warm-up round (caches, allocators, cudnn autotuning; it also sets each
-    comparison's ``repeats`` so a measurement lasts >= ``min_seconds``), then ``rounds`` timed
+    side's repeat count so one measurement lasts >= ``min_seconds``: a side 40x faster than
+    the other gets 40x the passes, not a 40x shorter measurement), then ``rounds`` timed
     rounds. In round r every comparison runs ours and the reference back to back, ours first
     when r is even. Fills ``ours_rates`` and ``reference_rates``."""
     for comparison in comparisons:
         _, ours_s = timed_rate(comparison.ours, 1, sync)
         _, reference_s = timed_rate(comparison.reference, 1, sync)
-        # the faster side sets the count, so both sides' measurements reach min_seconds
-        comparison.repeats = max(1, math.ceil(min_seconds / max(1e-9, min(ours_s, reference_s))))
+        comparison.ours_repeats = max(1, math.ceil(min_seconds / max(1e-9, ours_s)))
+        comparison.reference_repeats = max(1, math.ceil(min_seconds / max(1e-9, reference_s)))
     for round_ in range(rounds):
         for comparison in comparisons:
-            sides = [("ours", comparison.ours), ("reference", comparison.reference)]
-            for side, run_pass in sides if round_ % 2 == 0 else sides[::-1]:
-                rate, _ = timed_rate(run_pass, comparison.repeats, sync)
+            sides = [("ours", comparison.ours, comparison.ours_repeats),
+                     ("reference", comparison.reference, comparison.reference_repeats)]
+            for side, run_pass, repeats in sides if round_ % 2 == 0 else sides[::-1]:
+                rate, _ = timed_rate(run_pass, repeats, sync)
                 (comparison.ours_rates if side == "ours" else comparison.reference_rates).append(rate)
             if progress is not None:
                 progress(
-                    f"  round {round_ + 1}/{rounds} {comparison.name}: ours {comparison.ours_rates[-1]:.1f}/s, "
-                    f"reference {comparison.reference_rates[-1]:.1f}/s, ratio {comparison.ratios.rounds[-1]:.3f}"
-                    f"{'' if round_ % 2 == 0 else ' (reference first)'}"
+                    f"  round {round_ + 1}/{rounds} {comparison.name}: {comparison.ours_label} "
+                    f"{comparison.ours_rates[-1]:.1f}/s, {comparison.reference_label} {comparison.reference_rates[-1]:.1f}/s, "
+                    f"ratio {comparison.ratios.rounds[-1]:.3f}"
+                    f"{'' if round_ % 2 == 0 else f' ({comparison.reference_label} first)'}"
                 )
 
 
-def ratio_lines(comparison: Comparison, unit: str = "img/s") -> list[str]:
+def ratio_lines(comparison: Comparison, unit: str = "img/s", ratio_name: str = "ratio") -> list[str]:
     """The printed figures of one comparison: rates, every round's ratio and the spread."""
     ours, reference = Spread(tuple(comparison.ours_rates)), Spread(tuple(comparison.reference_rates))
     ratios = comparison.ratios
+    mine, theirs = comparison.ours_label, comparison.reference_label
     return [
-        f"{comparison.name}: ours {ours.median:.1f} {unit} (min {ours.min:.1f}, max {ours.max:.1f}), "
-        f"reference {reference.median:.1f} {unit} (min {reference.min:.1f}, max {reference.max:.1f}), "
-        f"{comparison.repeats} pass(es) per measurement",
-        f"{comparison.name} ratio per round: " + " ".join(f"{r:.3f}" for r in ratios.rounds),
-        f"{comparison.name} ratio: {ratios.summary()}",
+        f"{comparison.name}: {mine} {ours.median:.1f} {unit} (min {ours.min:.1f}, max {ours.max:.1f}), "
+        f"{theirs} {reference.median:.1f} {unit} (min {reference.min:.1f}, max {reference.max:.1f}); "
+        f"passes per measurement: {mine} {comparison.ours_repeats}, {theirs} {comparison.reference_repeats}",
+        f"{comparison.name} {ratio_name} per round: " + " ".join(f"{r:.3f}" for r in ratios.rounds),
+        f"{comparison.name} {ratio_name}: {ratios.summary()}",
     ]
 
 
