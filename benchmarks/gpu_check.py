@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py --out results/gpu_check        # on the GPU machine: about 6-8 min
     python benchmarks/gpu_check.py --device cpu --out /tmp/gc --sizes 32 --images 64 --batch 16 \\
-        --rounds 2 --min-seconds 0 --recipe short --recipe-images 150 --fashion-limit 200 --workers 1  # the pieces, on CPU
+        --rounds 2 --min-seconds 0 --recipe short --recipe-images 100 --fashion-limit 100 --workers 1  # the pieces, on CPU
 
 Installs nothing and needs no network. It writes --out/gpu_check.json (every figure) and
 --out/gpu_check.md (the tables, also printed), in four sections:
@@ -251,12 +251,14 @@ def recipe_experiment(length: str) -> dict[str, Any]:
 
 def write_run_tables(root: Path, table_dir: Path, limit: int, seed: int = 42) -> tuple[Path, Path]:
     """dataset.csv (path, tag, class, fold: 5 stratified folds) and tag2cls.json of a class-folder
-    set, as the workflow's tag2label and split rules write them; ``limit`` > 0 keeps a seeded subset."""
+    set, as the workflow's tag2label and split rules write them; ``limit`` > 0 keeps a seeded subset
+    of about ``limit`` images, the same number from each class (at least one per fold)."""
     table_dir.mkdir(parents=True, exist_ok=True)
     found = tag2label(root)
     dataset = found.dataset
     if 0 < limit < len(dataset):
-        dataset = dataset.sample(n=limit, random_state=0)
+        per_class = max(5, limit // dataset["tag"].nunique())
+        dataset = dataset.sample(frac=1.0, random_state=0).groupby("tag").head(per_class)
     dataset_csv, tag2cls_json = table_dir / "dataset.csv", table_dir / "tag2cls.json"
     write_csv_atomic(split(dataset, found.tag2cls, n_folds=5, seed=seed), dataset_csv)
     write_json_atomic(found.tag2cls, tag2cls_json)
