@@ -96,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256, help="batch for training and inference (default 256)")
     p.add_argument("--images", type=int, default=1797, help="images per epoch; digits repeat past 1,797 (default 1797)")
     p.add_argument("--workers", type=int, default=min(8, len(os.sched_getaffinity(0))),
-                   help="also time our training with this many loader processes (data.num_workers); 0 skips (default min(8, cores))")
+                   help="also time our training with this many loader processes (data.num_workers); "
+                        "0 skips (default min(8, cores))")
     p.add_argument("--rounds", type=int, default=7, help="timed interleaved rounds (default 7)")
     p.add_argument("--min-seconds", type=float, default=1.0, help="shortest measurement, in s (default 1.0)")
     p.add_argument("--recipe", choices=("full", "short"), default="full", help="digits softmax recipe length (default full)")
@@ -118,7 +119,8 @@ def device_report(device: torch.device) -> dict[str, Any]:
                               "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        report |= {"name": torch.cuda.get_device_name(device), "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
+        capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        report |= {"name": torch.cuda.get_device_name(device), "capability": capability,
                    "memory_gib": round(props.total_memory / 2**30, 1), "multiprocessors": props.multi_processor_count,
                    "bf16_supported": torch.cuda.is_bf16_supported()}
     return report
@@ -146,6 +148,10 @@ def fast_paths_off() -> Iterator[None]:
         return model.to(device)
 
     replacements = {"autocast": autocast_off, "images_for": images_as_they_are, "place_model": place_only}
+    for module in (labelflow.training, labelflow.inference):
+        if not hasattr(module, "autocast") or not hasattr(module, "images_for"):
+            raise RuntimeError(f"{module.__name__} no longer imports autocast and images_for by name; "
+                               "update gpu_check.fast_paths_off so the fp32 rows really are float32")
     with ExitStack() as stack:
         for module in (labelflow.device, labelflow.training, labelflow.inference, digits_loops):
             for name, replacement in replacements.items():
@@ -159,9 +165,14 @@ def observe_inputs(model: torch.nn.Module, device: torch.device, seen: set[str])
     """Record, for every forward, whether autocast was on and the input was channels_last."""
 
     def hook(module: torch.nn.Module, args: tuple) -> None:
-        autocast_on = torch.is_autocast_enabled(device.type)
-        layout = "channels_last" if args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous() else "contiguous"
-        seen.add(f"{'bf16 autocast' if autocast_on else 'no autocast'}, {layout}")
+        if torch.is_autocast_enabled(device.type):
+            autocast = f"{str(torch.get_autocast_dtype(device.type)).removeprefix('torch.')} autocast"
+        else:
+            autocast = "no autocast"
+        images = args[0]
+        # degenerate shapes (1 channel, 1x1 pixels) pass both layout tests; call those contiguous
+        channels_last = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+        seen.add(f"{autocast}, {'channels_last' if channels_last else 'contiguous'}")
 
     handle = model.register_forward_pre_hook(hook)
     try:
@@ -350,7 +361,8 @@ def memory_cell(memory: dict[str, Any]) -> str:
 
 
 def throughput_markdown(results: dict[str, Any]) -> list[str]:
-    lines = ["| size, mode | loop | ours img/s | reference img/s | ratio: median [min, max] | peak GiB ours / reference | model saw (ours; reference) |",
+    lines = ["| size, mode | loop | ours img/s | reference img/s | ratio: median [min, max] | peak GiB ours / reference "
+             "| model saw (ours; reference) |",
              "|---|---|---|---|---|---|---|"]
     for name, row in results.items():
         seen = f"{', '.join(row['seen']['ours'])}; {', '.join(row['seen']['reference'])}"
@@ -395,7 +407,8 @@ def markdown(report: dict[str, Any]) -> str:
     device = report["device"]
     lines = ["# gpu_check", "", f"Device: {device.get('name', device['device'])}"
              + (f", capability {device['capability']}, {device['memory_gib']} GiB" if "capability" in device else "")
-             + f"; torch {device['torch']}, CUDA {device['cuda']}, cuDNN {device['cudnn']}; CPU threads {device['torch_threads']}", ""]
+             + f"; torch {device['torch']}, CUDA {device['cuda']}, cuDNN {device['cudnn']}; "
+             f"CPU threads {device['torch_threads']}", ""]
     if "message" in report:
         lines += [report["message"], ""]
     if "throughput" in report:

@@ -158,7 +158,8 @@ def instrument_training(bench: Bench, clock: PhaseClock) -> Iterator[None]:
                                      (ours.scheduler, "step", "scheduler_step")):
             stack.enter_context(mock.patch.object(target, method, clock.wrap(name, getattr(target, method))))
         for method in ("update", "result"):
-            stack.enter_context(mock.patch.object(HeadMetrics, method, clock.wrap(f"metrics_{method}", getattr(HeadMetrics, method))))
+            timed = clock.wrap(f"metrics_{method}", getattr(HeadMetrics, method))
+            stack.enter_context(mock.patch.object(HeadMetrics, method, timed))
         yield
 
 
@@ -311,7 +312,8 @@ def phase_table(kind: str, ours: dict[str, list[float]], reference: dict[str, li
     beyond the reference in % of the reference's epoch (the rows sum to the whole gap)."""
     ours_epoch, reference_epoch = median(ours["epoch"]), median(reference["epoch"])
     lines = [
-        f"| {kind} phase | ours s/epoch | % of ours | reference s/epoch | % of reference | ours - reference, % of reference epoch |",
+        f"| {kind} phase | ours s/epoch | % of ours | reference s/epoch | % of reference "
+        "| ours - reference, % of reference epoch |",
         "|---|---|---|---|---|---|",
     ]
     for phase in (*phases, "other"):

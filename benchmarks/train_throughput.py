@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{100 * ours_train / data_rate:.1f}% of an epoch of ours (train_phases.py breaks the epoch down)")
     if args.json:
         figures = {k: v for c in comparisons for k, v in c.figures().items()}
-        figures["data_loading"] = {"unit": "img/s", "rounds": [data_rate], "min": data_rate, "median": data_rate, "max": data_rate}
+        figures["data_loading"] = Spread((data_rate,)).as_dict("img/s")
         write_json(args.json, "train_throughput", vars(args) | {"image_size": bench.data_cfg["image_size"],
                    "batch_size": bench.batch_size, "torch": torch.__version__}, figures, machine)
         print(f"figures written to {args.json}")

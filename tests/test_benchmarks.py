@@ -69,6 +69,33 @@ def test_spread_summary():
     assert spread.as_dict("x") == {"unit": "x", "rounds": [1.0, 3.0, 2.0], "min": 1.0, "median": 2.0, "max": 3.0}
 
 
+def test_fast_paths_off_reaches_every_module_and_observe_inputs_sees_it():
+    import torch
+
+    import labelflow.device
+    import labelflow.inference
+    import labelflow.training
+    from gpu_check import fast_paths_off, observe_inputs
+
+    cuda, images = torch.device("cuda"), torch.zeros(2, 3, 4, 4)
+    modules = (labelflow.device, labelflow.training, labelflow.inference)
+    originals = [(m.autocast, m.images_for) for m in modules]
+    assert labelflow.training.images_for(images, cuda).is_contiguous(memory_format=torch.channels_last)
+    with fast_paths_off():
+        for module in modules:
+            assert module.images_for(images, cuda) is images
+            assert module.autocast.__name__ == "autocast_off"
+        assert labelflow.training.place_model.__name__ == "place_only"
+    assert [(m.autocast, m.images_for) for m in modules] == originals
+
+    model, seen = torch.nn.Conv2d(3, 1, 1), set()
+    with observe_inputs(model, torch.device("cpu"), seen):
+        model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(images.contiguous(memory_format=torch.channels_last))
+    assert seen == {"no autocast, contiguous", "bfloat16 autocast, channels_last"}
+
+
 # --------------------------------------------------------------------------- compare_runs.py
 
 
