@@ -3,7 +3,7 @@ spread. No timing is asserted (these machines are shared); the shape of the figu
 every round has a positive ratio, min <= median <= max, and the round count is the one asked.
 
 The throughput smoke tests pass --threads 1: on a loaded 2-core machine two OpenMP threads
-that wait for each other made a tiny epoch about 10x slower than one thread.
+that wait for each other made a tiny epoch more than 10x slower than one thread.
 """
 
 from __future__ import annotations
