@@ -56,30 +56,31 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     settings = LoopSettings(experiment=args.experiment, batch_size=args.batch_size, infer_batch_size=args.infer_batch_size)
+    # the images stay on disk while the loops run: a dataset may read them lazily
     with tempfile.TemporaryDirectory() as tmp:
         bench = build_bench(DigitsImages.write(tmp, args.images), settings, device)
-    print(f"machine: {machine['cpus_usable']} usable cpus, load average {machine.get('load_average_1min', float('nan')):.2f}, "
-          f"torch threads {args.threads}, torch {torch.__version__}")
-    print(f"recipe: {args.experiment}, {bench.data_cfg['image_size']} px, batch {bench.batch_size}, {args.images} images, "
-          f"{args.rounds} interleaved rounds after a warm-up round")
-    if warning := load_warning(machine):
-        print(warning)
-    comparisons = bench.comparisons()
-    run_interleaved(comparisons, args.rounds, min_seconds=args.min_seconds)
-    for comparison in comparisons:
-        for line in ratio_lines(comparison):
-            print(line)
-    # where our extra time goes: data (decode cache, augmentation, collation) vs compute
-    data_rate = data_only_rate(bench.ours.train_loader)
-    ours_train = Spread(tuple(comparisons[0].ours_rates)).median
-    print(f"data loading alone (augment + collate, no model): {data_rate:.1f} img/s, "
-          f"{100 * ours_train / data_rate:.1f}% of an epoch of ours (train_phases.py breaks the epoch down)")
-    if args.json:
-        figures = {k: v for c in comparisons for k, v in c.figures().items()}
-        figures["data_loading"] = Spread((data_rate,)).as_dict("img/s")
-        write_json(args.json, "train_throughput", vars(args) | {"image_size": bench.data_cfg["image_size"],
-                   "batch_size": bench.batch_size, "torch": torch.__version__}, figures, machine)
-        print(f"figures written to {args.json}")
+        print(f"machine: {machine['cpus_usable']} usable cpus, load average {machine.get('load_average_1min', float('nan')):.2f}, "
+              f"torch threads {args.threads}, torch {torch.__version__}")
+        print(f"recipe: {args.experiment}, {bench.data_cfg['image_size']} px, batch {bench.batch_size}, {args.images} images, "
+              f"{args.rounds} interleaved rounds after a warm-up round")
+        if warning := load_warning(machine):
+            print(warning)
+        comparisons = bench.comparisons()
+        run_interleaved(comparisons, args.rounds, min_seconds=args.min_seconds)
+        for comparison in comparisons:
+            for line in ratio_lines(comparison):
+                print(line)
+        # where our extra time goes: data (decode cache, augmentation, collation) vs compute
+        data_rate = data_only_rate(bench.ours.train_loader)
+        ours_train = Spread(tuple(comparisons[0].ours_rates)).median
+        print(f"data loading alone (augment + collate, no model): {data_rate:.1f} img/s, "
+              f"{100 * ours_train / data_rate:.1f}% of an epoch of ours (train_phases.py breaks the epoch down)")
+        if args.json:
+            figures = {k: v for c in comparisons for k, v in c.figures().items()}
+            figures["data_loading"] = Spread((data_rate,)).as_dict("img/s")
+            write_json(args.json, "train_throughput", vars(args) | {"image_size": bench.data_cfg["image_size"],
+                       "batch_size": bench.batch_size, "torch": torch.__version__}, figures, machine)
+            print(f"figures written to {args.json}")
     return 0
 
 
