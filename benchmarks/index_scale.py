@@ -6,6 +6,7 @@ held-out queries with the index and with exact brute force in numpy, measured in
     python benchmarks/index_scale.py                       # 10k and 100k, defaults below
     python benchmarks/index_scale.py --sizes 2000 --queries 100   # a smoke test, seconds
     python benchmarks/index_scale.py --data gaussian --ef 400     # the structure-free worst case
+    python benchmarks/index_scale.py --json a.json                # then compare_runs.py a.json b.json
 
 Queries/s is measured two ways, the same for both methods:
   single: one query per call, as a search service or `labelflow query` answers them (latency-bound);
@@ -15,6 +16,20 @@ Both methods use the same number of threads (--threads, default 1; numpy's BLAS 
 threadpoolctl), so the speed-up is per core, not a thread-count artefact.
 
 recall@10 = mean over queries of |index top-10 ∩ exact top-10| / 10 (the usual ANN recall).
+
+Speed-ups with their spread (benchmarks/spread.py): after one untimed warm-up round, --rounds
+rounds each time hnswlib and brute force back to back on the same queries (hnswlib first in
+even rounds, brute force first in odd ones); a measurement repeats the query pass until it lasts
+at least --min-seconds. Each round gives one speed-up (hnsw q/s / brute-force q/s); the script
+prints every round's speed-up and their min / median / max, and --json OUT writes them for
+compare_runs.py. What varies between two runs of the same command:
+  * the machine: CPU frequency (turbo, thermal state), other processes on the cores and on the
+    memory bus, where the arrays land in memory; this moved the 100k single-query speed-up
+    from 12x to 24x between two runs on a loaded 2-core machine;
+  * the graph, only with --threads > 1: hnswlib inserts in parallel, so insertion order, graph,
+    recall and speed change from run to run; with one thread and a fixed --seed the graph,
+    recall and the results are the same in every run (only the timings vary);
+  * the build time, measured once per size (no repeats: it is seconds to minutes).
 
 Data (--data):
   clustered (default): --clusters Gaussian blobs in a --intrinsic-dim latent space, mapped linearly
@@ -29,10 +44,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 
 import hnswlib
 import numpy as np
 from threadpoolctl import threadpool_limits
+
+from spread import Comparison, Spread, load_warning, machine_info, ratio_lines, run_interleaved, write_json
 
 SPACES = ("cosine", "l2", "ip")
 
@@ -55,7 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="threads for both methods (default 1)")
     p.add_argument("--batch", type=int, default=256, help="queries per numpy matrix product in batch mode")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=7, help="timed interleaved rounds of query passes (default 7)")
+    p.add_argument("--min-seconds", type=float, default=1.0,
+                   help="repeat a query pass until one measurement lasts this long (default 1.0)")
+    p.add_argument("--json", metavar="OUT", help="also write the figures as JSON (for compare_runs.py)")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if min(args.sizes) <= args.k:
         p.error(f"every size must exceed --k={args.k}")
     return args
@@ -101,25 +125,21 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=-1)
 
 
-def brute_force(queries, data, space, k, batch, single):
+def brute_force(queries: np.ndarray, data: np.ndarray, space: str, k: int, batch: int, single: bool) -> np.ndarray:
+    """Exact top-k ids: one query per call (single) or one matrix product per block of queries."""
     data_sq = np.einsum("ij,ij->i", data, data) if space == "l2" else None
-    started = time.perf_counter()
     if single:
-        ids = np.stack([top_k(exact_scores(q[None], data, data_sq, space), k)[0] for q in queries])
-    else:
-        ids = np.concatenate(
-            [top_k(exact_scores(queries[i : i + batch], data, data_sq, space), k) for i in range(0, len(queries), batch)]
-        )
-    return ids, time.perf_counter() - started
+        return np.stack([top_k(exact_scores(q[None], data, data_sq, space), k)[0] for q in queries])
+    return np.concatenate(
+        [top_k(exact_scores(queries[i : i + batch], data, data_sq, space), k) for i in range(0, len(queries), batch)]
+    )
 
 
-def hnsw_query(index, queries, k, threads, single):
-    started = time.perf_counter()
+def hnsw_query(index: hnswlib.Index, queries: np.ndarray, k: int, threads: int, single: bool) -> np.ndarray:
+    """hnswlib top-k ids: one knn_query per query (single, one thread) or one for the block."""
     if single:
-        ids = np.concatenate([index.knn_query(q[None], k=k, num_threads=1)[0] for q in queries])
-    else:
-        ids = index.knn_query(queries, k=k, num_threads=threads)[0]
-    return ids.astype(np.int64), time.perf_counter() - started
+        return np.concatenate([index.knn_query(q[None], k=k, num_threads=1)[0] for q in queries]).astype(np.int64)
+    return index.knn_query(queries, k=k, num_threads=threads)[0].astype(np.int64)
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -127,41 +147,90 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)]))
 
 
-def run_size(n: int, args: argparse.Namespace) -> dict[str, float]:
+def query_pass(search, *search_args, count: int, **search_kwargs):
+    """A timed pass for spread.run_interleaved: answer every query, return how many."""
+
+    def run_pass() -> int:
+        search(*search_args, **search_kwargs)
+        return count
+
+    return run_pass
+
+
+def build_index(data: np.ndarray, args: argparse.Namespace) -> tuple[hnswlib.Index, float]:
+    started = time.perf_counter()
+    index = hnswlib.Index(space=args.space, dim=args.dim)
+    index.init_index(max_elements=len(data), ef_construction=args.ef_construction, M=args.M, random_seed=args.seed)
+    index.add_items(data, np.arange(len(data)), num_threads=args.threads)
+    build_s = time.perf_counter() - started
+    index.set_ef(max(args.ef, args.k))
+    return index, build_s
+
+
+def run_size(n: int, args: argparse.Namespace) -> dict:
+    """Build, check recall once, then time both methods in interleaved rounds (single, batch)."""
     rng = np.random.default_rng([args.seed, n])
     synthetic = Synthetic(args, rng)
     data = synthetic(n)
     queries = synthetic(args.queries)  # same distribution, not in the index
-
-    started = time.perf_counter()
-    index = hnswlib.Index(space=args.space, dim=args.dim)
-    index.init_index(max_elements=n, ef_construction=args.ef_construction, M=args.M, random_seed=args.seed)
-    index.add_items(data, np.arange(n), num_threads=args.threads)
-    build_s = time.perf_counter() - started
-    index.set_ef(max(args.ef, args.k))
-
+    index, build_s = build_index(data, args)
     exact_data, exact_queries = prepare(data, args.space), prepare(queries, args.space)
-    truth, brute_batch_s = brute_force(exact_queries, exact_data, args.space, args.k, args.batch, single=False)
-    single_truth, brute_single_s = brute_force(exact_queries, exact_data, args.space, args.k, args.batch, single=True)
-    found_single, hnsw_single_s = hnsw_query(index, queries, args.k, args.threads, single=True)
-    found_batch, hnsw_batch_s = hnsw_query(index, queries, args.k, args.threads, single=False)
+    exact = partial(brute_force, exact_queries, exact_data, args.space, args.k, args.batch)
+    search = partial(hnsw_query, index, queries, args.k, args.threads)
+    truth = exact(single=False)
     q = len(queries)
+    comparisons = [
+        Comparison(mode, query_pass(search, count=q, single=mode == "single"),
+                   query_pass(exact, count=q, single=mode == "single"), ours_label="hnsw", reference_label="brute force")
+        for mode in ("single", "batch")
+    ]
+    run_interleaved(comparisons, args.rounds, min_seconds=args.min_seconds)
     return {
         "n": n,
         "build_s": build_s,
-        "hnsw_qps_single": q / hnsw_single_s,
-        "brute_qps_single": q / brute_single_s,
-        "hnsw_qps_batch": q / hnsw_batch_s,
-        "brute_qps_batch": q / brute_batch_s,
-        "recall": recall(found_single, truth),
-        "recall_batch": recall(found_batch, truth),
+        "comparisons": {c.name: c for c in comparisons},
+        "recall": recall(search(single=True), truth),
+        "recall_batch": recall(search(single=False), truth),
         # the two exact searches agree (up to ties), a check on the reference itself
-        "exact_agreement": recall(single_truth, truth),
+        "exact_agreement": recall(exact(single=True), truth),
     }
+
+
+def size_figures(row: dict) -> dict:
+    """The JSON figures of one size (spread.write_json's layout)."""
+    n, figures = row["n"], {}
+    for mode, comparison in row["comparisons"].items():
+        figures[f"n{n}_{mode}_speedup"] = comparison.ratios.as_dict("hnsw/brute force")
+        figures[f"n{n}_{mode}_hnsw_qps"] = Spread(tuple(comparison.ours_rates)).as_dict("queries/s")
+        figures[f"n{n}_{mode}_brute_qps"] = Spread(tuple(comparison.reference_rates)).as_dict("queries/s")
+    for name, unit in (("build_s", "s"), ("recall", "recall@k"), ("exact_agreement", "recall@k")):
+        value = row[name]
+        figures[f"n{n}_{name}"] = {"unit": unit, "rounds": [value], "min": value, "median": value, "max": value}
+    return figures
+
+
+def print_table(rows: list[dict], k: int) -> None:
+    header = (
+        f"| vectors | build s | hnsw q/s (single) | numpy q/s (single) | speed-up: median [min, max] | "
+        f"hnsw q/s (batch) | numpy q/s (batch) | speed-up: median [min, max] | recall@{k} |"
+    )
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for r in rows:
+        cells = []
+        for mode in ("single", "batch"):
+            c = r["comparisons"][mode]
+            ratio = c.ratios
+            cells.append(
+                f"{Spread(tuple(c.ours_rates)).median:,.0f} | {Spread(tuple(c.reference_rates)).median:,.0f} | "
+                f"{ratio.median:.1f}x [{ratio.min:.1f}, {ratio.max:.1f}]"
+            )
+        print(f"| {r['n']:,} | {r['build_s']:.1f} | {cells[0]} | {cells[1]} | {r['recall']:.4f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    machine = machine_info()
     print(
         f"data {args.data}"
         + (
@@ -170,36 +239,29 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
         + f" | dim {args.dim} | space {args.space} | M {args.M} | ef_construction {args.ef_construction}"
-        f" | ef {args.ef} | k {args.k} | {args.queries} queries | threads {args.threads}",
+        f" | ef {args.ef} | k {args.k} | {args.queries} queries | threads {args.threads}"
+        f" | {args.rounds} interleaved rounds, >= {args.min_seconds:g} s per measurement",
         flush=True,
     )
+    if warning := load_warning(machine):
+        print(warning)
     rows = []
     with threadpool_limits(limits=args.threads):
         for n in args.sizes:
+            print(f"n={n}:", flush=True)
             row = run_size(n, args)
             rows.append(row)
-            print(
-                f"n={n}: build {row['build_s']:.2f} s ({n / row['build_s']:.0f} vectors/s) | "
-                f"single: hnsw {row['hnsw_qps_single']:.0f} q/s, brute force {row['brute_qps_single']:.0f} q/s, "
-                f"speed-up {row['hnsw_qps_single'] / row['brute_qps_single']:.1f}x | "
-                f"batch: hnsw {row['hnsw_qps_batch']:.0f} q/s, brute force {row['brute_qps_batch']:.0f} q/s, "
-                f"speed-up {row['hnsw_qps_batch'] / row['brute_qps_batch']:.1f}x | "
-                f"recall@{args.k}={row['recall']:.4f}",
-                flush=True,
-            )
+            print(f"n={n}: build {row['build_s']:.2f} s ({n / row['build_s']:.0f} vectors/s), "
+                  f"recall@{args.k}={row['recall']:.4f} (batch {row['recall_batch']:.4f})")
+            for comparison in row["comparisons"].values():
+                for line in ratio_lines(comparison, unit="q/s", ratio_name="speed-up"):
+                    print(f"n={n} {line}", flush=True)
     print()
-    header = (
-        f"| vectors | build s | hnsw q/s (single) | numpy q/s (single) | speed-up | "
-        f"hnsw q/s (batch) | numpy q/s (batch) | speed-up | recall@{args.k} |"
-    )
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    for r in rows:
-        print(
-            f"| {r['n']:,} | {r['build_s']:.1f} | {r['hnsw_qps_single']:,.0f} | {r['brute_qps_single']:,.0f} | "
-            f"{r['hnsw_qps_single'] / r['brute_qps_single']:.1f}x | {r['hnsw_qps_batch']:,.0f} | "
-            f"{r['brute_qps_batch']:,.0f} | {r['hnsw_qps_batch'] / r['brute_qps_batch']:.1f}x | {r['recall']:.4f} |"
-        )
+    print_table(rows, args.k)
+    if args.json:
+        figures = {name: value for row in rows for name, value in size_figures(row).items()}
+        write_json(args.json, "index_scale", vars(args), figures, machine)
+        print(f"figures written to {args.json}")
     return 0
 
 
