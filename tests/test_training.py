@@ -188,6 +188,7 @@ def _run(
     name: str = "run",
     min_steps: int = 0,
     tiny_encoder: bool = False,
+    state_every_seconds: float = 0.0,
 ) -> dict:
     root, paths, targets, train, valid = tiny_table
     torch.manual_seed(SEED)
@@ -213,6 +214,7 @@ def _run(
         state_dir=tmp / name / "state",
         device=torch.device("cpu"),
         seed=SEED,
+        state_every_seconds=state_every_seconds,
         stage_fingerprint=fp or FP,
     )
 
@@ -494,6 +496,30 @@ def test_each_epoch_saves_its_state_before_its_checkpoints(tiny_table, tmp_path,
         ("state", 3), ("checkpoints", 3),  # 0.6: not the best, but it pushes epoch 1 out of the top 2
         ("last.pt", 3),
     ]
+
+
+def test_state_is_saved_for_checkpoint_epochs_and_the_last_and_otherwise_at_most_every_interval(
+    tiny_table, tmp_path, monkeypatch
+):
+    _script_epochs(monkeypatch, (0.7, 0.5, 0.4, 0.45, 0.3))
+    saved = []
+    real_state = training.save_state
+    monkeypatch.setattr(training, "save_state", lambda path, fp, end: (real_state(path, fp, end), saved.append(end.epoch)))
+    throttled = _srun(tiny_table, tmp_path, epochs=5, top_k=0, state_every_seconds=3600)
+    assert saved == [1, 5]  # epoch 1 writes best.pt; 2-4 write nothing; 5 is the last
+    saved.clear()
+    every = _srun(tiny_table, tmp_path, epochs=5, top_k=0, name="every")
+    assert saved == [1, 2, 3, 4, 5]
+    assert _epochs_without_seconds(throttled) == _epochs_without_seconds(every)
+
+    # killed in epoch 4 with the state at epoch 1: the rerun replays 2-4 and ends the same
+    _script_epochs(monkeypatch, (0.7, 0.5, 0.4, 0.45, 0.3), kill_at=4)
+    with pytest.raises(Kill):
+        _srun(tiny_table, tmp_path, epochs=5, top_k=0, name="killed", state_every_seconds=3600)
+    assert torch.load(tmp_path / "killed" / "state" / "state.pt", weights_only=True)["epoch"] == 1
+    _script_epochs(monkeypatch, (0.7, 0.5, 0.4, 0.45, 0.3))
+    resumed = _srun(tiny_table, tmp_path, epochs=5, top_k=0, name="killed", state_every_seconds=3600)
+    assert _epochs_without_seconds(resumed) == _epochs_without_seconds(every)
 
 
 def _kill_at_best_pt(monkeypatch, epoch):

@@ -56,6 +56,7 @@ def write_tiny_config(workdir: Path, dataset: Path, experiments: dict[str, dict]
         "experiments_dir": str(exp_dir),
         "n_folds": 3,
         "test_fraction": 0.0,  # tests that need a test split set it themselves
+        "training": {"state_every_seconds": 0},  # the resume tests look at every epoch's state
         "gpu": 0,
         "threads": 1,
         "index": {"n_components": 8, "ks": [1, 3, 5, 10]},

@@ -232,7 +232,10 @@ def read_lr_suggestion(path: PathLike) -> float:
     return float(suggestion["suggestions"][suggestion["used"]])
 
 
-def train_stage(setup: StageSetup, *, out_dir: PathLike, state_dir: PathLike, lr_json: PathLike | None = None) -> dict[str, Any]:
+def train_stage(
+    setup: StageSetup, *, out_dir: PathLike, state_dir: PathLike, lr_json: PathLike | None = None,
+    state_every_seconds: float = 0.0,
+) -> dict[str, Any]:
     """Train one stage of a run; a later stage starts from the previous stage's best weights.
     With ``lr_json`` (stage ``lr: auto``) the LR finder's suggestion is the learning rate."""
     lr = None
@@ -243,7 +246,7 @@ def train_stage(setup: StageSetup, *, out_dir: PathLike, state_dir: PathLike, lr
     return run_stage(
         prepared.model, prepared.loaders, prepared.stage_spec,
         out_dir=out_dir, state_dir=state_dir, device=prepared.device, seed=setup.seed,
-        stage_fingerprint=prepared.fingerprint,
+        stage_fingerprint=prepared.fingerprint, state_every_seconds=state_every_seconds,
     )
 
 

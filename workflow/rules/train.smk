@@ -27,6 +27,7 @@ rule train_stage:
         out_dir=subpath(output.best, parent=True),
         # resumable training state; not an output, so a failed job keeps it
         state_dir="results/{run}/state/{stage}",
+        state_every_seconds=config["training"]["state_every_seconds"],
     script:
         "../scripts/train_stage.py"
 

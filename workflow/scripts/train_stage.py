@@ -7,4 +7,5 @@ train_stage(
     out_dir=snakemake.params.out_dir,
     state_dir=snakemake.params.state_dir,
     lr_json=snakemake.input.get("lr_json"),
+    state_every_seconds=snakemake.params.state_every_seconds,
 )
