@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import io
-import json
 import os
 import shutil
 import subprocess

@@ -77,37 +77,45 @@ def per_class_f1(targets: np.ndarray, predicted: np.ndarray, num_classes: int) -
 class HeadMetrics:
     """Loss sums over one pass and every head's logits/targets, for metrics at the end.
 
-    A head whose target is not in the batch (e.g. `rotation` on upright images) is skipped.
+    Everything stays where the model put it (on the GPU during CUDA training) until a figure is
+    read: converting a loss to a Python float every step would make the CPU wait for the GPU
+    every step. A head whose target is not in the batch (e.g. `rotation` on upright images) is
+    skipped.
     """
 
     def __init__(self, heads):
         self.heads = heads
         self.count = 0
-        self.loss = 0.0
-        self.head_loss = {h.name: 0.0 for h in heads}
         self.head_count = {h.name: 0 for h in heads}
+        self._loss: list[torch.Tensor] = []
+        self._head_loss: dict[str, list[torch.Tensor]] = {h.name: [] for h in heads}
         self.logits: dict[str, list[torch.Tensor]] = {h.name: [] for h in heads}
         self.targets: dict[str, list[torch.Tensor]] = {h.name: [] for h in heads}
 
     def update(self, outputs, batch, losses: dict[str, torch.Tensor], total: torch.Tensor) -> None:
         n = len(batch["index"])
         self.count += n
-        self.loss += float(total) * n
+        self._loss.append(total.detach().double() * n)
         for name, loss in losses.items():
-            self.head_loss[name] += float(loss) * n
+            self._head_loss[name].append(loss.detach().double() * n)
             self.head_count[name] += n
-            self.logits[name].append(outputs[name].detach().float().cpu())
-            self.targets[name].append(batch[name].detach().cpu())
+            self.logits[name].append(outputs[name].detach().float())
+            self.targets[name].append(batch[name].detach())
+
+    @property
+    def loss(self) -> float:
+        """Sum of the batch losses times their sizes (one wait for the device, when read)."""
+        return _sum(self._loss)
 
     def result(self) -> dict[str, float]:
         out = {"loss": self.loss / max(1, self.count)}
         for head in self.heads:
             if not self.head_count[head.name]:
                 continue
-            out[f"{head.name}_loss"] = self.head_loss[head.name] / self.head_count[head.name]
+            out[f"{head.name}_loss"] = _sum(self._head_loss[head.name]) / self.head_count[head.name]
             values = head_metrics(
-                torch.cat(self.logits[head.name]).numpy(),
-                torch.cat(self.targets[head.name]).numpy(),
+                torch.cat(self.logits[head.name]).cpu().numpy(),
+                torch.cat(self.targets[head.name]).cpu().numpy(),
                 get_loss(head.loss).activation,
                 head.decision_threshold,
             )
@@ -116,3 +124,7 @@ class HeadMetrics:
         if f"{main}_accuracy" in out:
             out["accuracy"] = out[f"{main}_accuracy"]
         return out
+
+
+def _sum(values: list[torch.Tensor]) -> float:
+    return float(torch.stack(values).sum()) if values else 0.0
