@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from labelflow.manifest import _labelflow_imports
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "labelflow"
 MAX_FUNCTION_LINES = 60
 # A function may be longer when it says why in a comment line starting with this.
@@ -20,14 +22,7 @@ def _module_name(path: Path) -> str:
 
 def _imports(path: Path) -> set[str]:
     """labelflow modules imported anywhere in the file, function-local imports included."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("labelflow"):
-            found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names}
-        elif isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.startswith("labelflow")}
-    return found
+    return _labelflow_imports(ast.parse(path.read_text(encoding="utf-8")))
 
 
 def import_graph() -> dict[str, set[str]]:

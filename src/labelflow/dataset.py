@@ -606,3 +606,26 @@ def read_head_predictions(path: PathLike) -> pd.DataFrame:
     table = pd.read_csv(path, dtype={"path": str, "head": str, "true": np.int64, "predicted": np.int64}, keep_default_na=False)
     require_columns(table, ["path", "head", "true", "predicted"], f"head predictions table {path}")
     return table
+
+
+IMAGE_LIST_LABELS = ("label", "labels", "tag")  # the first one an image list has gives the labels
+
+
+def read_image_list(csv_path: PathLike, require_labels: bool = False) -> pd.DataFrame:
+    """A CSV of images: ``path`` and, from its first column of label/labels/tag, ``label`` (""
+    when it has none). The one reader of the image lists users give to embed, predict and
+    evaluate. Empty paths are an error naming the lines; with ``require_labels`` so are a
+    missing label column and empty labels."""
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DatasetError(f"image table {csv_path} is not a readable CSV ({err})") from err
+    column = next((c for c in IMAGE_LIST_LABELS if c in table.columns), None)
+    if "path" not in table.columns or (require_labels and column is None):
+        wanted = "path,label" if require_labels else "a `path` column"
+        raise DatasetError(f"image table {csv_path} needs {wanted} (columns: {list(table.columns)})")
+    labels = table[column] if column else pd.Series([""] * len(table), dtype=str)
+    for what, empty in (("an empty path", table["path"].str.strip() == ""), ("no label", labels.str.strip() == "")):
+        if empty.any() and (what != "no label" or require_labels):
+            raise DatasetError(f"image table {csv_path}: line(s) {list(np.flatnonzero(empty) + 2)[:5]} have {what}")
+    return pd.DataFrame({"path": table["path"].tolist(), "label": labels.tolist()})

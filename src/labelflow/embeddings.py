@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from labelflow.dataset import class_names, read_predictions, read_tag2cls
+from labelflow.dataset import class_names, read_image_list, read_predictions, read_tag2cls
 from labelflow.images import (
     IMAGE_EXTENSIONS,
     NOT_UTF8_FILE,
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LABEL_COLUMNS = ("label", "labels", "tag")  # the first one a CSV has gives the known labels
 PROJECTOR_TAG = "train_valid"
 SPRITE_MAX_PIXELS = 8192  # TensorBoard's projector refuses larger sprite images
 
@@ -88,7 +87,7 @@ def read_image_set(source: PathLike, classes: Sequence[str] = (), root: PathLike
         table, listed = _folder_table(source, set(classes))
         root = source
     elif source.is_file() and source.suffix.lower() == ".csv":
-        table = _csv_table(source)
+        table = read_image_list(source)
         root = Path(root) if root is not None else source.parent
     elif not source.exists():
         raise DatasetError(
@@ -132,21 +131,6 @@ def _folder_table(folder: Path, classes: set[str]) -> tuple[pd.DataFrame, pd.Dat
     rows.sort()
     skipped = sorted((p, reason) for p, reason in walked if not reason.startswith("hidden "))
     return pd.DataFrame(rows, columns=["path", "label"]), pd.DataFrame(skipped, columns=["path", "reason"])
-
-
-def _csv_table(csv_path: Path) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DatasetError(f"image table {csv_path} is not a readable CSV ({err})") from err
-    if "path" not in table.columns:
-        raise DatasetError(f"image table {csv_path} has no `path` column (columns: {list(table.columns)})")
-    label_column = next((c for c in LABEL_COLUMNS if c in table.columns), None)
-    labels = table[label_column] if label_column else pd.Series([""] * len(table), dtype=str)
-    empty = table["path"].str.strip() == ""
-    if empty.any():
-        raise DatasetError(f"image table {csv_path}: line(s) {list(np.flatnonzero(empty) + 2)[:5]} have an empty path")
-    return pd.DataFrame({"path": table["path"].tolist(), "label": labels.tolist()})
 
 
 def image_arguments(items: Sequence[PathLike], classes: Sequence[str] = ()) -> pd.DataFrame:

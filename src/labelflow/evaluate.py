@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from labelflow.calibration import ECE_BINS, expected_calibration_error
+from labelflow.dataset import read_image_list
 from labelflow.images import walk_images
 from labelflow.io import DatasetError, PathLike, atomic_directory, write_csv_atomic, write_json_atomic
 from labelflow.losses import get_loss, probabilities
@@ -38,7 +39,6 @@ from labelflow.trained import TrainedModel
 
 log = logging.getLogger(__name__)
 
-LABEL_COLUMNS = ("label", "tag")  # the first one a labels CSV has
 ERRORS_SHOWN = 500  # rows of the contact sheet; errors.csv has them all
 
 
@@ -69,18 +69,9 @@ def labelled_images(source: PathLike, root: PathLike | None = None) -> pd.DataFr
 
 
 def _labels_csv(csv_path: Path, root: Path) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DatasetError(f"labels table {csv_path} is not a readable CSV ({err})") from err
-    column = next((c for c in LABEL_COLUMNS if c in table.columns), None)
-    if "path" not in table.columns or column is None:
-        raise DatasetError(f"labels table {csv_path} needs columns path,label (has {list(table.columns)})")
-    unlabelled = table[column].str.strip() == ""
-    if unlabelled.any():
-        raise DatasetError(f"labels table {csv_path}: line(s) {list(np.flatnonzero(unlabelled) + 2)[:5]} have no label")
-    paths = [p if Path(p).is_absolute() else (root / p).as_posix() for p in table["path"]]
-    return pd.DataFrame({"path": paths, "label": table[column].tolist()})
+    table = read_image_list(csv_path, require_labels=True)
+    table["path"] = [p if Path(p).is_absolute() else (root / p).as_posix() for p in table["path"]]
+    return table
 
 
 def check_labels(labels: pd.Series, classes: Sequence[str]) -> np.ndarray:

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from labelflow.dataset import read_image_list
 from labelflow.device import autocast, images_for, place_model
 from labelflow.images import check_image, walk_images
 from labelflow.io import DatasetError, PathLike, atomic_output
@@ -59,22 +60,12 @@ def collect_inputs(items: Sequence[PathLike]) -> pd.DataFrame:
         if item.is_dir():
             paths += sorted(Path(p).as_posix() for p in walk_images(str(item), str, skipped=[]))
         elif item.suffix.lower() == ".csv" and item.is_file():
-            paths += [p if Path(p).is_absolute() else (item.parent / p).as_posix() for p in _csv_paths(item)]
+            paths += [p if Path(p).is_absolute() else (item.parent / p).as_posix() for p in read_image_list(item)["path"]]
         else:
             paths.append(item.as_posix())
     if not paths:
         raise DatasetError(f"no files in {', '.join(map(str, items)) or 'the inputs'}; give image files, folders or a CSV with a `path` column")
     return pd.DataFrame({"path": paths})
-
-
-def _csv_paths(csv_path: Path) -> list[str]:
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DatasetError(f"image table {csv_path} is not a readable CSV ({err})") from err
-    if "path" not in table.columns:
-        raise DatasetError(f"image table {csv_path} has no `path` column (columns: {list(table.columns)})")
-    return table["path"].tolist()
 
 
 # --------------------------------------------------------------------------- the batched pass
