@@ -235,4 +235,5 @@ def kfold_inputs(wildcards):
         "metrics": [run.path(run.final_stage, "metrics.json") for run in runs],
         "summaries": [run.path("summary.json") for run in runs],
         "predictions": [run.path("predictions", "predictions.csv") for run in runs],
+        "probabilities": [run.path("predictions", "probabilities.npy") for run in runs],
     }
