@@ -32,6 +32,8 @@ include: "workflow/rules/autolabel_inputs.smk"
 include: "workflow/rules/autolabel.smk"
 include: "workflow/rules/embed_inputs.smk"
 include: "workflow/rules/embed.smk"
+include: "workflow/rules/label_issues_inputs.smk"
+include: "workflow/rules/label_issues.smk"
 
 
 rule all:

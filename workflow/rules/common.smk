@@ -11,7 +11,7 @@ from labelflow.dataset import resolve_valid_folds
 from labelflow.experiment import check_experiment
 from labelflow.io import DatasetError
 from labelflow.manifest import code_digest, files_digest, source_digest
-from labelflow.runs import NAME_PATTERN, RunError, RunTable
+from labelflow.runs import NAME_PATTERN, RunError, RunTable, main_table
 
 # Rule demo_dataset writes the digits here; any other `dataset` must already exist.
 DEMO_DATASET = "data/digits"
@@ -84,6 +84,8 @@ try:
 except (DatasetError, RunError) as exc:
     raise WorkflowError(str(exc)) from None
 EXPERIMENTS = list(config["experiments"])
+# the table runs on the main dataset train on: split's, or with `corrections` the corrected one
+MAIN_TABLE = main_table(config)
 
 
 wildcard_constraints:
