@@ -2,7 +2,7 @@
 # predictions with neighbour votes from each fold's index → issues, scores, a contact sheet;
 # with `label_issues.action` drop or relabel the run cleaned/<experiment> trains on the cleaned
 # table. Human corrections (`corrections`) override labels of the main dataset and of the
-# autolabel piles.
+# autolabel piles. After the autolabel loop, a review queue (target `autolabel_review`).
 
 
 rule apply_corrections:
@@ -103,3 +103,51 @@ rule autolabel_corrections:
         rows=corrections_rows("autolabel"),
     script:
         "../scripts/autolabel_corrections.py"
+
+
+rule autolabel_review_queue:
+    input:
+        unpack(review_inputs),
+    output:
+        queue=f"{REVIEW}/queue.csv",
+        tasks=f"{REVIEW}/label_studio_tasks.json",
+        label_config=f"{REVIEW}/label_studio_config.xml",
+    log:
+        "results/logs/autolabel/review_queue.log",
+    benchmark:
+        "results/benchmarks/autolabel/review_queue.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=config["gpu"],
+    params:
+        code=code_of("autolabel_review_queue"),
+        settings=config["autolabel"]["review"],
+        data=review_data_cfg,
+        batch_size=config["infer_batch_size"],
+    script:
+        "../scripts/autolabel_review_queue.py"
+
+
+rule autolabel_review_sheet:
+    input:
+        queue=f"{REVIEW}/queue.csv",
+        root=AUTOLABEL_ROOT,
+    output:
+        directory(f"{REVIEW}/sheet"),
+    log:
+        "results/logs/autolabel/review_sheet.log",
+    conda:
+        "../../envs/index.yaml"
+    params:
+        code=code_of("autolabel_review_sheet"),
+    script:
+        "../scripts/autolabel_review_sheet.py"
+
+
+rule autolabel_review:
+    input:
+        f"{REVIEW}/queue.csv",
+        f"{REVIEW}/label_studio_tasks.json",
+        f"{REVIEW}/sheet",

@@ -6,6 +6,7 @@ from labelflow.runs import CLEANED_TABLE, CORRECTED_TABLE, DATASET_TABLE
 
 LABEL_ISSUES = "results/label_issues"
 AUTOLABEL_CORRECTED = "results/autolabel/data/corrected"
+REVIEW = "results/autolabel/review"
 
 if config["corrections"] and not os.path.isfile(config["corrections"]):
     raise WorkflowError(
@@ -127,3 +128,22 @@ def autolabel_raw_table():
     if config["corrections"]:
         return f"{AUTOLABEL_CORRECTED}/raw.csv"
     return f"{AUTOLABEL_DATA}/raw.csv"
+
+
+def review_inputs(wildcards):
+    """The labelled set, the images left, and the last round's model and temperature."""
+    last = len(autolabel_rounds(wildcards)["status"]) - 1
+    run = round_run(last)
+    return {
+        "dataset": "results/autolabel/dataset.csv",
+        "unlabelled": "results/autolabel/unlabelled.csv",
+        "checkpoint": run.checkpoint(),
+        "metrics": f"results/autolabel/round_{last}/metrics.json",
+        "tag2cls": run.data.tag2cls,
+        "root": run.data.root,
+    }
+
+
+def review_data_cfg(wildcards):
+    """How the last round's model sees images (its experiment's `data` section)."""
+    return round_run(0).experiment["data"]
