@@ -160,3 +160,31 @@ def test_sheet_renders_in_headless_chromium(issues_run, tmp_path):
     dataset = workdir.parent / "images"
     for row, path in zip(rows, issues["path"]):
         assert {urllib.parse.unquote(href) for href in row["links"]} == {"file://" + str(dataset / path)}
+
+
+def test_dry_run_label_issues_target(tmp_path):
+    """On the default config (digits demo): the k-fold runs of the first experiment, then the
+    label-issue rules; with action relabel also the cleaned run."""
+    result = run_snakemake(tmp_path, "label_issues", "-n", "--config", "label_issues={action: relabel}")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    jobs = _jobs(out)
+    assert jobs["kfold_summary"] == 1 and jobs["label_issues_find"] == 1 and jobs["label_issues_sheet"] == 1
+    assert jobs["label_issues_dataset"] == 1 and jobs["train_stage"] == 2 * 6  # 5 folds + cleaned/softmax
+    assert "apply_corrections" not in jobs and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["results/cleaned/softmax/summary.json"], "label_issues.action"),  # report: nothing to train
+        (["label_issues", "--config", "label_issues={action: fix}"], "action"),
+        (["label_issues", "--config", "label_issues={experiment: bce}"], "kfold.experiments"),
+        (["label_issues", "--config", "corrections=/no/such.csv"], "corrections"),
+    ],
+)
+def test_label_issue_config_errors_name_the_key(tmp_path, args, expected):
+    result = run_snakemake(tmp_path, "-n", *args)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and expected in out
+    assert not (tmp_path / "results").exists()
