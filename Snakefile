@@ -34,6 +34,8 @@ include: "workflow/rules/embed_inputs.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/use_inputs.smk"
 include: "workflow/rules/use.smk"
+include: "workflow/rules/label_issues_inputs.smk"
+include: "workflow/rules/label_issues.smk"
 
 
 rule all:

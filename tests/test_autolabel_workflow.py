@@ -269,3 +269,62 @@ def test_out_of_range_min_temperature_fails_validation(tmp_path):
         out = result.stdout + result.stderr
         assert result.returncode != 0 and "min_temperature" in out and "0.05" in out
     assert not (tmp_path / "work" / "results").exists()
+
+
+def _with(config: Path, name: str, **autolabel_and_top) -> Path:
+    """A copy of the fixture's config file with some keys changed (autolabel.review, corrections)."""
+    import yaml
+
+    data = yaml.safe_load(config.read_text())
+    review = autolabel_and_top.pop("review", None)
+    if review is not None:
+        data["autolabel"]["review"] = review
+    data.update(autolabel_and_top)
+    path = config.parent / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_review_queue_after_the_loop(autolabel_run):
+    """Uncertain x diverse images for a person, as a table, a Label Studio import and a sheet;
+    only the review jobs run (the loop is done)."""
+    workdir, config, *_ = autolabel_run
+    review = _with(config, "config_review.yaml", review={"size": 5, "pool": 20})
+    result = run_snakemake(workdir, "autolabel_review", "--configfile", str(review))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "train_stage" not in result.stdout + result.stderr
+    out = workdir / "results/autolabel"
+    queue = pd.read_csv(out / "review/queue.csv", dtype={"label": str, "predicted": str}, keep_default_na=False)
+    assert queue["rank"].tolist() == [1, 2, 3, 4, 5] and queue["path"].str.startswith("raw/").all()
+    assert set(queue["status"]) <= {"unlabelled", "pseudo"} and queue["path"].is_unique
+    assert queue["margin"].between(0, 1).all() and (queue["uncertainty"] == 1 - queue["margin"]).all()
+    unlabelled = set(pd.read_csv(out / "unlabelled.csv")["path"])
+    assert set(queue.loc[queue["status"] == "unlabelled", "path"]) <= unlabelled
+    tasks = json.loads((out / "review/label_studio_tasks.json").read_text())
+    assert [t["data"]["path"] for t in tasks] == queue["path"].tolist()
+    assert tasks[0]["data"]["image"] == "/data/local-files/?d=" + queue["path"][0]
+    result_ = tasks[0]["predictions"][0]["result"][0]
+    assert result_["type"] == "choices" and result_["value"]["choices"] == [queue["predicted"][0]]
+    assert "<Choices name=\"label\" toName=\"image\"" in (out / "review/label_studio_config.xml").read_text()
+    page = (out / "review/sheet/index.html").read_text()
+    assert page.count("<tr>") == 6 and len(list((out / "review/sheet/thumbs").glob("*.png"))) == 5
+
+
+def test_review_answers_and_clean_corrections_redo_the_rounds(autolabel_run, tmp_path):
+    """corrections.csv answers a queued raw image and relabels a clean one: a correction step
+    between prepare and the rounds; every round reruns, the scan of the piles does not."""
+    workdir, config, *_ = autolabel_run
+    corrections = tmp_path / "corrections.csv"
+    corrections.write_text("path,label\nraw/pile/box1/img_000.png,class_00\nclean/class_01/img_000.png,drop\n")
+    corrected = _with(config, "config_corrected.yaml", corrections=str(corrections))
+    result = run_autolabel(workdir, corrected, "-n")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    counts = _job_counts(out)
+    assert counts["autolabel_corrections"] == 1 and counts["autolabel_round"] == 1 and counts["train_stage"] == 2
+    assert "autolabel_prepare" not in counts
+    done = run_snakemake(workdir, "results/autolabel/data/corrected/human.csv", "--configfile", str(corrected))
+    assert done.returncode == 0, done.stderr[-3000:]
+    human = pd.read_csv(workdir / "results/autolabel/data/corrected/human.csv").set_index("path")
+    assert human.loc["raw/pile/box1/img_000.png"].tolist() == ["class_00", 0, -1, "human-corrected"]
+    assert "clean/class_01/img_000.png" not in human.index and len(human) == 24

@@ -216,3 +216,14 @@ def test_predict_throughput_smoke():
     out = _run("predict_throughput.py", "--images", "64", "--rounds", "1")
     assert re.search(r"ratio predict/bare: per round \d+\.\d+", out)
     assert "predict " in out and "bare " in out and "torch " in out
+
+
+def test_label_issues_benchmark_smoke(tmp_path):
+    """The benchmark builds its noisy and clean digits folders and the workflow accepts them
+    (dry run: the real one trains dozens of models)."""
+    out = _run("label_issues.py", "--dry-only", "--out", str(tmp_path), "--noise", "0.2")
+    assert re.search(r"600 images to the workflow, 360 held out for test", out)
+    for rule in ("kfold_summary", "label_issues_find", "label_issues_dataset"):
+        assert rule in out
+    truth = sorted(p.name for p in (tmp_path / "noise20_seed0" / "data").iterdir())
+    assert truth == [str(d) for d in range(10)]

@@ -22,7 +22,15 @@ from labelflow.dataset import (
     read_tag2cls,
 )
 from labelflow.heads import get_head
-from labelflow.io import PathLike, atomic_output, load_npy, read_json, write_csv_atomic, write_json_atomic
+from labelflow.io import (
+    PathLike,
+    atomic_output,
+    load_npy,
+    read_json,
+    save_npy_atomic,
+    write_csv_atomic,
+    write_json_atomic,
+)
 from labelflow.plots import plot_confusion, plot_experiments, plot_fold_curves, plot_grid
 
 log = logging.getLogger(__name__)
@@ -225,15 +233,22 @@ def kfold_summary(
     out_json: PathLike,
     out_png: PathLike,
     out_oof: PathLike,
+    out_oof_probabilities: PathLike | None = None,
 ) -> dict[str, Any]:
     """One row per fold (accuracy on the fold's held-out validation rows, which did not choose
     the checkpoint; metrics of the whole validation fold; index recall), mean ± std, per-fold
     learning curves with their mean, and the out-of-fold predictions.
 
     `folds[k]` holds the paths of fold k's run: "metrics" (final stage metrics.json),
-    "summary" (summary.json) and "predictions" (predictions.csv).
+    "summary" (summary.json), "predictions" (predictions.csv) and, with
+    ``out_oof_probabilities``, "probabilities" (probabilities.npy of rule infer, rows in
+    predictions.csv order). The out-of-fold table has every image once, predicted by the fold
+    model that never trained on it (rows whose split is not ``train``), sorted by path;
+    ``out_oof_probabilities`` gets the full class-probability vector of each of its rows, row i
+    of the array for row i of the table (a separate .npy rather than one CSV column per class:
+    it stays exact, small and fast for many classes).
     """
-    rows, curves, oof = [], {}, []
+    rows, curves, oof, oof_probabilities = [], {}, [], []
     for fold, paths in sorted(folds.items()):
         best, epochs = _final_stage_metrics(paths["metrics"])
         summary = read_json(paths["summary"])
@@ -250,7 +265,10 @@ def kfold_summary(
         )
         curves[fold] = [e["valid"]["accuracy"] for e in epochs]
         predictions = read_predictions(paths["predictions"])
-        oof.append(predictions[predictions["split"] != "train"].assign(fold=fold))
+        held_out = (predictions["split"] != "train").to_numpy()
+        oof.append(predictions[held_out].assign(fold=fold))
+        if out_oof_probabilities is not None:
+            oof_probabilities.append(_held_out_probabilities(paths["probabilities"], held_out))
     table = pd.DataFrame(rows)
     write_csv_atomic(table, out_csv)
     metrics = [c for c in table.columns if c not in ("fold", "best_epoch")]
@@ -261,10 +279,22 @@ def kfold_summary(
         **{m: {"mean": float(table[m].mean()), "std": float(table[m].std(ddof=1)) if len(table) > 1 else 0.0} for m in metrics},
     }
     write_json_atomic(summary, out_json)
-    write_csv_atomic(pd.concat(oof, ignore_index=True).sort_values("path", kind="stable"), out_oof)
+    oof_table = pd.concat(oof, ignore_index=True)
+    order = np.argsort(oof_table["path"].to_numpy(dtype=str), kind="stable")
+    write_csv_atomic(oof_table.iloc[order], out_oof)
+    if out_oof_probabilities is not None:
+        save_npy_atomic(out_oof_probabilities, np.concatenate(oof_probabilities)[order].astype(np.float32))
     accuracy = summary["valid_accuracy"]
     plot_fold_curves(curves, f"{experiment}: k-fold, accuracy {accuracy['mean']:.4f} ± {accuracy['std']:.4f}", out_png)
     return summary
+
+
+def _held_out_probabilities(path: PathLike, held_out: np.ndarray) -> np.ndarray:
+    """The rows of a fold's probabilities.npy that its model never trained on."""
+    probabilities = load_npy(path)
+    if len(probabilities) != len(held_out):
+        raise ValueError(f"{path} has {len(probabilities)} rows but its predictions.csv {len(held_out)}; rerun infer")
+    return probabilities[held_out]
 
 
 def grid_comparison(

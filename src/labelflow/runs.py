@@ -12,8 +12,13 @@ under ``results/<run>/`` and the same rules serve every run: ``train_stage``, ``
 | ``kfold/<experiment>/fold_<k>`` | fold k validates (``kfold``)                         |
 | ``ood/<experiment>``         | trained without the held-out classes (``ood``)          |
 | ``autolabel/round_<r>``      | autolabel round r: human + accepted pseudo-labels        |
+| ``cleaned/<experiment>``     | trained on the dataset after the ``label_issues`` action |
 
-Static runs are known when the workflow is parsed; ``ood/…`` and ``autolabel/round_…`` runs
+With config key ``corrections`` set, every run on the main dataset reads the corrected table
+``results/data/dataset_corrected.csv`` (:mod:`labelflow.corrections`) instead of
+``results/data/dataset.csv``.
+
+Static runs are known when the workflow is parsed; ``ood/…``, ``autolabel/round_…`` and ``cleaned/…`` runs
 are made on demand (their experiments are loaded only when a job needs them, so an unused
 ``ood`` or ``autolabel`` section never breaks the default workflow). A new kind of run is a
 new entry in :meth:`RunTable.from_config`.
@@ -102,7 +107,18 @@ def grid_runs(experiment: dict[str, Any], params: dict[str, list[Any]]) -> dict[
 # --------------------------------------------------------------------------- runs
 
 # The first path component of results/ that is not a configured experiment's run.
-RESERVED_NAMES = frozenset({"grid", "kfold", "ood", "autolabel", "data", "logs", "benchmarks"})
+RESERVED_NAMES = frozenset(
+    {"grid", "kfold", "ood", "autolabel", "cleaned", "label_issues", "data", "logs", "benchmarks"}
+)
+DATASET_TABLE = "results/data/dataset.csv"  # rule split
+CORRECTED_TABLE = "results/data/dataset_corrected.csv"  # rule apply_corrections
+CLEANED_TABLE = "results/label_issues/dataset.csv"  # rule label_issues_dataset
+
+
+def main_table(config: Mapping[str, Any]) -> str:
+    """The table every run on the main dataset trains on: the corrected one when config key
+    ``corrections`` names a file of human corrections."""
+    return CORRECTED_TABLE if config.get("corrections") else DATASET_TABLE
 NAME_PATTERN = r"[A-Za-z0-9_.-]+"
 
 
@@ -208,7 +224,7 @@ class RunTable:
         point) and raises an error naming ``what``."""
         folds = tuple(valid_folds)
         share = config["calibration"]["holdout"]
-        main = RunData("results/data/dataset.csv", "results/data/tag2cls.json", config["dataset"])
+        main = RunData(main_table(config), "results/data/tag2cls.json", config["dataset"])
         check_names(config["experiments"])
         static = {name: Run(name, load_experiment(name), main, folds, None, share) for name in config["experiments"]}
         grid = _grid(config, load_experiment, validate_experiment)
@@ -237,7 +253,16 @@ class RunTable:
             init = f"results/{previous}" if config["autolabel"]["warm_start"] and round_ > 0 else None
             return Run(match.group(0), recipe, data, folds, init, share)
 
-        families = {rf"ood/({NAME_PATTERN})": ood_run, r"autolabel/round_(\d+)": autolabel_run}
+        cleaned_data = RunData(CLEANED_TABLE, main.tag2cls, main.root)
+
+        def cleaned_run(match: re.Match) -> Run:
+            return Run(match.group(0), load_for("label_issues.experiment", match.group(1)), cleaned_data, folds, None, share)
+
+        families = {
+            rf"ood/({NAME_PATTERN})": ood_run,
+            r"autolabel/round_(\d+)": autolabel_run,
+            rf"cleaned/({NAME_PATTERN})": cleaned_run,
+        }
         return cls(static, families, grid)
 
 

@@ -48,7 +48,7 @@ def is_last_round(wildcards):
 def autolabel_round_dataset_inputs(wildcards):
     """Human rows and the pseudo-labels accepted by every earlier round."""
     return {
-        "human": f"{AUTOLABEL_DATA}/human.csv",
+        "human": autolabel_human_table(),
         "tag2cls": AUTOLABEL_TAG2CLS,
         "accepted": [
             f"results/autolabel/round_{r}/accepted.csv"
@@ -62,7 +62,7 @@ def autolabel_round_inputs(wildcards):
     return {
         "checkpoint": run.checkpoint(),
         "dataset": run.data.table,
-        "raw": f"{AUTOLABEL_DATA}/raw.csv",
+        "raw": autolabel_raw_table(),
         "tag2cls": run.data.tag2cls,
         "root": run.data.root,
     }
@@ -80,8 +80,8 @@ def autolabel_rounds(wildcards):
                 break
     rounds = range(done)
     return {
-        "human": f"{AUTOLABEL_DATA}/human.csv",
-        "raw": f"{AUTOLABEL_DATA}/raw.csv",
+        "human": autolabel_human_table(),
+        "raw": autolabel_raw_table(),
         "status": [f"results/autolabel/round_{r}/status.json" for r in rounds],
         "accepted": [f"results/autolabel/round_{r}/accepted.csv" for r in rounds],
         "metrics": [f"results/autolabel/round_{r}/metrics.json" for r in rounds],
@@ -98,7 +98,7 @@ def autolabel_evaluation_inputs(wildcards):
         )
     return {
         "dataset": "results/autolabel/dataset.csv",
-        "raw": f"{AUTOLABEL_DATA}/raw.csv",
+        "raw": autolabel_raw_table(),
         "rounds": "results/autolabel/rounds.csv",
         "truth": truth,
     }

@@ -12,7 +12,7 @@ from labelflow.experiment import check_experiment
 from labelflow.heldout import HeldOutSettings
 from labelflow.io import DatasetError
 from labelflow.manifest import code_digest, files_digest, source_digest
-from labelflow.runs import NAME_PATTERN, RunError, RunTable
+from labelflow.runs import NAME_PATTERN, RunError, RunTable, main_table
 
 # Rule demo_dataset writes the digits here; any other `dataset` must already exist.
 DEMO_DATASET = "data/digits"
@@ -91,6 +91,8 @@ try:
 except (DatasetError, RunError) as exc:
     raise WorkflowError(str(exc)) from None
 EXPERIMENTS = list(config["experiments"])
+# the table runs on the main dataset train on: split's, or with `corrections` the corrected one
+MAIN_TABLE = main_table(config)
 
 
 wildcard_constraints:
@@ -242,4 +244,5 @@ def kfold_inputs(wildcards):
         "metrics": [run.path(run.final_stage, "metrics.json") for run in runs],
         "summaries": [run.path("summary.json") for run in runs],
         "predictions": [run.path("predictions", "predictions.csv") for run in runs],
+        "probabilities": [run.path("predictions", "probabilities.npy") for run in runs],
     }

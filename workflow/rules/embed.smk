@@ -76,7 +76,7 @@ rule embedding_plot:
 
 rule ood_dataset:
     input:
-        dataset="results/data/dataset.csv",
+        dataset=MAIN_TABLE,
         tag2cls="results/data/tag2cls.json",
     output:
         dataset=f"{OOD_DATA}/dataset.csv",

@@ -79,6 +79,8 @@ rule kfold_summary:
             category="K-fold",
         ),
         oof="results/kfold/{experiment}/oof_predictions.csv",
+        # row i: the class probabilities of row i of oof_predictions.csv
+        oof_probabilities="results/kfold/{experiment}/oof_probabilities.npy",
     log:
         "results/logs/kfold/{experiment}/summary.log",
     conda:

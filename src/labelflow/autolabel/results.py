@@ -29,9 +29,11 @@ DATASET_COLUMNS = ["path", "label", "source", "round", "confidence"]
 
 def labelled_table(human: pd.DataFrame, duplicates: pd.DataFrame, pseudo: pd.DataFrame) -> pd.DataFrame:
     """dataset.csv ``path,label,source,round,confidence``: human rows and human duplicates
-    (round 0, confidence 1) and the accepted pseudo-labels, sorted by path."""
+    (round 0, confidence 1) and the accepted pseudo-labels, sorted by path. A human row keeps
+    its own ``source`` when it has one (``human-corrected``: :mod:`labelflow.corrections`)."""
+    human_source = human["source"] if "source" in human.columns else "human"
     parts = [
-        pd.DataFrame({"path": human["path"], "label": human["tag"], "source": "human", "round": 0, "confidence": 1.0}),
+        pd.DataFrame({"path": human["path"], "label": human["tag"], "source": human_source, "round": 0, "confidence": 1.0}),
         pd.DataFrame(
             {"path": duplicates["path"], "label": duplicates["tag"], "source": "human-duplicate", "round": 0, "confidence": 1.0}
         ),
