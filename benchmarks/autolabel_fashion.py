@@ -1,7 +1,8 @@
 """Autolabel on Fashion-MNIST beside scikit-learn's semi-supervised peers, at equal coverage.
 
-Per split seed, builds in --out/seed_<s>/ (from the 60,000 Fashion-MNIST training images,
-written by labelflow.fashion.write_fashion_dataset as a seeded, class-stratified subset):
+Per split seed, builds in --out/clean<per-class>_raw<raw>/seed_<s>/ (from the 60,000
+Fashion-MNIST training images, written by labelflow.fashion.write_fashion_dataset as a seeded,
+class-stratified subset):
 
     data/clean/<class>/<NNNNN>.png   --per-class labelled images per class (default 100: 1,000)
     data/raw/<k>/<NNNNN>.png         --raw more images (default 9,000), in folders 0..6 that say
@@ -358,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         args.max_rounds = 2
     out = args.out or Path(tempfile.mkdtemp(prefix="autolabel_fashion_"))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
-    finals = [run_one(out / f"seed_{seed}", seed, args) for seed in args.seeds]
+    split = out / f"clean{args.per_class}_raw{args.raw}"  # a rerun with other sizes does not reuse the piles
+    finals = [run_one(split / f"seed_{seed}", seed, args) for seed in args.seeds]
     print("\n" + "\n".join(summarise(finals)))
     if args.json:
         args.json.write_text(json.dumps({"per_class": args.per_class, "raw": args.raw, "experiment": args.experiment,
