@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_tiny_dataset
-from workflow_helpers import TINY_EXPERIMENT, run_snakemake, write_tiny_config
+from workflow_helpers import TINY_EXPERIMENT, job_counts, run_snakemake, write_tiny_config
 
 pytestmark = pytest.mark.e2e
 
@@ -131,7 +131,9 @@ def test_round_outputs_and_policy(autolabel_run):
         )).all()
         metrics = json.loads((out / f"round_{r}/metrics.json").read_text())
         cal = metrics["calibration"]
-        assert metrics["valid_images"] == 8 and 0 <= metrics["valid_accuracy"] <= 1
+        # the 8 validation rows: some chose the checkpoint, the rest (calibration.holdout 0.5) calibrate
+        assert metrics["valid_images"] + metrics["calibration_images"] == 8 and 0 <= metrics["valid_accuracy"] <= 1
+        assert 3 <= metrics["calibration_images"] <= 5
         assert 0 <= cal["ece_before"] <= 1 and 0 <= cal["ece_after"] <= 1
         # the default floor: calibration may soften the model, never sharpen it
         assert cal["min_temperature"] == 1.0 and cal["temperature"] >= 1.0
@@ -196,17 +198,6 @@ def test_rerun_does_nothing(autolabel_run):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def _job_counts(output: str) -> dict[str, int]:
-    """The "Job stats" table of a dry run: rule -> count."""
-    table = output.split("Job stats:")[1].split("Reasons:")[0]
-    counts = {}
-    for line in table.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            counts[parts[0]] = int(parts[1])
-    return counts
-
-
 def test_more_rounds_continue_without_retraining(autolabel_run):
     workdir, config, *_ = autolabel_run
     more = workdir / "config_more_rounds.yaml"
@@ -215,7 +206,7 @@ def test_more_rounds_continue_without_retraining(autolabel_run):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     # round 1 is no longer the last: only its (cheap) selection step is redone, no training
-    counts = _job_counts(out)
+    counts = job_counts(out)
     assert counts["autolabel_round"] == 1 and "train_stage" not in counts, counts
     assert "round=1" in out
 
@@ -320,11 +311,15 @@ def test_review_answers_and_clean_corrections_redo_the_rounds(autolabel_run, tmp
     result = run_autolabel(workdir, corrected, "-n")
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    counts = _job_counts(out)
+    counts = job_counts(out)
     assert counts["autolabel_corrections"] == 1 and counts["autolabel_round"] == 1 and counts["train_stage"] == 2
     assert "autolabel_prepare" not in counts
     done = run_snakemake(workdir, "results/autolabel/data/corrected/human.csv", "--configfile", str(corrected))
     assert done.returncode == 0, done.stderr[-3000:]
     human = pd.read_csv(workdir / "results/autolabel/data/corrected/human.csv").set_index("path")
-    assert human.loc["raw/pile/box1/img_000.png"].tolist() == ["class_00", 0, -1, "human-corrected"]
+    answered = human.loc["raw/pile/box1/img_000.png"]
+    assert answered[["tag", "class", "fold", "source"]].tolist() == ["class_00", 0, -1, "human-corrected"]
+    raw = pd.read_csv(workdir / "results/autolabel/data/raw.csv").set_index("path")
+    assert answered["sha1"] == raw.loc["raw/pile/box1/img_000.png", "sha1"]  # provenance kept
+    assert answered["group"] not in set(human["group"].drop(index="raw/pile/box1/img_000.png"))
     assert "clean/class_01/img_000.png" not in human.index and len(human) == 24

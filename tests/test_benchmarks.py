@@ -9,8 +9,6 @@ that wait for each other made a tiny epoch more than 10x slower than one thread.
 from __future__ import annotations
 
 import json
-
-
 import os
 import re
 import subprocess
@@ -26,16 +24,11 @@ sys.path.insert(0, str(BENCHMARKS))
 from spread import Comparison, Spread, run_interleaved  # noqa: E402
 
 
-def _run(script: str, *args: str, expect: int = 0) -> str:
+def _run(script: str, *args: str, expect: int = 0, timeout: int = 600) -> str:
+    """stdout of `python benchmarks/SCRIPT ARGS`, which must exit with `expect`."""
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
-
-
-def _run(script, *args, timeout=600):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
                             capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
 

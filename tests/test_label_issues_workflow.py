@@ -12,8 +12,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_tiny_dataset
-from test_reruns import _jobs
-from workflow_helpers import TINY_EXPERIMENT, run_snakemake, write_tiny_config
+from workflow_helpers import TINY_EXPERIMENT, job_counts, run_snakemake, write_tiny_config
 
 pytestmark = pytest.mark.e2e
 
@@ -113,7 +112,7 @@ def test_corrections_change_the_table_and_rerun_only_what_follows(issues_run):
     corrections.write_text("path,label\nclass_01/flipped_a.png,class_00\nclass_02/img_000.png,drop\n")
     dry = run_snakemake(workdir, "label_issues", "-n", "--configfile", str(config))
     assert dry.returncode == 0, dry.stderr[-3000:]
-    jobs = _jobs(dry.stdout + dry.stderr)
+    jobs = job_counts(dry.stdout + dry.stderr)
     assert jobs["apply_corrections"] == 1 and jobs["train_stage"] == 8 and jobs["kfold_summary"] == 1
     assert not {"demo_dataset", "tag2label", "split"} & set(jobs)  # upstream of the corrections: untouched
 
@@ -128,7 +127,7 @@ def test_corrections_change_the_table_and_rerun_only_what_follows(issues_run):
     assert split.loc["class_01/flipped_a.png", "tag"] == "class_01"  # split's table is not edited
     report = pd.read_csv(workdir / "results/data/corrections_applied.csv").set_index("path")["action"]
     assert report.to_dict() == {"class_01/flipped_a.png": "relabelled", "class_02/img_000.png": "dropped"}
-    again = _jobs(
+    again = job_counts(
         (r := run_snakemake(workdir, "label_issues", "-n", "--configfile", str(config))).stdout + r.stderr
     )
     assert "apply_corrections" not in again and again["train_stage"] == 8
@@ -168,7 +167,7 @@ def test_dry_run_label_issues_target(tmp_path):
     result = run_snakemake(tmp_path, "label_issues", "-n", "--config", "label_issues={action: relabel}")
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    jobs = _jobs(out)
+    jobs = job_counts(out)
     assert jobs["kfold_summary"] == 1 and jobs["label_issues_find"] == 1 and jobs["label_issues_sheet"] == 1
     assert jobs["label_issues_dataset"] == 1 and jobs["train_stage"] == 2 * 6  # 5 folds + cleaned/softmax
     assert "apply_corrections" not in jobs and not (tmp_path / "results").exists()

@@ -12,25 +12,9 @@ import pytest
 
 import labelflow.manifest as manifest
 from conftest import make_tiny_dataset
-from workflow_helpers import REPO, TINY_EXPERIMENT, run_snakemake, write_tiny_config
+from workflow_helpers import REPO, TINY_EXPERIMENT, job_counts, run_snakemake, write_tiny_config
 
 SCRIPTS = REPO / "workflow" / "scripts"
-
-
-def _jobs(out: str) -> dict[str, int]:
-    """Snakemake's "Job stats" table: rule -> number of jobs (empty when nothing is to be done)."""
-    counts, table = {}, False
-    for line in out.splitlines():
-        if line.startswith("job ") and "count" in line:
-            table = True
-            continue
-        if table:
-            parts = line.split()
-            if len(parts) == 2 and parts[1].isdigit():
-                counts[parts[0]] = int(parts[1])
-            elif parts and parts[0] == "total":
-                break
-    return counts
 
 
 def test_folder_digest_sees_nested_changes_and_ignores_hidden_files(tmp_path):
@@ -103,7 +87,7 @@ def test_new_nested_image_reruns_tag2label_and_training(tmp_path):
     planned = run_snakemake(workdir, target, "-n", configfile=config)
     out = planned.stdout + planned.stderr
     assert planned.returncode == 0, out[-3000:]
-    jobs = _jobs(out)
+    jobs = job_counts(out)
     assert jobs == {"tag2label": 1, "split": 1, "train_stage": 1}, jobs
     assert "Params have changed" in out
 

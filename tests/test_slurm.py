@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from conftest import make_tiny_dataset
-from workflow_helpers import REPO, SNAKEMAKE, run_snakemake, write_tiny_config
+from workflow_helpers import REPO, SNAKEMAKE, job_counts, run_snakemake, write_tiny_config
 
 pytestmark = pytest.mark.e2e
 
@@ -109,18 +109,6 @@ def write_test_profile(folder: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     return folder
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """Snakemake's "Job stats" table: rule -> number of jobs."""
-    counts = {}
-    table = output.split("Job stats:", 1)[1].splitlines()
-    for line in table[3:]:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
 
 
 def sacct_jobs(run_id: str, since: datetime, expected: int) -> list[dict]:

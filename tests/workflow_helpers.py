@@ -77,6 +77,20 @@ def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, tim
 FAULTS = Path(__file__).resolve().parent / "faults"
 
 
+def job_counts(output: str) -> dict[str, int]:
+    """Snakemake's "Job stats" table: rule -> number of jobs ({} when nothing is to be done).
+    The table is a header (job, count), a rule per line, then a `total` line."""
+    if "Job stats:" not in output:
+        return {}
+    counts = {}
+    for line in output.split("Job stats:", 1)[1].splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total" or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
 def fault_env(fault: str, marker_dir: Path) -> dict[str, str]:
     """Environment for a snakemake run whose jobs suffer ``fault`` once (tests/faults/sitecustomize.py)."""
     path = os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH")) if p)

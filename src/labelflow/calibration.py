@@ -80,7 +80,7 @@ def fit_temperature(
     if z.ndim != 2 or len(z) == 0:
         return 1.0
     if activation == "softmax":
-        y = torch.as_tensor(np.asarray(targets)).long()
+        y = torch.as_tensor(np.array(targets, dtype=np.int64))  # a copy: read-only inputs stay untouched
         loss_fn = lambda scaled: F.cross_entropy(scaled, y)  # noqa: E731
     else:
         y = _targets_matrix(targets, z.shape[1])

@@ -161,6 +161,11 @@ def apply_autolabel_corrections(
             "source": HUMAN_CORRECTED,
         }
     )
+    if "sha1" in human_out.columns and "sha1" in raw.columns:  # provenance travels with the image
+        new_rows["sha1"] = labelled["path"].map(raw.set_index("path")["sha1"]).to_numpy()
+    if "group" in human_out.columns:  # a group of its own: no clean image is a copy of it
+        first = int(human_out["group"].max()) + 1 if len(human_out) else 0
+        new_rows["group"] = np.arange(first, first + len(new_rows), dtype=np.int64)
     human_out = pd.concat([human_out, new_rows], ignore_index=True)
     in_raw = human_report["path"].isin(set(answered["path"]))
     given = raw.set_index("path")["tag"].fillna("").reindex(answered["path"]).to_numpy(dtype=object)

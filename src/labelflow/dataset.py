@@ -276,9 +276,10 @@ def tag2label_csv(
     base = os.path.abspath(root)
     skipped: list[tuple[str, str]] = []
     listed: list[tuple[str, list[str]]] = []  # path, sorted labels
-    for path, raw in zip(table["path"], table["labels"]):
+    problems = path_problems(table[["path"]], base, check_files=True)
+    for i, (path, raw) in enumerate(zip(table["path"], table["labels"])):
         labels = sorted({label.strip() for label in raw.split(";") if label.strip()})
-        problem = _path_problem(path, base, check_exists=True)
+        problem = problems.get(table.index[i])
         if problem is None and not labels:
             problem = "no labels"
         if problem is None:

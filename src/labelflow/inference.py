@@ -25,25 +25,28 @@ def predict(
     head_spec = model.spec.heads[0] if head is None else next(h for h in model.spec.heads if h.name == head)
     activation = get_loss(head_spec.loss).activation
     place_model(model.eval(), device)
-    logits, embeddings, targets = [], [], []
+    n = len(loader.dataset)
+    # preallocated: no list of batches concatenated at the end (which would hold both at once)
+    logits = np.empty((n, head_spec.num_outputs), dtype=np.float32)
+    embeddings = np.empty((n, model.spec.embedding_size), dtype=np.float32)
+    targets: list[torch.Tensor] = []
     started, done = time.perf_counter(), 0
     report_every = max(1, len(loader) // 4) if len(loader) >= 40 else 0
     for step, batch in enumerate(loader, start=1):
         images = images_for(batch["image"].to(device, non_blocking=device.type == "cuda"), device)
         with autocast(device):
             outputs = model(images)
-        logits.append(outputs[head_spec.name].float().cpu())
-        embeddings.append(outputs["embedding"].float().cpu())
+        logits[done : done + len(images)] = outputs[head_spec.name].float().cpu().numpy()
+        embeddings[done : done + len(images)] = outputs["embedding"].float().cpu().numpy()
         if with_targets:
             targets.append(batch[head_spec.name])
         done += len(images)
         if report_every and step % report_every == 0:
-            log.info("inference: %d/%d images (%.0f img/s)", done, len(loader.dataset), done / (time.perf_counter() - started))
-    all_logits = torch.cat(logits) if logits else torch.empty(0, head_spec.num_outputs)
+            log.info("inference: %d/%d images (%.0f img/s)", done, n, done / (time.perf_counter() - started))
     result = {
-        "logits": all_logits.numpy(),
-        "probabilities": probabilities(all_logits, activation),
-        "embeddings": (torch.cat(embeddings) if embeddings else torch.empty(0, model.spec.embedding_size)).numpy(),
+        "logits": logits,
+        "probabilities": probabilities(logits, activation),
+        "embeddings": embeddings,
     }
     if with_targets:
         result["targets"] = torch.cat(targets).numpy() if targets else np.empty(0, dtype=np.int64)

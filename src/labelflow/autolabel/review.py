@@ -222,7 +222,7 @@ def pool_outputs(
 
     device = select_device(want_gpu)
     model = load_model(checkpoint)
-    loader = eval_loader(root, np.asarray(paths, dtype=str), data_cfg, batch_size=batch_size, device=device, cache=False)
+    loader = eval_loader(root, np.asarray(paths, dtype=str), data_cfg, batch_size=batch_size, device=device)
     outputs = predict(model, loader, device)
     activation = get_loss(model.spec.heads[0].loss).activation
     return probabilities(outputs["logits"], activation, temperature), outputs["embeddings"]
