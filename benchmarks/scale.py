@@ -31,8 +31,8 @@ not an epoch rate), then the growth of each job's time and peak RSS between the 
 
 Jobs of a rule without a `benchmark:` directive are listed as "not measured" (the rules come
 from `snakemake -n --forceall` on the same targets, which prints each job's benchmark file).
-autolabel_round is not part of this workflow run (and its checkpoint rule has no benchmark:),
-so its goal is reported as not measured.
+autolabel_round is not part of this workflow run, so its goal is reported as not measured
+(benchmarks/autolabel_fashion.py runs it).
 
 How the numbers are taken: jobs run one at a time (`--cores N`, every job holds the resource
 `serial_job=1`, model jobs use N threads), so a job's time is its own. Snakemake samples a

@@ -28,6 +28,7 @@ from labelflow.calibration import (
 )
 from labelflow.dataset import DuplicateSettings, valid_mask
 from labelflow.io import DatasetError
+from labelflow.runs import round_recipe
 from labelflow.losses import probabilities
 
 
@@ -239,7 +240,7 @@ def test_disagreeing_neighbours_reject_before_the_class_cap():
 
 def test_round_recipe_keeps_no_top_k_copies_and_leaves_the_experiment_alone():
     experiment = {"model": {"arch": "resnet18"}, "stages": {"stage1": {"epochs": 2, "top_k": 3}, "stage2": {"epochs": 5}}}
-    recipe = rnd.round_recipe(experiment)
+    recipe = round_recipe(experiment)
     assert recipe["stages"] == {"stage1": {"epochs": 2, "top_k": 0}, "stage2": {"epochs": 5, "top_k": 0}}
     assert recipe["model"] == experiment["model"] and list(recipe["stages"]) == ["stage1", "stage2"]
     assert experiment["stages"]["stage1"]["top_k"] == 3 and "top_k" not in experiment["stages"]["stage2"]

@@ -70,3 +70,19 @@ def test_functions_are_short_or_say_why():
                 if length > MAX_FUNCTION_LINES and LONG_REASON not in body:
                     long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({length} lines)")
     assert not long, "functions over 60 lines (docstring aside) without a '# long because' comment:\n" + "\n".join(long)
+
+
+def test_parsing_the_workflow_imports_no_torch():
+    """What the rule files import at the top runs on every `snakemake` call (a dry run, each
+    cluster job's start): it stays free of torch, torchvision and scikit-learn (seconds each)."""
+    import re
+    import subprocess
+    import sys
+
+    rules = PACKAGE.parents[1] / "workflow" / "rules"
+    modules = sorted({m for smk in rules.glob("*.smk") for m in re.findall(r"^from (labelflow[\w.]*) import", smk.read_text(), re.M)})
+    assert "labelflow.runs" in modules
+    heavy = ("torch", "torchvision", "sklearn")
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted(m for m in {heavy!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", f"the rule files' imports {modules} load {loaded}"

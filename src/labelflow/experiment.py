@@ -20,7 +20,7 @@ import torch
 
 from labelflow.dataset import class_names, class_targets, is_multilabel, read_dataset_csv, read_tag2cls, split_names
 from labelflow.device import select_device
-from labelflow.heads import get_head, uses_rotation
+from labelflow.heads import check_experiment, get_head, uses_rotation
 from labelflow.inference import predict
 from labelflow.io import DatasetError, PathLike, read_json, save_npy_atomic, write_csv_atomic, write_json_atomic
 from labelflow.loaders import ImageTableDataset, build_transform, eval_loader, make_loader, plan_loading
@@ -33,14 +33,6 @@ from labelflow.manifest import modules_digest
 from labelflow.training import Fingerprint, StageLoaders, StageSpec, digest, run_stage
 
 log = logging.getLogger(__name__)
-
-
-def check_experiment(experiment: dict[str, Any]) -> None:
-    """Head names are registered heads and the first head is ``class``; raises ValueError."""
-    for head in experiment["heads"]:
-        get_head(head["name"])
-    if experiment["heads"][0]["name"] != "class":
-        raise ValueError("the first head of an experiment must be `class` (the main head)")
 
 
 def model_spec(experiment: dict[str, Any], num_classes: int) -> ModelSpec:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -92,3 +93,11 @@ register_head(
 def uses_rotation(head_names: Sequence[str]) -> bool:
     """Whether any of the heads needs rotated images."""
     return any(get_head(name).rotated for name in head_names)
+
+
+def check_experiment(experiment: dict[str, Any]) -> None:
+    """Head names are registered heads and the first head is ``class``; raises ValueError."""
+    for head in experiment["heads"]:
+        get_head(head["name"])
+    if experiment["heads"][0]["name"] != "class":
+        raise ValueError("the first head of an experiment must be `class` (the main head)")

@@ -178,6 +178,14 @@ class Run:
         return None
 
 
+def round_recipe(experiment: Mapping[str, Any]) -> dict[str, Any]:
+    """The experiment as it trains an autolabel round: no top-k checkpoint copies. A round's
+    model is used once, through best.pt; the copies would add ~230 MB per round of a 10-round
+    digits run and nothing reads them. The experiment itself is not changed."""
+    stages = {stage: {**spec, "top_k": 0} for stage, spec in experiment["stages"].items()}
+    return {**experiment, "stages": stages}
+
+
 @dataclass
 class RunTable:
     """Every run of a workflow: the static ones by name, the others made on demand by family."""
@@ -217,7 +225,6 @@ class RunTable:
         *,
         validate_experiment: Callable[[dict[str, Any], str], None],
         valid_folds: Sequence[int],
-        round_recipe: Callable[[dict[str, Any]], dict[str, Any]],
     ) -> RunTable:
         """The runs of a validated config; ``load_experiment(name)`` reads and validates an
         experiment file, ``validate_experiment(experiment, what)`` validates a derived one (a grid

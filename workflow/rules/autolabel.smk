@@ -17,6 +17,8 @@ rule autolabel_prepare:
         skipped="results/autolabel/skipped.csv",
     log:
         "results/logs/autolabel/prepare.log",
+    benchmark:
+        "results/benchmarks/autolabel/prepare.tsv"
     conda:
         "../../envs/torch.yaml"
     params:
@@ -38,6 +40,8 @@ rule autolabel_round_dataset:
         "results/autolabel/round_{round}/dataset.csv",
     log:
         "results/logs/autolabel/round_{round}/dataset.log",
+    benchmark:
+        "results/benchmarks/autolabel/round_{round}/dataset.tsv"
     conda:
         "../../envs/torch.yaml"
     params:
@@ -57,6 +61,8 @@ checkpoint autolabel_round:
         metrics="results/autolabel/round_{round}/metrics.json",
     log:
         "results/logs/autolabel/round_{round}/round.log",
+    benchmark:
+        "results/benchmarks/autolabel/round_{round}/round.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: config["threads"]

@@ -6,9 +6,8 @@ from functools import lru_cache
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from labelflow.autolabel.round import round_recipe
 from labelflow.dataset import resolve_valid_folds
-from labelflow.experiment import check_experiment
+from labelflow.heads import check_experiment
 from labelflow.heldout import HeldOutSettings
 from labelflow.io import DatasetError
 from labelflow.manifest import code_digest, files_digest, source_digest
@@ -86,7 +85,6 @@ try:
         load_experiment,
         validate_experiment=validate_experiment,
         valid_folds=VALID_FOLDS,
-        round_recipe=round_recipe,
     )
 except (DatasetError, RunError) as exc:
     raise WorkflowError(str(exc)) from None

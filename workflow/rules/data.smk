@@ -70,6 +70,8 @@ rule test_table:
         skipped="results/data/test_skipped.csv",
     log:
         "results/logs/test_table.log",
+    benchmark:
+        "results/benchmarks/test_table.tsv"
     conda:
         "../../envs/torch.yaml"
     params:

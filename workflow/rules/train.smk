@@ -100,6 +100,8 @@ rule calibrate:
         "results/{run}/calibration.json",
     log:
         "results/logs/{run}/calibrate.log",
+    benchmark:
+        "results/benchmarks/{run}/calibrate.tsv"
     conda:
         "../../envs/torch.yaml"
     params:

@@ -9,7 +9,7 @@ the same rules as any run (:mod:`labelflow.runs`, ``autolabel/round_<r>``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,14 +33,6 @@ from labelflow.io import DatasetError, PathLike, read_table, write_csv_atomic, w
 log = logging.getLogger(__name__)
 
 ACCEPTED_COLUMNS = ["path", "tag", "class", "confidence", "round"]
-
-
-def round_recipe(experiment: Mapping[str, Any]) -> dict[str, Any]:
-    """The experiment as it trains an autolabel round: no top-k checkpoint copies. A round's
-    model is used once, through best.pt; the copies would add ~230 MB per round of a 10-round
-    digits run and nothing reads them. The experiment itself is not changed."""
-    stages = {stage: {**spec, "top_k": 0} for stage, spec in experiment["stages"].items()}
-    return {**experiment, "stages": stages}
 
 
 def read_accepted(paths: Sequence[PathLike]) -> pd.DataFrame:
