@@ -23,7 +23,7 @@ rule embed:
         gpu=config["gpu"],
     params:
         code=code_of("embed"),
-        content=lambda wildcards: content_of(image_set(wildcards)["source"]),
+        content=image_set_content,
         run=run_params,
         batch_size=config["embed"]["batch_size"],
         out_dir=subpath(output.embeddings, parent=True),

@@ -33,6 +33,14 @@ def image_set(wildcards):
     return {"source": path}
 
 
+def image_set_content(wildcards):
+    """Digest of a configured set's files (a param: Snakemake does not look inside a folder).
+    The OOD held-out list is a workflow output that Snakemake tracks itself; a digest of it taken
+    before the run that writes it would differ from one taken after, and rerun the job."""
+    images = image_set(wildcards)
+    return "" if "root" in images else content_of(images["source"])
+
+
 def embed_targets(what):
     """Per configured set: its embeddings (`what`="embeddings") or query answers ("queries")."""
     sets = config["embed"]["sets"]
