@@ -182,19 +182,19 @@ def test_gpu_check_pieces_on_cpu(tmp_path):
     from labelflow.fashion import find_source
     from labelflow.io import DatasetError
 
-    _run("gpu_check.py", "--device", "cpu", "--out", str(tmp_path), "--sizes", "32", "72", "--images", "32",
-         "--batch", "16", "--rounds", "2", "--min-seconds", "0", "--recipe", "short", "--recipe-images", "100",
-         "--fashion-limit", "100", "--threads", "1", "--workers", "1")
+    _run("gpu_check.py", "--device", "cpu", "--out", str(tmp_path), "--sizes", "16", "40", "--images", "16",
+         "--batch", "8", "--rounds", "2", "--min-seconds", "0", "--recipe", "short", "--recipe-images", "60",
+         "--fashion-limit", "60", "--threads", "1", "--workers", "1")
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert set(report["throughput"]) == {"32px bf16+channels_last", "32px fp32", "72px bf16+channels_last", "72px fp32"}
+    assert set(report["throughput"]) == {"16px bf16+channels_last", "16px fp32", "40px bf16+channels_last", "40px fp32"}
     for name, row in report["throughput"].items():
         assert row["seen"] == {"ours": ["no autocast, contiguous"], "reference": ["no autocast, contiguous"]}, name
         loops = {"train", "infer", "train_workers1"} if "bf16" in name else {"train", "infer"}
         assert set(row["loops"]) == loops
         for values in row["loops"].values():
             _check_spread(values["ratio"], rounds=2)
-    assert report["throughput"]["72px bf16+channels_last"]["phases"]["train_ours"]["data"] > 0
-    _check_spread(report["figures"]["72px_fp32_train_ratio"], rounds=2)
+    assert report["throughput"]["40px bf16+channels_last"]["phases"]["train_ours"]["data"] > 0
+    _check_spread(report["figures"]["40px_fp32_train_ratio"], rounds=2)
     recipe = report["recipe"]
     # the same recipe twice on the CPU: bit-identical training, so no difference at all
     assert recipe["difference"] == 0.0 and recipe["passed"] and recipe["cpu_accuracy_source"] == "measured in this run"
@@ -253,15 +253,17 @@ def fashion_files():
 
 @pytest.mark.e2e
 def test_scale_smoke(tmp_path, fashion_files):
-    """200 and 400 images at 28 px and 100 at 224 px through the real workflow (three runs)."""
-    out = _run("scale.py", "--quick", "--out", str(tmp_path / "out"), "--json", str(tmp_path / "scale.json"),
-               timeout=1200)
+    """100 and 200 images at 28 px through the real workflow (two runs): every job measured,
+    the growth table and the goals. The 224 px case is the same workflow at another size; its
+    verdict is checked on constructed figures below (a third run would add minutes)."""
+    out = _run("scale.py", "--quick", "--skip-224", "--sizes", "100", "200", "--n-folds", "3",
+               "--out", str(tmp_path / "out"), "--json", str(tmp_path / "scale.json"), timeout=1200)
     report = json.loads((tmp_path / "scale.json").read_text())
     cases = {case["name"]: case for case in report["cases"]}
-    assert set(cases) == {"200x28px", "400x28px", "100x224px"}
-    expected = {"tag2label", "split", "train_stage stage1", "train_stage stage2", "infer", "pca_index",
-                "evaluate_index", "rejection", "summary", "test_evaluation", "embed pile", "predict_set pile",
-                "compare_experiments"}
+    assert set(cases) == {"100x28px", "200x28px"}
+    expected = {"tag2label", "split", "train_stage stage1", "train_stage stage2", "infer", "calibrate", "pca_index",
+                "evaluate_index", "rejection", "summary", "test_table", "test_evaluation", "embed pile",
+                "predict_set pile", "compare_experiments"}
     for case in cases.values():
         jobs = {job["job"]: job for job in case["jobs"]}
         assert expected <= set(jobs), expected - set(jobs)
@@ -270,27 +272,42 @@ def test_scale_smoke(tmp_path, fashion_files):
         assert all(job["max_rss_mb"] is None or job["max_rss_mb"] > 0 for job in jobs.values())
         assert jobs["infer"]["images"] == case["n_train"] and jobs["test_evaluation"]["images"] == case["n_test"]
         assert jobs["embed pile"]["images"] == case["images"] == case["n_train"] + case["n_test"]
-    assert cases["400x28px"]["n_test"] == 57 and cases["100x224px"]["n_train"] == 86
+    assert cases["200x28px"]["n_test"] == 29 and cases["100x28px"]["n_train"] == 86  # 1/7 test, as the full set
     growth = {row["job"]: row for row in report["growth"]}
     assert expected <= set(growth)
-    assert all(abs(row["data_growth"] - 2.0) < 0.05 and row["time_growth"] > 0 for row in growth.values())
+    assert all(abs(row["data_growth"] - 2.0) < 0.1 and row["time_growth"] > 0 for row in growth.values())  # 14 -> 29 test images
     assert {row["job"] for row in growth.values() if row["streaming"]} == {"infer", "test_evaluation", "embed pile", "predict_set pile"}
     goals = report["goals"]
-    assert len(goals) == 4 and all(goal["passed"] in (True, False, None) for goal in goals)
-    assert "autolabel_round" in goals[1]["detail"]  # reported as not measured
-    assert re.search(r"^(PASS|FAIL|NOT MEASURED) +infer at 224 px, 100 images", out, re.M)
-    assert "not measured (no benchmark file):" in out
+    assert len(goals) == 3 and all(goal["passed"] in (True, False, None) for goal in goals)
+    assert "autolabel_round (not in this run)" in goals[1]["detail"]
+    assert re.search(r"^(PASS|FAIL|NOT MEASURED) +no job above 4096 MB at 200 x 28 px", out, re.M)
+    assert "not measured (no benchmark file): none" in out
+
+
+def test_scale_goals_judge_the_224px_infer():
+    from scale import Case, CaseResult, JobFigures, goals
+
+    def case(images: int, size: int, infer_mb: float | None) -> CaseResult:
+        jobs = [JobFigures("infer", "infer", "b.tsv", seconds=2.0, max_rss_mb=infer_mb, images=images)]
+        return CaseResult(Case(images, size, "png"), 10.0, jobs)
+
+    found = goals([case(1000, 28, 500.0), case(100, 224, 3000.0), case(200, 224, 3500.0), case(300, 224, None)], None)
+    verdicts = {g["goal"]: g["passed"] for g in found}
+    assert verdicts["no job above 4096 MB at 1,000 x 28 px"] is True
+    assert verdicts["infer at 224 px, 100 images: peak RSS <= 3072 MB"] is True
+    assert verdicts["infer at 224 px, 200 images: peak RSS <= 3072 MB"] is False
+    assert verdicts["infer at 224 px, 300 images: peak RSS <= 3072 MB"] is None  # not measured is not a pass
 
 
 @pytest.mark.e2e
 def test_fashion_smoke(tmp_path, fashion_files):
-    """300 images per split, 1 + 1 epochs: the test figure, the published table, epoch times."""
-    out = _run("fashion.py", "--limit", "300", "--epochs", "1", "--out", str(tmp_path / "out"),
+    """150 images per split, 1 + 1 epochs: the test figure, the published table, epoch times."""
+    out = _run("fashion.py", "--limit", "150", "--epochs", "1", "--out", str(tmp_path / "out"),
                "--json", str(tmp_path / "fashion.json"))
     report = json.loads((tmp_path / "fashion.json").read_text())
     figures = report["experiments"][0]
     assert figures["experiment"] == "fashion"
-    assert 0.0 <= figures["test_accuracy"] <= 1.0 and 250 <= figures["test_images"] <= 300
+    assert 0.0 <= figures["test_accuracy"] <= 1.0 and 120 <= figures["test_images"] <= 150
     assert {stage: s["epochs"] for stage, s in figures["stages"].items()} == {"stage1": 1, "stage2": 1}
     assert all(s["seconds_per_epoch"] > 0 for s in figures["stages"].values())
     assert figures["job_seconds"] > 0 and figures["peak_rss_mb"] > 0
@@ -301,15 +318,16 @@ def test_fashion_smoke(tmp_path, fashion_files):
 
 @pytest.mark.e2e
 def test_autolabel_fashion_smoke(tmp_path, fashion_files):
-    """10 per class, 200 raw, 2 rounds of a 1 + 1 epoch recipe, and the four peers."""
-    out = _run("autolabel_fashion.py", "--quick", "--seeds", "100", "--out", str(tmp_path / "out"),
-               "--json", str(tmp_path / "autolabel.json"))
+    """10 per class, 100 raw, one round of a 1 + 1 epoch recipe, and the four peers (the loop
+    itself is tested in test_autolabel_workflow)."""
+    out = _run("autolabel_fashion.py", "--quick", "--seeds", "100", "--raw", "100", "--max-rounds", "1",
+               "--out", str(tmp_path / "out"), "--json", str(tmp_path / "autolabel.json"))
     report = json.loads((tmp_path / "autolabel.json").read_text())
     (seed,) = report["seeds"]
     peers = {"LabelSpreading pixels", "SelfTraining pixels", "LabelSpreading embeddings", "SelfTraining embeddings"}
-    assert 1 <= len(seed["rounds"]) <= 2
+    assert len(seed["rounds"]) == 1
     for row in seed["rounds"]:
-        assert 0 <= row["labelled"] <= 200 and 0.0 <= row["coverage"] <= 1.0
+        assert 0 <= row["labelled"] <= 100 and 0.0 <= row["coverage"] <= 1.0
         assert row["precision"] is None or 0.0 <= row["precision"] <= 1.0
         assert set(row["peers"]) == peers
         assert all(v is None or 0.0 <= v <= 1.0 for v in row["peers"].values())
