@@ -99,6 +99,9 @@ def run_revision(name: str, revision: str, out: Path, cores: int, autolabel_roun
         )
         targets.append(["autolabel", "--configfile", str(config)])
     started = time.perf_counter()
+    # a run killed before (the machine went away) left a lock and incomplete files: resume it
+    subprocess.run([*snakemake, "--unlock"], cwd=work, env=env, check=True, capture_output=True)
+    common.append("--rerun-incomplete")
     for target in targets:
         print(f"{name} ({revision}): snakemake {' '.join(target)}", flush=True)
         # targets first: --resources takes several values

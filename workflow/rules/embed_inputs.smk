@@ -36,7 +36,8 @@ def image_set(wildcards):
 def image_set_content(wildcards):
     """Digest of a configured set's files (a param: Snakemake does not look inside a folder).
     The OOD held-out list is a workflow output that Snakemake tracks itself; a digest of it taken
-    before the run that writes it would differ from one taken after, and rerun the job."""
+    before the run that writes it would differ from one taken after, and rerun the job.
+    """
     images = image_set(wildcards)
     return "" if "root" in images else content_of(images["source"])
 
