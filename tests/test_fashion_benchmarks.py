@@ -1,0 +1,115 @@
+"""Smoke tests of the Fashion-MNIST benchmarks (scale, fashion, autolabel_fashion): each runs the
+real workflow on a small slice of the Debian package dataset-fashion-mnist. Without its files
+they skip; LABELFLOW_REQUIRE_FASHION=1 (CI, which installs the package) makes that a failure.
+A file of their own: the suite runs files in parallel (pytest-xdist), and these are its longest."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from test_benchmarks import _run
+
+@pytest.fixture
+def fashion_files():
+    from labelflow.fashion import find_source
+    from labelflow.io import DatasetError
+
+    try:
+        return find_source()  # where the Debian package puts them
+    except DatasetError as err:
+        reason = str(err)  # names the folder searched and `apt-get install dataset-fashion-mnist`
+        if os.environ.get("LABELFLOW_REQUIRE_FASHION") == "1":
+            pytest.fail(f"LABELFLOW_REQUIRE_FASHION=1 but {reason}")
+        pytest.skip(reason)
+
+
+@pytest.mark.e2e
+def test_scale_smoke(tmp_path, fashion_files):
+    """100 and 200 images at 28 px through the real workflow (two runs): every job measured,
+    the growth table and the goals. The 224 px case is the same workflow at another size; its
+    verdict is checked on constructed figures below (a third run would add minutes)."""
+    out = _run("scale.py", "--quick", "--skip-224", "--sizes", "100", "200", "--n-folds", "3",
+               "--out", str(tmp_path / "out"), "--json", str(tmp_path / "scale.json"), timeout=1200)
+    report = json.loads((tmp_path / "scale.json").read_text())
+    cases = {case["name"]: case for case in report["cases"]}
+    assert set(cases) == {"100x28px", "200x28px"}
+    expected = {"tag2label", "split", "train_stage stage1", "train_stage stage2", "infer", "calibrate", "pca_index",
+                "evaluate_index", "rejection", "summary", "test_table", "test_evaluation", "embed pile",
+                "predict_set pile", "compare_experiments"}
+    for case in cases.values():
+        jobs = {job["job"]: job for job in case["jobs"]}
+        assert expected <= set(jobs), expected - set(jobs)
+        assert not set(jobs) & set(case["not_measured"])
+        assert all(job["seconds"] > 0 and job["images_per_s"] > 0 for job in jobs.values())
+        assert all(job["max_rss_mb"] is None or job["max_rss_mb"] > 0 for job in jobs.values())
+        assert jobs["infer"]["images"] == case["n_train"] and jobs["test_evaluation"]["images"] == case["n_test"]
+        assert jobs["embed pile"]["images"] == case["images"] == case["n_train"] + case["n_test"]
+    assert cases["200x28px"]["n_test"] == 29 and cases["100x28px"]["n_train"] == 86  # 1/7 test, as the full set
+    growth = {row["job"]: row for row in report["growth"]}
+    assert expected <= set(growth)
+    assert all(abs(row["data_growth"] - 2.0) < 0.1 and row["time_growth"] > 0 for row in growth.values())  # 14 -> 29 test images
+    assert {row["job"] for row in growth.values() if row["streaming"]} == {"infer", "test_evaluation", "embed pile", "predict_set pile"}
+    goals = report["goals"]
+    assert len(goals) == 3 and all(goal["passed"] in (True, False, None) for goal in goals)
+    assert "autolabel_round (not in this run)" in goals[1]["detail"]
+    assert re.search(r"^(PASS|FAIL|NOT MEASURED) +no job above 4096 MB at 200 x 28 px", out, re.M)
+    assert "not measured (no benchmark file): none" in out
+
+
+def test_scale_goals_judge_the_224px_infer():
+    from scale import Case, CaseResult, JobFigures, goals
+
+    def case(images: int, size: int, infer_mb: float | None) -> CaseResult:
+        jobs = [JobFigures("infer", "infer", "b.tsv", seconds=2.0, max_rss_mb=infer_mb, images=images)]
+        return CaseResult(Case(images, size, "png"), 10.0, jobs)
+
+    found = goals([case(1000, 28, 500.0), case(100, 224, 3000.0), case(200, 224, 3500.0), case(300, 224, None)], None)
+    verdicts = {g["goal"]: g["passed"] for g in found}
+    assert verdicts["no job above 4096 MB at 1,000 x 28 px"] is True
+    assert verdicts["infer at 224 px, 100 images: peak RSS <= 3072 MB"] is True
+    assert verdicts["infer at 224 px, 200 images: peak RSS <= 3072 MB"] is False
+    assert verdicts["infer at 224 px, 300 images: peak RSS <= 3072 MB"] is None  # not measured is not a pass
+
+
+@pytest.mark.e2e
+def test_fashion_smoke(tmp_path, fashion_files):
+    """150 images per split, 1 + 1 epochs: the test figure, the published table, epoch times."""
+    out = _run("fashion.py", "--limit", "150", "--epochs", "1", "--out", str(tmp_path / "out"),
+               "--json", str(tmp_path / "fashion.json"))
+    report = json.loads((tmp_path / "fashion.json").read_text())
+    figures = report["experiments"][0]
+    assert figures["experiment"] == "fashion"
+    assert 0.0 <= figures["test_accuracy"] <= 1.0 and 120 <= figures["test_images"] <= 150
+    assert {stage: s["epochs"] for stage, s in figures["stages"].items()} == {"stage1": 1, "stage2": 1}
+    assert all(s["seconds_per_epoch"] > 0 for s in figures["stages"].values())
+    assert figures["job_seconds"] > 0 and figures["peak_rss_mb"] > 0
+    assert {"tag2label", "split", "fashion/stage2", "fashion/test_evaluation"} <= set(figures["jobs"])
+    assert report["goal"]["passed"] is None  # a subset is not judged
+    assert "ResNet18" in out and "Human (crowd)" in out and "<- this run" in out and "NOT JUDGED" in out
+
+
+@pytest.mark.e2e
+def test_autolabel_fashion_smoke(tmp_path, fashion_files):
+    """10 per class, 100 raw, one round of a 1 + 1 epoch recipe, and the four peers (the loop
+    itself is tested in test_autolabel_workflow)."""
+    out = _run("autolabel_fashion.py", "--quick", "--seeds", "100", "--raw", "100", "--max-rounds", "1",
+               "--out", str(tmp_path / "out"), "--json", str(tmp_path / "autolabel.json"))
+    report = json.loads((tmp_path / "autolabel.json").read_text())
+    (seed,) = report["seeds"]
+    peers = {"LabelSpreading pixels", "SelfTraining pixels", "LabelSpreading embeddings", "SelfTraining embeddings"}
+    assert len(seed["rounds"]) == 1
+    for row in seed["rounds"]:
+        assert 0 <= row["labelled"] <= 100 and 0.0 <= row["coverage"] <= 1.0
+        assert row["precision"] is None or 0.0 <= row["precision"] <= 1.0
+        assert set(row["peers"]) == peers
+        assert all(v is None or 0.0 <= v <= 1.0 for v in row["peers"].values())
+    assert set(seed["peers_whole_pile"]) == peers
+    # 10 labelled images per class: label spreading on pixels is far above chance (0.1)
+    assert 0.3 <= seed["peers_whole_pile"]["LabelSpreading pixels"] <= 1.0
+    assert all(0.0 <= v <= 1.0 for v in seed["peers_whole_pile"].values())
+    assert "1 split seeds (100)" in out
+    assert re.search(r"^(PASS|FAIL|NOT JUDGED) workflow precision above every peer", out, re.M)
