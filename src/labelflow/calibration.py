@@ -59,7 +59,7 @@ def nll(logits: np.ndarray, targets: np.ndarray, activation: str, temperature: f
     if len(z) == 0:
         return float("nan")
     if activation == "softmax":
-        return float(F.cross_entropy(z, torch.as_tensor(np.asarray(targets)).long()))
+        return float(F.cross_entropy(z, torch.as_tensor(np.array(targets, dtype=np.int64))))
     return float(F.binary_cross_entropy_with_logits(z, _targets_matrix(targets, z.shape[1])))
 
 
