@@ -74,11 +74,13 @@ def build_split(out: Path, labelled_fraction: float, seed: int, image_size: int)
     return clean, raw, truth_csv
 
 
-def quick_experiment() -> dict:
+def quick_experiment(stage2_epochs: int = 4) -> dict:
+    """The softmax recipe shrunk for --quick runs (16 px, 1 + `stage2_epochs` epochs, no min_steps):
+    a plumbing check, not a figure. benchmarks/label_issues.py uses it too."""
     experiment = yaml.safe_load((REPO / "config/experiments/softmax.yaml").read_text())
     experiment["data"]["image_size"] = 16
     experiment["stages"]["stage1"]["epochs"] = 1
-    experiment["stages"]["stage2"]["epochs"] = 4
+    experiment["stages"]["stage2"]["epochs"] = stage2_epochs
     experiment["stages"]["stage2"]["min_steps"] = 0
     return experiment
 

@@ -68,6 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from autolabel_digits import quick_experiment  # noqa: E402
 from label_issues_synthetic import flip_class_conditional  # noqa: E402
 
 from labelflow.label_issues import find_label_issues, flag_metrics  # noqa: E402
@@ -109,15 +110,6 @@ def write_labelled(pool: pd.DataFrame, labels: np.ndarray, folder: Path) -> pd.D
         shutil.copy(file, target)
         rows.append((f"{given}/{Path(file).name}", str(given), true))
     return pd.DataFrame(rows, columns=["path", "given", "true"])
-
-
-def quick_experiment() -> dict:
-    experiment = yaml.safe_load((REPO / "config/experiments/softmax.yaml").read_text())
-    experiment["data"]["image_size"] = 16
-    experiment["stages"]["stage1"]["epochs"] = 1
-    experiment["stages"]["stage2"]["epochs"] = 2
-    experiment["stages"]["stage2"]["min_steps"] = 0
-    return experiment
 
 
 # --------------------------------------------------------------------------- workflow
@@ -255,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
               "test_fraction": 0.0}  # the benchmark holds out its own clean test images
     if quick:
         (out / "experiments").mkdir(exist_ok=True)
-        (out / "experiments/softmax.yaml").write_text(yaml.safe_dump(quick_experiment()))
+        (out / "experiments/softmax.yaml").write_text(yaml.safe_dump(quick_experiment(stage2_epochs=2)))
         config["experiments_dir"] = str(out / "experiments")
     pool, test = split_digits(out, 16 if quick else 32, args.test_fraction, args.images or (600 if quick else None))
     print(f"digits: {len(pool)} images to the workflow, {len(test)} held out for test; folder {out}", flush=True)
