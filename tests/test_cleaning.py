@@ -23,6 +23,7 @@ from labelflow.corrections import (
     HUMAN_CORRECTED,
     apply_autolabel_corrections,
     apply_corrections,
+    applying_rows_digest,
     read_corrections,
 )
 from labelflow.index import IndexSettings, pca_index
@@ -71,6 +72,18 @@ def test_read_corrections_checks_the_file(tmp_path):
     path.write_text("path,label\n")  # nothing reviewed yet
     empty, report = apply_corrections(table(), read_corrections(path), TAG2CLS)
     assert empty.drop(columns="source").equals(table()) and len(report) == 0
+
+
+def test_corrections_digest_per_table_changes_only_with_its_own_rows(tmp_path):
+    (tmp_path / "data/cat").mkdir(parents=True)
+    (tmp_path / "data/cat/a.png").write_bytes(b"x")
+    csv = tmp_path / "corrections.csv"
+    csv.write_text("path,label\ncat/a.png,dog\nraw/p/1.png,cat\n")
+    main, pile = applying_rows_digest(csv, tmp_path / "data"), applying_rows_digest(csv)
+    csv.write_text("path,label\ncat/a.png,dog\nraw/p/1.png,dog\n")  # a review answer changes
+    assert applying_rows_digest(csv, tmp_path / "data") == main and applying_rows_digest(csv) != pile
+    csv.write_text("path,label\ncat/a.png,drop\nraw/p/1.png,dog\n")  # a main-dataset row changes
+    assert applying_rows_digest(csv, tmp_path / "data") != main
 
 
 def test_corrections_relabel_drop_and_report_without_moving_other_rows():

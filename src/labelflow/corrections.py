@@ -56,6 +56,22 @@ def read_corrections(path: PathLike) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
+def applying_rows_digest(path: PathLike, dataset_root: PathLike | None = None) -> str:
+    """Digest of the corrections rows that apply to one table: with ``dataset_root`` the main
+    dataset's (paths naming a file below it), else the autolabel piles' (``clean/...`` and
+    ``raw/...`` paths). A rule passes it as a param, so a review answer for the autolabel pile
+    does not retrain the main dataset's runs, nor the reverse."""
+    import hashlib
+    import os
+
+    rows = read_corrections(path)
+    if dataset_root is not None:
+        keep = [os.path.isfile(os.path.join(dataset_root, p)) for p in rows["path"]]
+    else:
+        keep = rows["path"].str.startswith(("clean/", "raw/")).tolist()
+    return hashlib.sha256(rows[keep].to_csv(index=False).encode()).hexdigest()[:16]
+
+
 def _normalise_label(label: str) -> str:
     parts = sorted({part.strip() for part in str(label).split(";") if part.strip()})
     return ";".join(parts)

@@ -1,5 +1,4 @@
 # Input functions and helpers of workflow/rules/label_issues.smk; no rules here.
-import hashlib
 
 from labelflow.cleaning import LabelIssueSettings
 from labelflow.runs import CLEANED_TABLE, CORRECTED_TABLE, DATASET_TABLE
@@ -30,22 +29,18 @@ def corrections_file(wildcards):
 
 
 def corrections_rows(table):
-    """Digest of the corrections rows that apply to `table` ("main": paths naming a file below
-    `dataset`; "autolabel": clean/... and raw/... paths): a review answer for the autolabel pile
-    does not retrain the main dataset's runs, nor the reverse."""
+    """Param: digest of the corrections rows that apply to `table` ("main" or "autolabel";
+    labelflow.corrections.applying_rows_digest)."""
 
     def digest(wildcards):
-        from labelflow.corrections import read_corrections
+        from labelflow.corrections import applying_rows_digest
 
         try:
-            rows = read_corrections(config["corrections"])
+            return applying_rows_digest(
+                config["corrections"], DATASET if table == "main" else None
+            )
         except DatasetError as exc:
             raise WorkflowError(str(exc)) from None
-        if table == "main":
-            keep = [os.path.isfile(os.path.join(DATASET, p)) for p in rows["path"]]
-        else:
-            keep = rows["path"].str.startswith(("clean/", "raw/")).tolist()
-        return hashlib.sha256(rows[keep].to_csv(index=False).encode()).hexdigest()[:16]
 
     return digest
 
