@@ -73,9 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="threads for both methods (default 1)")
     p.add_argument("--batch", type=int, default=256, help="queries per numpy matrix product in batch mode")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=7, help="timed interleaved rounds of query passes (default 7)")
-    p.add_argument("--min-seconds", type=float, default=1.0,
-                   help="repeat a query pass until one measurement lasts this long (default 1.0)")
+    p.add_argument("--rounds", type=int, default=15, help="timed interleaved rounds of query passes (default 15)")
+    # 7 rounds of >= 1 s left the 100k single-query speed-up 6 % apart between two quiet runs; 15 of >= 3 s, 2 %
+    p.add_argument("--min-seconds", type=float, default=3.0,
+                   help="repeat a query pass until one measurement lasts this long (default 3.0)")
     p.add_argument("--json", metavar="OUT", help="also write the figures as JSON (for compare_runs.py)")
     args = p.parse_args(argv)
     if args.rounds < 1:
