@@ -17,6 +17,8 @@ stays visible downstream, and automatic cleaning never overrides it
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -61,9 +63,6 @@ def applying_rows_digest(path: PathLike, dataset_root: PathLike | None = None) -
     dataset's (paths naming a file below it), else the autolabel piles' (``clean/...`` and
     ``raw/...`` paths). A rule passes it as a param, so a review answer for the autolabel pile
     does not retrain the main dataset's runs, nor the reverse."""
-    import hashlib
-    import os
-
     rows = read_corrections(path)
     if dataset_root is not None:
         keep = [os.path.isfile(os.path.join(dataset_root, p)) for p in rows["path"]]
