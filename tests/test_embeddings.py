@@ -345,7 +345,7 @@ def test_evaluate_ood_metrics(tmp_path):
 def test_index_benchmark_smoke():
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks/index_scale.py"), "--sizes", "300", "600", "--queries", "20",
-         "--ef-construction", "40"],
+         "--ef-construction", "40", "--rounds", "3", "--min-seconds", "0"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
