@@ -183,13 +183,14 @@ def embedding_features(data: Path, work: Path, table: pd.DataFrame, experiments:
     import torch
     from snakemake.utils import validate
 
+    from labelflow.device import set_job_threads
     from labelflow.embeddings import embed_paths
     from labelflow.models import load_model
 
     recipe = yaml.safe_load((experiments / f"{name}.yaml").read_text())
     validate(recipe, str(REPO / "config/schemas/experiment.schema.yaml"))  # fills the data defaults
     checkpoint = work / "results/autolabel/round_0" / list(recipe["stages"])[-1] / "best.pt"
-    torch.set_num_threads(cores)
+    set_job_threads(cores)  # torch threads, and the budget loading plans share
     model = load_model(checkpoint)
     return embed_paths(model, data, list(table["path"]), recipe["data"], torch.device("cpu"))
 

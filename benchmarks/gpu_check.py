@@ -72,7 +72,7 @@ import labelflow.inference
 import labelflow.training
 from digits_loops import Bench, DigitsImages, LoopSettings, build_bench, load_recipe
 from labelflow.dataset import split, tag2label
-from labelflow.device import select_device
+from labelflow.device import select_device, set_job_threads
 from labelflow.experiment import StageSetup, train_stage
 from labelflow.inference import predict
 from labelflow.io import DatasetError, write_csv_atomic, write_json_atomic
@@ -453,7 +453,7 @@ def write_report(report: dict[str, Any], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_job_threads(args.threads)  # torch threads, and the budget loading plans share
     report: dict[str, Any] = {"benchmark": "gpu_check", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                               "machine": machine_info(), "settings": vars(args) | {"out": str(args.out)}}
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -38,6 +38,7 @@ import yaml  # noqa: E402
 from labelflow import search as sim  # noqa: E402
 from labelflow.dataset import split, tag2label  # noqa: E402
 from labelflow.demo import write_digits_dataset  # noqa: E402
+from labelflow.device import set_job_threads  # noqa: E402
 from labelflow.experiment import infer, model_spec  # noqa: E402
 from labelflow.images import decode_resized  # noqa: E402
 from labelflow.index import IndexSettings, pca_index  # noqa: E402
@@ -168,7 +169,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_job_threads(args.threads)  # torch threads, and the budget loading plans share
     experiment = load_recipe(args.experiment)
     with tempfile.TemporaryDirectory() as tmp:
         trained, paths = make_run(Path(tmp), experiment, args.images)

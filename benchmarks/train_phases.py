@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader, Subset
 import labelflow.inference as inference
 import labelflow.training as training
 from digits_loops import Bench, DigitsImages, LoopSettings, ReferenceLoop, build_bench, reference_autocast, reference_layout
+from labelflow.device import set_job_threads
 from labelflow.loaders import make_loader
 from labelflow.metrics import HeadMetrics
 from spread import Spread, load_warning, machine_info, write_json
@@ -369,7 +370,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = machine_info()
-    torch.set_num_threads(args.threads)
+    set_job_threads(args.threads)  # torch threads, and the budget loading plans share
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     settings = LoopSettings(experiment=args.experiment, batch_size=args.batch_size, infer_batch_size=args.infer_batch_size)

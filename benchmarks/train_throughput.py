@@ -29,6 +29,8 @@ import tempfile
 
 import torch
 
+from labelflow.device import set_job_threads
+
 from digits_loops import DigitsImages, LoopSettings, build_bench, data_only_rate
 from spread import Spread, load_warning, machine_info, ratio_lines, run_interleaved, write_json
 
@@ -53,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = machine_info()
-    torch.set_num_threads(args.threads)
+    set_job_threads(args.threads)  # torch threads, and the budget loading plans share
     device = torch.device("cpu")
     settings = LoopSettings(experiment=args.experiment, batch_size=args.batch_size, infer_batch_size=args.infer_batch_size)
     # the images stay on disk while the loops run: a dataset may read them lazily

@@ -24,11 +24,33 @@ def test_cache_auto_streams_over_a_tiny_budget_and_caches_under_a_big_one():
     big = plan_loading(DATA, 1000, threads=2, memory=10 * 2**30)
     assert big.cache and big.num_workers == 0 and "<=" in big.reason
     small = plan_loading(DATA, 1000, threads=2, memory=2**20)  # 1000 x 16 x 16 x 3 = 768 kB > 256 kB
-    assert not small.cache and small.num_workers == 1 and ">" in small.reason
+    # streams; on 2 threads no worker: it would preempt one of torch's 2 OpenMP threads
+    assert not small.cache and (small.num_workers, small.compute_threads) == (0, 2) and ">" in small.reason
     assert plan_loading({**DATA, "cache": True, "num_workers": 0}, 10**9, threads=4).cache  # forced
     forced = plan_loading({**DATA, "cache": True, "num_workers": 2}, 10, threads=4)
     assert not forced.cache and forced.num_workers == 2 and "worker" in forced.reason
-    assert plan_loading({**DATA, "cache": False}, 10, threads=8).num_workers == 4  # half the threads
+    assert forced.compute_threads == 2  # the workers' threads come out of the job's budget
+    eight = plan_loading({**DATA, "cache": False}, 10, threads=8)
+    assert (eight.num_workers, eight.compute_threads) == (4, 4)  # half the threads decode, half compute
+    assert plan_loading({**DATA, "cache": False}, 10, threads=3).num_workers == 1
+    on_gpu = plan_loading({**DATA, "cache": False}, 10, threads=2, device=torch.device("cuda"))
+    assert on_gpu.num_workers >= 1 and on_gpu.compute_threads == 2  # the GPU computes: workers cost no torch thread
+
+
+def test_a_loading_plan_shares_the_job_budget_and_a_later_plan_sees_all_of_it(monkeypatch):
+    from labelflow import device
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(device, "_job_threads", None)
+    try:
+        device.set_job_threads(4)
+        first = plan_loading({**DATA, "cache": False}, 10, device.job_threads())
+        first.apply()
+        assert torch.get_num_threads() == 2 and device.job_threads() == 4
+        again = plan_loading({**DATA, "cache": False}, 10, device.job_threads())
+        assert (again.num_workers, again.compute_threads) == (2, 2)  # not planned from the shrunk pool
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_cache_fills_lazily_during_the_first_epoch(tmp_path, monkeypatch):

@@ -13,6 +13,23 @@ import torch
 
 log = logging.getLogger(__name__)
 
+_job_threads: int | None = None
+
+
+def set_job_threads(threads: int) -> None:
+    """The job's CPU threads (Snakemake ``threads:``): torch's pool, and what loading plans share
+    between decoding workers and compute (:func:`labelflow.loaders.plan_loading`)."""
+    global _job_threads
+    _job_threads = int(threads)
+    torch.set_num_threads(_job_threads)
+
+
+def job_threads() -> int:
+    """The job's thread budget: what set_job_threads set (a Snakemake job, a benchmark), else
+    torch's pool now. Kept apart from torch's pool because a loading plan that gives threads to
+    decoding workers shrinks the pool, and a later plan in the same job must see the whole budget."""
+    return torch.get_num_threads() if _job_threads is None else _job_threads
+
 
 def select_device(want_gpu: bool) -> torch.device:
     """CUDA only when the job asked for a GPU and one is visible; CPU otherwise."""

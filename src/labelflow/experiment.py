@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from labelflow.dataset import class_names, class_targets, is_multilabel, read_dataset_csv, read_tag2cls, split_names
-from labelflow.device import select_device
+from labelflow.device import job_threads, select_device
 from labelflow.heads import check_experiment, get_head, uses_rotation
 from labelflow.inference import predict
 from labelflow.io import DatasetError, PathLike, read_json, save_npy_atomic, write_csv_atomic, write_json_atomic
@@ -135,9 +135,10 @@ def stage_loaders(
     eval_tf = build_transform(train=False, **norm)
     rotation = uses_rotation(heads)
     paths = dataset["path"].to_numpy()
-    plan = plan_loading(data_cfg, len(paths), torch.get_num_threads(), device)
-    log.info("loading: %s, %d worker process(es) (%s)", "cache in memory" if plan.cache else "streaming",
-             plan.num_workers, plan.reason)  # fmt: skip
+    plan = plan_loading(data_cfg, len(paths), job_threads(), device)
+    plan.apply()
+    log.info("loading: %s, %d worker process(es), %d compute thread(s) (%s)",
+             "cache in memory" if plan.cache else "streaming", plan.num_workers, plan.compute_threads, plan.reason)  # fmt: skip
     common = {"image_size": data_cfg["image_size"], "cache": plan.cache, "heads": heads}
     train_ds = ImageTableDataset(
         root, paths[~is_valid], targets[~is_valid], transform=train_tf,

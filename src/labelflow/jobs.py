@@ -25,7 +25,9 @@ def start_job(smk: Any) -> logging.Logger:
     # Only jobs that already imported torch (model jobs) size its pool: importing it costs
     # seconds that light jobs (tables, plots) should not pay.
     if threads and "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(int(threads))
+        from labelflow.device import set_job_threads
+
+        set_job_threads(int(threads))
     logger.info("rule %s, wildcards %s, threads %s", smk.rule, dict(smk.wildcards), threads)
     return logger
 

@@ -14,6 +14,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
+from labelflow.device import job_threads
 from labelflow.heads import ROTATION_CODES, get_head
 from labelflow.images import decode_resized
 
@@ -197,6 +198,11 @@ class LoadingPlan:
     cache: bool
     num_workers: int
     reason: str
+    compute_threads: int  # torch's pool beside the workers (on the CPU they share the job's threads)
+
+    def apply(self) -> None:
+        """Size torch's pool for this plan; call before building the loaders."""
+        torch.set_num_threads(self.compute_threads)
 
 
 def plan_loading(data_cfg: dict[str, Any], n_images: int, threads: int, device: torch.device | None = None,
@@ -206,8 +212,14 @@ def plan_loading(data_cfg: dict[str, Any], n_images: int, threads: int, device: 
     ``cache: auto`` keeps decoded images in memory when they fit in ``CACHE_MEMORY_SHARE`` of the
     memory available (``image_size``\u00b2 x 3 bytes each), else streams them. ``num_workers:
     auto`` is 0 with a cache (nothing to decode after the first epoch; a worker's cache would be
-    lost), else DataLoader worker processes decode in parallel with the model: half the job's
-    threads on the CPU (the other half compute), up to 8 per GPU job.
+    lost), else DataLoader worker processes decode in parallel with the model: up to 8 per GPU
+    job; on the CPU half the job's threads, and none with 2 threads or fewer.
+
+    On the CPU the workers' threads come out of the job's budget (``compute_threads`` = threads
+    - workers): torch's OpenMP threads wait for each other at every layer, so one preempted by
+    a decoding worker stalls them all. Measured on 2 cores (README, predict_throughput): 2
+    compute threads + 1 worker ran at 0.79 of the bare loop, 2 compute threads + no worker at
+    0.89, and 2 training processes of 2 threads each took 3-4.5x longer per epoch.
     """
     size = data_cfg["image_size"]
     needed = n_images * size * size * 3
@@ -218,13 +230,14 @@ def plan_loading(data_cfg: dict[str, Any], n_images: int, threads: int, device: 
         reason = f"decoded images {needed / 2**30:.2f} GiB {'<=' if cache else '>'} cache budget {budget / 2**30:.2f} GiB"
     else:
         reason = f"data.cache is {cache}"
+    on_gpu = device is not None and device.type == "cuda"
     workers = data_cfg["num_workers"]
     if workers == "auto":
-        on_gpu = device is not None and device.type == "cuda"
-        workers = 0 if cache else min(MAX_AUTO_WORKERS, os.cpu_count() or 1) if on_gpu else max(1, threads // 2)
+        workers = 0 if cache else min(MAX_AUTO_WORKERS, os.cpu_count() or 1) if on_gpu else threads // 2 if threads > 2 else 0
     if cache and workers:
         cache, reason = False, f"{reason}; no cache with {workers} worker processes (each would keep its own)"
-    return LoadingPlan(bool(cache), int(workers), reason)
+    compute = threads if on_gpu else max(1, threads - workers)
+    return LoadingPlan(bool(cache), int(workers), reason, compute)
 
 
 def eval_loader(
@@ -242,7 +255,8 @@ def eval_loader(
     cache would only hold every image at once); ``data.num_workers`` as :func:`plan_loading`."""
     transform = build_transform(train=False, mean=data_cfg["mean"], std=data_cfg["std"])
     dataset = ImageTableDataset(root, list(paths), targets, data_cfg["image_size"], transform, cache=False, **dataset_options)
-    plan = plan_loading({**data_cfg, "cache": False}, len(dataset), torch.get_num_threads(), device)
+    plan = plan_loading({**data_cfg, "cache": False}, len(dataset), job_threads(), device)
+    plan.apply()
     return make_loader(
         dataset, batch_size=batch_size, shuffle=False, seed=0,
         num_workers=plan.num_workers, pin_memory=device is not None and device.type == "cuda",

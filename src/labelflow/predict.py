@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from labelflow.dataset import read_image_list
-from labelflow.device import autocast, images_for, place_model
+from labelflow.device import autocast, images_for, job_threads, place_model
 from labelflow.images import check_image, walk_images
 from labelflow.io import DatasetError, PathLike, atomic_output
 from labelflow.loaders import ImageTableDataset, build_transform, plan_loading
@@ -128,7 +128,8 @@ class Predictor:
         transform = build_transform(train=False, mean=pre["mean"], std=pre["std"])
         images = ImageTableDataset(root, list(paths), None, pre["image_size"], transform, cache=False)
         plan = plan_loading({**pre, "cache": False, "num_workers": pre.get("num_workers", "auto")}, len(images),
-                            torch.get_num_threads(), self.device)  # fmt: skip
+                            job_threads(), self.device)  # fmt: skip
+        plan.apply()
         return DataLoader(
             _ImagesOrErrors(images), batch_size=self.batch_size, shuffle=False, collate_fn=_collate,
             num_workers=plan.num_workers, pin_memory=self.device.type == "cuda",
