@@ -384,7 +384,13 @@ def test_duplicate_settings_defaults_are_the_schema_defaults() -> None:
     defaults = DuplicateSettings()
     assert (section["max_distance"]["default"], section["label_conflicts"]["default"]) == (4, "drop")
     assert (defaults.max_distance, defaults.label_conflicts) == (4, "drop")
-    assert DuplicateSettings.from_config({"max_distance": -1, "label_conflicts": "keep"}) == DuplicateSettings(-1, "keep")
+    assert section["min_correlation"]["default"] == defaults.min_correlation == 0.99
+    assert DuplicateSettings.from_config({"max_distance": -1, "label_conflicts": "keep", "min_correlation": None}) == (
+        DuplicateSettings(-1, "keep", None)
+    )
+    assert DuplicateSettings(min_correlation=None).confirm(["a.png"]) is None
+    with pytest.raises(DatasetError, match=r"`duplicates.min_correlation` must be a number in 0..1 or null"):
+        DuplicateSettings(min_correlation=1.5)
     with pytest.raises(DatasetError, match="`duplicates.label_conflicts` must be one of"):
         DuplicateSettings(label_conflicts="merge")
     with pytest.raises(DatasetError, match="`duplicates.max_distance` must be an integer in -1..32"):

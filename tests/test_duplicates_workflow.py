@@ -45,7 +45,7 @@ def test_data_rules_keep_duplicate_groups_in_one_fold(tmp_path):
     assert skipped["owl/from_cat_05.png"] == "label conflict: duplicate of cat/cat_05.png in class cat"
     assert skipped.str.startswith("label conflict: ").sum() == 6
     log = (workdir / "results/logs/tag2label.log").read_text(encoding="utf-8")
-    assert "7 duplicate groups (max_distance 4): 15 images" in log and "3 label conflicts (drop)" in log
+    assert "7 duplicate groups (max_distance 4, min_correlation 0.99): 15 images" in log and "3 label conflicts (drop)" in log
     assert "label conflict: duplicate group" in log
     assert "4 duplicate groups kept, each inside one fold" in (workdir / "results/logs/split.log").read_text()
 

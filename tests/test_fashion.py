@@ -256,9 +256,10 @@ def test_published_table_has_the_readme_figures() -> None:
 # --------------------------------------------------------------------------- real files
 
 
-def test_real_debian_files_when_installed(tmp_path: Path) -> None:
+def installed_source():
+    """The Debian package's files; skip without them (fail with LABELFLOW_REQUIRE_FASHION=1)."""
     try:
-        found = find_source()
+        return find_source()
     except DatasetError:
         if os.environ.get("LABELFLOW_REQUIRE_FASHION") == "1":
             pytest.fail(f"LABELFLOW_REQUIRE_FASHION=1 but no Fashion-MNIST files in {DEBIAN_SOURCE_DIRS[0]}")
@@ -266,6 +267,10 @@ def test_real_debian_files_when_installed(tmp_path: Path) -> None:
             f"dataset-fashion-mnist not installed (no files in {DEBIAN_SOURCE_DIRS[0]}): "
             "apt-get install dataset-fashion-mnist"
         )
+
+
+def test_real_debian_files_when_installed(tmp_path: Path) -> None:
+    found = installed_source()
     labels = read_idx(found.files["test"][1])
     assert labels.shape == (10000,)
     assert np.bincount(labels).tolist() == [1000] * 10
@@ -276,3 +281,18 @@ def test_real_debian_files_when_installed(tmp_path: Path) -> None:
         assert img.size == (28, 28)
     # The first test labels as published (ankle boot, pullover, trouser, ...).
     assert labels[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
+
+
+def test_near_duplicate_groups_on_real_fashion_photos_need_the_pixel_check(tmp_path: Path) -> None:
+    """pHash alone chains Fashion-MNIST's look-alike silhouettes into cross-class groups
+    (label conflicts dropped whole); with the default pixel check no look-alike is grouped."""
+    from labelflow.dataset import DuplicateSettings, tag2label
+
+    installed_source()
+    write_fashion_dataset(tmp_path / "fm", limit=3000, seed=0)
+    checked = tag2label(tmp_path / "fm" / "train")
+    assert len(checked.dataset) >= 2990 and len(checked.skipped) <= 10
+    assert checked.duplicates.empty or checked.duplicates["size"].max() <= 4
+    phash_only = tag2label(tmp_path / "fm" / "train", DuplicateSettings(min_correlation=None))
+    assert len(phash_only.skipped) >= 60  # measured: 126 of 3,000 dropped as label conflicts
+    assert phash_only.duplicates["size"].max() >= 20 and phash_only.duplicates["label_conflict"].sum() >= 5

@@ -9,8 +9,11 @@ import pytest
 from PIL import Image
 
 from conftest import textured_image
+from labelflow import near_duplicates
 from labelflow.near_duplicates import (
     DEFAULT_MAX_DISTANCE,
+    DEFAULT_MIN_CORRELATION,
+    PixelCheck,
     duplicate_groups,
     group_report,
     hamming_distance,
@@ -131,6 +134,97 @@ def test_near_copies_group_transitively():
     assert without_b[0] != without_b[1]
 
 
+def _hashes_with_copies_and_equal_buckets(seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    hashes = rng.integers(0, 2**63, 400).tolist()
+    for i in range(0, 120, 3):  # chains of near copies
+        hashes[i + 1] = flip_bits(hashes[i], [1, 9])
+        hashes[i + 2] = flip_bits(hashes[i + 1], [20, 33])
+    for i in range(200, 260, 4):  # buckets of 4 equal hashes, one of them near another bucket
+        hashes[i + 1] = hashes[i + 2] = hashes[i + 3] = hashes[i]
+    hashes[260] = flip_bits(hashes[200], [5])
+    return hashes
+
+
+@pytest.mark.parametrize("batch", [None, 3])
+def test_a_confirm_that_accepts_every_pair_gives_the_plain_groups(monkeypatch, batch):
+    hashes = _hashes_with_copies_and_equal_buckets()
+    if batch:  # row pairs expanded a few at a time: the same groups
+        monkeypatch.setattr(near_duplicates, "_MAX_CANDIDATES_PER_BATCH", batch)
+    keys, sha1 = names(len(hashes)), [f"s{i}" for i in range(len(hashes))]
+    seen = []
+    accept_all = lambda a, b: seen.append(len(a)) or np.ones(len(a), dtype=bool)  # noqa: E731
+    plain = duplicate_groups(keys, sha1, hashes, max_distance=4)
+    checked = duplicate_groups(keys, sha1, hashes, max_distance=4, confirm=accept_all)
+    assert (plain == checked).all()
+    assert len(np.unique(plain)) < len(hashes)
+    # every row pair is offered once: 40 chains x 3 pairs, 15 buckets x 6 pairs, 4 x 1 across buckets
+    assert sum(seen) == 40 * 3 + 15 * 6 + 4
+    if batch:
+        assert max(seen) <= 2 * batch + 4
+
+
+def test_a_rejected_pair_breaks_the_chain_and_equal_hashes_are_checked_too():
+    a = 0x0123456789ABCDEF
+    b = flip_bits(a, [0, 1, 2])
+    c = flip_bits(b, [40, 41, 42])  # b~c, 6 bits from a
+    keys, sha1 = ["a", "b", "c", "d", "e"], ["s1", "s2", "s3", "s4", "s5"]
+    hashes = [a, b, c, 0x7777, 0x7777]  # d and e: the same pHash
+    rejected = {frozenset("bc"), frozenset("de")}
+
+    def confirm(first, second):  # pairs come in either order
+        return np.array([frozenset(keys[i] + keys[j]) not in rejected for i, j in zip(first, second)])
+
+    groups = duplicate_groups(keys, sha1, hashes, max_distance=4, confirm=confirm)
+    assert groups[0] == groups[1] and groups[2] != groups[1]
+    assert groups[3] != groups[4]
+    same_file = duplicate_groups(keys, ["s1", "s2", "s3", "s4", "s4"], hashes, max_distance=4, confirm=confirm)
+    assert same_file[3] == same_file[4]  # byte-identical files group without any pixel check
+
+
+def _with_fine_texture(pixels: np.ndarray, amplitude: int) -> np.ndarray:
+    """A different picture with the same coarse layout: a strong checkerboard whose cells are
+    one pixel of the 32 px thumbnail (pHash keeps only its 8x8 lowest frequencies)."""
+    cell = pixels.shape[0] // 32
+    yy, xx = np.indices(pixels.shape[:2]) // cell
+    texture = np.where((yy + xx) % 2 == 0, amplitude, -amplitude)[..., None]
+    return np.clip(pixels.astype(np.int16) + texture, 0, 255).astype(np.uint8)
+
+
+def test_pixel_check_keeps_real_copies_and_rejects_look_alikes_that_share_a_phash(tmp_path: Path):
+    base = textured_image(seed=7, size=96)
+    Image.fromarray(base).save(tmp_path / "photo.png")
+    Image.fromarray(base).save(tmp_path / "photo_q75.jpg", quality=75)
+    Image.fromarray(base).resize((48, 48)).save(tmp_path / "photo_half.png")
+    Image.fromarray(_with_fine_texture(base, 80)).save(tmp_path / "look_alike.png")
+    Image.fromarray(np.full((96, 96, 3), 40, np.uint8)).save(tmp_path / "flat_dark.png")
+    Image.fromarray(np.full((96, 96, 3), 45, np.uint8)).save(tmp_path / "flat_light.png")
+    keys = ["photo.png", "photo_q75.jpg", "photo_half.png", "look_alike.png", "flat_dark.png", "flat_light.png"]
+    files = [tmp_path / k for k in keys]
+    hashes = [perceptual_hash(f) for f in files]
+    # the look-alike is a pHash near copy (the premise), and the two flat images share a hash
+    assert hamming_distance(hashes[0], hashes[3]) <= DEFAULT_MAX_DISTANCE
+    assert hashes[4] == hashes[5]
+    check = PixelCheck(files, DEFAULT_MIN_CORRELATION)
+    correlation = check.correlation(np.array([0, 0, 0, 4]), np.array([1, 2, 3, 5]))
+    assert correlation[0] > 0.995 and correlation[1] > 0.99  # JPEG q75, half size
+    assert correlation[2] < 0.95 and correlation[3] == 0.0  # look-alike; flat images correlate with nothing
+    sha1 = [f"s{i}" for i in range(len(keys))]
+    groups = duplicate_groups(keys, sha1, hashes, confirm=check)
+    assert groups[0] == groups[1] == groups[2]
+    assert len({groups[0], groups[3], groups[4], groups[5]}) == 4
+    assert check.decoded == len(keys)  # each candidate decoded once
+    unchecked = duplicate_groups(keys, sha1, hashes)
+    assert unchecked[3] == unchecked[0] and unchecked[4] == unchecked[5]
+
+
+def test_pixel_check_of_an_unreadable_file_confirms_nothing(tmp_path: Path):
+    Image.fromarray(textured_image(seed=3, size=64)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    check = PixelCheck([tmp_path / "ok.png", tmp_path / "broken.png"], 0.5)
+    assert check(np.array([0]), np.array([1])).tolist() == [False]
+
+
 def test_group_ids_depend_on_keys_not_on_row_order():
     rng = np.random.default_rng(0)
     n = 300
@@ -226,3 +320,26 @@ def test_report_kind_near_and_empty_report():
     assert near["kind"].tolist() == ["near"]
     empty = group_report(["a", "b"], ["x", "y"], [0, 1], ["s1", "s2"])
     assert empty.empty and list(empty.columns) == list(near.columns)
+
+
+def test_a_test_folder_leaves_out_copies_of_training_images_but_not_look_alikes(tmp_path: Path):
+    import pandas as pd
+
+    from labelflow.dataset import DEFAULT_DUPLICATES, tag2label
+    from labelflow.heldout import held_out_from_folder
+
+    train, test = tmp_path / "train", tmp_path / "test"
+    for seed, tag in enumerate(["cat", "dog"]):
+        for root in (train / tag, test / tag):
+            root.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(textured_image(seed=10 * seed + i, size=96)).save(train / tag / f"{tag}_{i}.png")
+        Image.fromarray(textured_image(seed=10 * seed + 5, size=96)).save(test / tag / f"new_{tag}.png")
+    photo = textured_image(seed=0, size=96)  # train/cat/cat_0.png
+    Image.fromarray(photo).save(test / "cat" / "resaved.jpg", quality=75)
+    Image.fromarray(_with_fine_texture(photo, 80)).save(test / "cat" / "look_alike.png")
+    found = tag2label(train)
+    rows, skipped = held_out_from_folder(test, found.tag2cls, found.dataset, DEFAULT_DUPLICATES, train)
+    assert sorted(rows["path"]) == ["cat/look_alike.png", "cat/new_cat.png", "dog/new_dog.png"]
+    assert skipped.to_dict("records") == [{"path": "cat/resaved.jpg", "reason": "copy of a training image"}]
+    assert isinstance(rows, pd.DataFrame) and rows["class"].tolist() == [found.tag2cls[p.split("/")[0]] for p in rows["path"]]

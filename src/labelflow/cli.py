@@ -128,13 +128,20 @@ def _tag2label_args(p: argparse.ArgumentParser) -> None:
         default=defaults.label_conflicts,
         help=f"copies of one picture in different classes: drop or keep them (default {defaults.label_conflicts})",
     )
+    p.add_argument(
+        "--min-correlation",
+        type=lambda text: None if text == "none" else float(text),
+        default=defaults.min_correlation,
+        help="pixel correlation (32x32 grayscale) a pHash pair needs to count as a near copy; "
+        f"'none': no pixel check (default {defaults.min_correlation})",
+    )
 
 
 @command(
     "tag2label", "list a folder-per-class dataset and map tags to class indices", _tag2label_args
 )
 def _tag2label(args: argparse.Namespace) -> int:
-    settings = dataset.DuplicateSettings(args.max_distance, args.label_conflicts)
+    settings = dataset.DuplicateSettings(args.max_distance, args.label_conflicts, args.min_correlation)
     result = dataset.tag2label(args.in_dir, settings)
     write_csv_atomic(result.dataset, args.out_dataset)
     write_json_atomic(result.tag2cls, args.out_tag2cls)

@@ -42,6 +42,8 @@ from labelflow.io import (
 )
 from labelflow.near_duplicates import (
     DEFAULT_MAX_DISTANCE,
+    DEFAULT_MIN_CORRELATION,
+    PixelCheck,
     duplicate_groups,
     group_report,
 )
@@ -58,6 +60,7 @@ class DuplicateSettings:
 
     max_distance: int = DEFAULT_MAX_DISTANCE  # pHash bits; -1: exact (byte-identical) copies only
     label_conflicts: str = "drop"  # a group whose members carry different labels: drop | keep
+    min_correlation: float | None = DEFAULT_MIN_CORRELATION  # pixel check of pHash pairs; None: none
 
     def __post_init__(self) -> None:
         if self.label_conflicts not in LABEL_CONFLICT_ACTIONS:
@@ -70,6 +73,18 @@ class DuplicateSettings:
             raise DatasetError(
                 f"config key `duplicates.max_distance` must be an integer in -1..32, got {distance!r}"
             )
+        correlation = self.min_correlation
+        if correlation is not None and (
+            isinstance(correlation, bool) or not isinstance(correlation, (int, float)) or not 0 <= correlation <= 1
+        ):
+            raise DatasetError(
+                f"config key `duplicates.min_correlation` must be a number in 0..1 or null (no pixel check), "
+                f"got {correlation!r}"
+            )
+
+    def confirm(self, files: Sequence[PathLike]) -> PixelCheck | None:
+        """The pixel check of pHash pairs over these image files (row i: files[i]), or None."""
+        return None if self.min_correlation is None else PixelCheck(files, self.min_correlation)
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> DuplicateSettings:
@@ -94,9 +109,10 @@ DUPLICATE_COLUMNS = ["group", "size", "members", "classes", "label_conflict", "k
 
 
 def group_duplicates(
-    table: pd.DataFrame, settings: DuplicateSettings, label_column: str = "tag"
+    table: pd.DataFrame, settings: DuplicateSettings, root: PathLike, label_column: str = "tag"
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Give each row of a ``path,<label_column>,sha1,phash`` table its duplicate ``group``.
+    """Give each row of a ``path,<label_column>,sha1,phash`` table its duplicate ``group``
+    (paths relative to ``root``, where the pixel check reads them).
 
     Returns ``(table, skipped, report)``: the table with ``group`` (without the members of
     label-conflict groups when ``settings.label_conflicts`` is ``drop``), the dropped rows
@@ -104,9 +120,11 @@ def group_duplicates(
     of two or more (a label conflict: members whose label values differ; for multilabel
     data, different label sets). Each conflict is logged as a warning naming its files.
     """
+    files = [os.path.join(root, path) for path in table["path"]]
     groups = duplicate_groups(
-        table["path"].tolist(), table["sha1"].tolist(), table["phash"].tolist(), settings.max_distance
-    )
+        table["path"].tolist(), table["sha1"].tolist(), table["phash"].tolist(), settings.max_distance,
+        settings.confirm(files),
+    )  # fmt: skip
     table = table.assign(group=groups)
     report = group_report(table["path"], table[label_column], groups, table["sha1"])
     conflicts = report.loc[report["label_conflict"], "group"]
@@ -175,8 +193,9 @@ def tag2label(dataset_dir: PathLike, duplicates: DuplicateSettings = DEFAULT_DUP
     belong to it. Symlinks are followed, with a guard against loops. Hidden entries,
     names that are not valid UTF-8, non-image files and unreadable images are skipped and
     reported, never fatal; a class left without images, or fewer than two classes, is a
-    :class:`DatasetError`. Copies of one picture (byte-identical, or near-identical within
-    ``duplicates.max_distance``) share a ``group``; see :func:`group_duplicates` for groups
+    :class:`DatasetError`. Copies of one picture (byte-identical, or near-identical: pHash
+    within ``duplicates.max_distance`` and pixels correlating at ``duplicates.min_correlation``)
+    share a ``group``; see :func:`group_duplicates` for groups
     whose members sit in different classes.
     """
     root = Path(dataset_dir)
@@ -201,7 +220,7 @@ def tag2label(dataset_dir: PathLike, duplicates: DuplicateSettings = DEFAULT_DUP
     skipped += unusable.loc[~unusable["usable"], ["path", "reason"]].itertuples(index=False, name=None)
     images = images.sort_values(["tag", "path"], ignore_index=True)
     _check_class_folders(root, tags, set(images["tag"]), "has no readable images; remove it or add images")
-    dataset, conflicts, report = group_duplicates(images, duplicates)
+    dataset, conflicts, report = group_duplicates(images, duplicates, root)
     _check_class_folders(
         root, tags, set(dataset["tag"]),
         "has no images left: all are copies of images in other classes (label conflicts, see "
@@ -293,7 +312,7 @@ def tag2label_csv(
     images.insert(1, "tag", [labels[0] for labels in usable_labels])
     images.insert(2, "labels", [";".join(labels) for labels in usable_labels])
     images = images.sort_values("path", ignore_index=True)
-    dataset, conflicts, report = group_duplicates(images, duplicates, label_column="labels")
+    dataset, conflicts, report = group_duplicates(images, duplicates, base, label_column="labels")
     all_labels = sorted({label for labels in dataset["labels"] for label in labels.split(";")})
     if len(all_labels) < 2:
         raise DatasetError(f"labels table {labels_csv} has {len(all_labels)} usable label(s); at least 2 are needed")

@@ -10,6 +10,7 @@ the test evaluation reads; ``results/data/test_skipped.csv`` lists test images l
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def hold_out(table: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFr
 
 
 def held_out_from_folder(
-    folder: PathLike, tag2cls: dict[str, int], train: pd.DataFrame, duplicates: DuplicateSettings
+    folder: PathLike, tag2cls: dict[str, int], train: pd.DataFrame, duplicates: DuplicateSettings,
+    train_root: PathLike,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(test rows, skipped rows) of a separate folder of class folders. Its classes must be
     classes of the training data (unknown ones are an error naming them); images that are
@@ -74,7 +76,9 @@ def held_out_from_folder(
     test = found.dataset.copy()
     both = pd.concat([train[["path", "sha1", "phash"]].assign(side="train"), test[["path", "sha1", "phash"]].assign(side="test")])
     keys = [f"{side}:{path}" for side, path in zip(both["side"], both["path"])]
-    groups = duplicate_groups(keys, both["sha1"].tolist(), both["phash"].tolist(), duplicates.max_distance)
+    files = [os.path.join(train_root if side == "train" else folder, path) for side, path in zip(both["side"], both["path"])]
+    confirm = duplicates.confirm(files)
+    groups = duplicate_groups(keys, both["sha1"].tolist(), both["phash"].tolist(), duplicates.max_distance, confirm)
     train_groups = set(groups[: len(train)])
     copies = np.isin(groups[len(train):], list(train_groups))
     skipped = pd.concat(
@@ -89,15 +93,17 @@ def held_out_from_folder(
 
 
 def write_held_out_table(*, settings: HeldOutSettings, held_out: PathLike, raw_csv: PathLike, tag2cls: dict[str, int],
-                     duplicates: DuplicateSettings, out_csv: PathLike, out_skipped: PathLike) -> pd.DataFrame:
-    """results/data/test.csv from the split's held-out rows, or from ``settings.folder``."""
+                     duplicates: DuplicateSettings, train_root: PathLike, out_csv: PathLike,
+                     out_skipped: PathLike) -> pd.DataFrame:  # fmt: skip
+    """results/data/test.csv from the split's held-out rows, or from ``settings.folder``
+    (``train_root``: the training images' folder, for the pixel check of near copies)."""
     from labelflow.dataset import read_dataset_csv
     from labelflow.io import write_csv_atomic
 
     skipped = pd.DataFrame(columns=["path", "reason"])
     if settings.folder:
         train = read_dataset_csv(raw_csv, root=None)
-        test, skipped = held_out_from_folder(settings.folder, tag2cls, train, duplicates)
+        test, skipped = held_out_from_folder(settings.folder, tag2cls, train, duplicates, train_root)
     else:
         test = read_dataset_csv(held_out, root=None, required=("path", "tag"))
         test["class"] = test["tag"].map(tag2cls).astype(np.int64)

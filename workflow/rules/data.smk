@@ -81,5 +81,6 @@ rule test_table:
         ),
         test={key: config[key] for key in ("test_fraction", "test_dataset")},
         duplicates=config["duplicates"],
+        train_root=DATASET,  # where the pixel check of near copies reads the training images
     script:
         "../scripts/test_table.py"

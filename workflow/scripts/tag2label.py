@@ -21,9 +21,10 @@ log.info(
 )
 groups = result.duplicates
 log.info(
-    "%d duplicate groups (max_distance %d): %d images, largest %d, kinds %s; %d label conflicts (%s)",
+    "%d duplicate groups (max_distance %d, min_correlation %s): %d images, largest %d, kinds %s; %d label conflicts (%s)",
     len(groups),
     duplicates.max_distance,
+    duplicates.min_correlation,
     int(groups["size"].sum()),
     int(groups["size"].max()) if len(groups) else 0,
     groups["kind"].value_counts().sort_index().to_dict(),

@@ -9,6 +9,7 @@ write_held_out_table(
     raw_csv=snakemake.input.raw,
     tag2cls=read_tag2cls(snakemake.input.tag2cls),
     duplicates=DuplicateSettings.from_config(snakemake.params.duplicates),
+    train_root=snakemake.params.train_root,
     out_csv=snakemake.output.table,
     out_skipped=snakemake.output.skipped,
 )

@@ -69,14 +69,19 @@ def make_root(root_dir: PathLike, clean: PathLike, raw: PathLike) -> Path:
 
 
 def raw_with_human_duplicates(
-    images: pd.DataFrame, human: pd.DataFrame, max_distance: int = DEFAULT_DUPLICATES.max_distance
+    images: pd.DataFrame,
+    human: pd.DataFrame,
+    folders: dict[str, PathLike],
+    duplicates: DuplicateSettings = DEFAULT_DUPLICATES,
 ) -> pd.DataFrame:
     """raw.csv rows for the raw ``images`` (``path,sha1,phash``, paths relative to raw).
 
     Clean and raw images are grouped together (byte-identical, or pHash within
-    ``max_distance`` bits; transitively). A raw image whose group holds clean images takes
-    their tag when they all carry the same one; ``duplicate_of`` names them (``;``-joined).
-    When they disagree, the raw image stays unlabelled (``tag`` empty) and ``duplicate_of``
+    ``duplicates.max_distance`` bits and pixels correlating at ``duplicates.min_correlation``;
+    transitively); ``folders`` maps the paths' first part (``clean``, ``raw``) to the folder
+    the pixel check reads them from (human paths start with ``clean/``). A raw image whose
+    group holds clean images takes their tag when they all carry the same one; ``duplicate_of``
+    names them (``;``-joined). When they disagree, the raw image stays unlabelled (``tag`` empty) and ``duplicate_of``
     still lists them all.
     """
     raw_paths = _prefixed(images["path"], RAW)
@@ -84,9 +89,12 @@ def raw_with_human_duplicates(
         [human[["path", "sha1", "phash", "tag"]], images.assign(path=raw_paths, tag="")[["path", "sha1", "phash", "tag"]]],
         ignore_index=True,
     )
+    files = [os.path.join(folders[top], rest) for top, rest in (path.split("/", 1) for path in everything["path"])]
+    confirm = duplicates.confirm(files)
     everything["group"] = duplicate_groups(
-        everything["path"].tolist(), everything["sha1"].tolist(), everything["phash"].tolist(), max_distance
-    )
+        everything["path"].tolist(), everything["sha1"].tolist(), everything["phash"].tolist(),
+        duplicates.max_distance, confirm,
+    )  # fmt: skip
     clean = everything.iloc[: len(human)].sort_values("path")
     by_group = clean.groupby("group").agg(
         duplicate_of=("path", ";".join), n_tags=("tag", "nunique"), tag=("tag", "first")
@@ -138,7 +146,7 @@ def prepare(
     clean_table = labelled.dataset.assign(path=_prefixed(labelled.dataset["path"], CLEAN))
     human = split(clean_table, labelled.tag2cls, n_folds, seed)
     images, raw_skipped = scan_raw(raw)
-    raw_table = raw_with_human_duplicates(images, clean_table, duplicates.max_distance)
+    raw_table = raw_with_human_duplicates(images, clean_table, {CLEAN: clean, RAW: raw}, duplicates)
     skipped = pd.concat(
         [
             labelled.skipped.assign(
