@@ -133,3 +133,18 @@ def test_unknown_command_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["frobnicate"])
     assert exc.value.code == 2
+
+
+def test_tag2label_min_correlation_option(tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    base = [
+        "tag2label", "--in-dir", str(tiny_dataset), "--out-dataset", str(out / "raw.csv"),
+        "--out-tag2cls", str(out / "t.json"), "--out-skipped", str(out / "s.csv"),
+    ]  # fmt: skip
+    for bad in ("1.5", "high"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, "--min-correlation", bad])
+        assert exit_info.value.code == 2
+        assert f"--min-correlation: must be a number in 0..1 or 'none', got '{bad}'" in capsys.readouterr().err
+    assert main([*base, "--min-correlation", "none"]) == 0
+    assert len(pd.read_csv(out / "raw.csv")) == 36

@@ -106,6 +106,19 @@ def _fashion(args: argparse.Namespace) -> int:
 _SHOWN = 10  # skipped rows and duplicate groups echoed to the terminal; the CSVs have them all
 
 
+def _correlation_arg(text: str) -> float | None:
+    """--min-correlation: a number in 0..1, or 'none' (no pixel check)."""
+    if text == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in 0..1 or 'none', got {text!r}")
+    return value
+
+
 def _tag2label_args(p: argparse.ArgumentParser) -> None:
     defaults = dataset.DEFAULT_DUPLICATES
     p.add_argument("--in-dir", required=True, help="dataset folder, one sub-folder per class")
@@ -130,7 +143,7 @@ def _tag2label_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--min-correlation",
-        type=lambda text: None if text == "none" else float(text),
+        type=_correlation_arg,
         default=defaults.min_correlation,
         help="pixel correlation (32x32 grayscale) a pHash pair needs to count as a near copy; "
         f"'none': no pixel check (default {defaults.min_correlation})",
