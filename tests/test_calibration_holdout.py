@@ -84,10 +84,57 @@ def test_calibrate_run_fits_on_the_calibration_rows_only(tmp_path):
     experiment = {"heads": [{"name": "class", "loss": "cross_entropy"}]}
     kwargs = dict(predictions_csv=tmp_path / "predictions.csv", logits_npy=tmp_path / "logits.npy",
                   tag2cls_json=tmp_path / "tag2cls.json", experiment=experiment, seed=0)  # fmt: skip
-    result = calibrate_run(**kwargs, settings=CalibrationSettings(holdout=0.5, min_temperature=0.05), out_json=tmp_path / "c.json")
+    result = calibrate_run(**kwargs, settings=CalibrationSettings(holdout=0.5, min_temperature=0.05, sharpen_min_errors=None), out_json=tmp_path / "c.json")
     assert result["n"] == 100 and result["temperature"] > 3.0 and result["fitted_on"].startswith("calibration rows")
     assert json.loads((tmp_path / "c.json").read_text())["temperature"] == result["temperature"]
     # without calibration rows it falls back to the whole validation fold, and says so
     write_csv_atomic(predictions.assign(split=np.where(split == "calibration", "valid", split)), tmp_path / "predictions.csv")
-    fallback = calibrate_run(**kwargs, settings=CalibrationSettings(holdout=0.0, min_temperature=0.05), out_json=tmp_path / "d.json")
+    fallback = calibrate_run(**kwargs, settings=CalibrationSettings(holdout=0.0, min_temperature=0.05, sharpen_min_errors=None), out_json=tmp_path / "d.json")
     assert fallback["n"] == 200 and "also selected the checkpoint" in fallback["fitted_on"]
+
+
+def test_enough_errors_lift_the_floor_so_an_underconfident_model_is_sharpened(tmp_path):
+    from labelflow.losses import probabilities
+
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0, 1.5, (3000, 10))
+    logits[np.arange(3000), rng.integers(10, size=3000)] += 4.0
+    labels = np.array([rng.choice(10, p=p) for p in probabilities(logits, "softmax")])
+    underconfident = logits * 0.5  # as label smoothing leaves a model: wants T = 0.5
+    floored = calibrate(underconfident, labels, "softmax", min_temperature=1.0, sharpen_min_errors=None)
+    assert floored.temperature == 1.0 and floored.temperature_floor == 1.0
+    assert floored.errors == int((underconfident.argmax(1) != labels).sum()) and floored.errors > 100
+    lifted = calibrate(underconfident, labels, "softmax", min_temperature=1.0, sharpen_min_errors=30)
+    assert lifted.temperature_floor == 0.05 and lifted.temperature == pytest.approx(0.5, rel=0.15)
+    assert lifted.ece_after < floored.ece_after / 3 and lifted.nll_after < floored.nll_after
+    # too few errors to fit T: the floor stays (the all-correct fold that would drive T to 0)
+    few = (underconfident.argmax(1) == labels)
+    few[np.flatnonzero(~few)[:29]] = True
+    kept = calibrate(underconfident[few], labels[few], "softmax", min_temperature=1.0, sharpen_min_errors=30)
+    assert kept.errors == 29 and kept.temperature_floor == 1.0 and kept.temperature == 1.0
+    with pytest.raises(ValueError, match="sharpen_min_errors"):
+        calibrate(underconfident, labels, "softmax", sharpen_min_errors=0)
+
+
+def test_calibrate_run_reports_the_floor_it_applied(tmp_path):
+    rng = np.random.default_rng(2)
+    n = 400
+    classes = rng.integers(2, size=n)
+    logits = rng.normal(0, 1, (n, 2))
+    logits[np.arange(n), classes] += 1.0
+    predictions = pd.DataFrame(
+        {"path": [f"{i}.png" for i in range(n)], "split": "calibration", "class": classes,
+         "label": np.where(classes == 1, "y", "x"), "predicted": "x", "confidence": 0.5}
+    )  # fmt: skip
+    write_csv_atomic(predictions, tmp_path / "predictions.csv")
+    save_npy_atomic(tmp_path / "logits.npy", (logits * 0.3).astype(np.float32))  # under-confident
+    write_json_atomic({"x": 0, "y": 1}, tmp_path / "tag2cls.json")
+    kwargs = dict(predictions_csv=tmp_path / "predictions.csv", logits_npy=tmp_path / "logits.npy",
+                  tag2cls_json=tmp_path / "tag2cls.json", experiment={"heads": [{"name": "class", "loss": "cross_entropy"}]},
+                  seed=0)  # fmt: skip
+    result = calibrate_run(**kwargs, settings=CalibrationSettings(0.5, 1.0, 30), out_json=tmp_path / "c.json")
+    written = json.loads((tmp_path / "c.json").read_text())
+    assert written["errors"] > 30 and written["temperature_floor"] == 0.05 and written["min_temperature"] == 1.0
+    assert result["temperature"] < 0.6
+    never = calibrate_run(**kwargs, settings=CalibrationSettings(0.5, 1.0, None), out_json=tmp_path / "d.json")
+    assert never["temperature"] == 1.0 and never["temperature_floor"] == 1.0

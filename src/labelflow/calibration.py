@@ -14,8 +14,14 @@ Autolabel fits T on a small human validation fold. When the model gets every val
 image right, the NLL keeps falling as T -> 0, and a free fit returns the lower bound: every
 confidence becomes 1.0 and any threshold accepts everything (measured on digits: the last
 round accepted 56 of 57 leftover images at 75 % precision). :func:`calibrate` therefore takes
-a ``min_temperature``; autolabel's default 1.0 lets calibration soften an overconfident model
-but never make it surer of itself than its own softmax.
+a ``min_temperature``; the default 1.0 lets calibration soften an overconfident model but never
+make it surer of itself than its own softmax.
+
+The floor is for that degenerate case only. A model trained with label smoothing is
+under-confident, and on a held-out set with many errors the fit is well determined: measured on
+Fashion-MNIST (3,000 calibration images, ~190 errors) the floor kept T = 1.0 and left a test ECE
+of 0.075 (mean confidence 0.86 against 0.935 accuracy). So with ``sharpen_min_errors`` set, the
+floor drops to :data:`MIN_TEMPERATURE` when the held-out rows hold at least that many errors.
 """
 
 from __future__ import annotations
@@ -153,9 +159,11 @@ def confidence_and_correct(
 class Calibration:
     activation: str
     temperature: float  # fitted on all the rows given
-    min_temperature: float
+    min_temperature: float  # the configured floor
     n: int
     accuracy: float
+    errors: int  # misclassified rows (multilabel: rows with any wrong decision)
+    temperature_floor: float  # the floor applied: min_temperature, or MIN_TEMPERATURE with enough errors
     ece_before: float  # T = 1 (nothing fitted)
     ece_after: float  # cross-fitted: each half scored with the T fitted on the other half
     nll_before: float
@@ -194,28 +202,39 @@ def calibrate(
     n_bins: int = ECE_BINS,
     min_temperature: float = MIN_TEMPERATURE,
     seed: int = 0,
+    sharpen_min_errors: int | None = None,
 ) -> Calibration:
-    """Fit the temperature (``min_temperature`` .. MAX_TEMPERATURE) on held-out ``logits`` and
-    their targets (class indices, or multi-hot rows for sigmoid heads); report accuracy, ECE and
-    NLL before (T=1) and after, the latter cross-fitted so they are not scored on the images
-    that fitted the temperature."""
+    """Fit the temperature (floor .. MAX_TEMPERATURE) on held-out ``logits`` and their targets
+    (class indices, or multi-hot rows for sigmoid heads); report accuracy, ECE and NLL before
+    (T=1) and after, the latter cross-fitted so they are not scored on the images that fitted
+    the temperature.
+
+    The floor is ``min_temperature``, or :data:`MIN_TEMPERATURE` when ``sharpen_min_errors`` is
+    set and the rows hold at least that many misclassified images (enough errors to tell how
+    sure the model should be; none is the case that drives a free fit to T -> 0)."""
     if not MIN_TEMPERATURE <= min_temperature <= MAX_TEMPERATURE:
         raise ValueError(f"min_temperature must be within [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {min_temperature}")
+    if sharpen_min_errors is not None and sharpen_min_errors < 1:
+        raise ValueError(f"sharpen_min_errors must be at least 1 (or None: never below min_temperature), got {sharpen_min_errors}")
     logits, targets = np.asarray(logits, dtype=np.float64), np.asarray(targets)
-    bounds = (min_temperature, MAX_TEMPERATURE)
+    if targets.ndim == 1:
+        right = logits.argmax(axis=1) == targets if len(targets) else np.zeros(0, dtype=bool)
+    else:
+        right = ((probabilities(logits, activation) >= 0.5) == (targets > 0.5)).all(axis=1)
+    errors = int((~right).sum())
+    floor = MIN_TEMPERATURE if sharpen_min_errors is not None and errors >= sharpen_min_errors else min_temperature
+    bounds = (floor, MAX_TEMPERATURE)
     temperature = fit_temperature(logits, targets, activation, bounds=bounds)
     before, correct = confidence_and_correct(logits, targets, activation, 1.0)
     ece_after, nll_after, method = _cross_fitted(logits, targets, activation, bounds, n_bins, seed)
-    if targets.ndim == 1:
-        accuracy = float((logits.argmax(axis=1) == targets).mean()) if len(targets) else float("nan")
-    else:
-        accuracy = float(((probabilities(logits, activation) >= 0.5) == (targets > 0.5)).all(axis=1).mean())
     return Calibration(
         activation=activation,
         temperature=temperature,
         min_temperature=min_temperature,
         n=int(len(targets)),
-        accuracy=accuracy,
+        accuracy=float(right.mean()) if len(right) else float("nan"),
+        errors=errors,
+        temperature_floor=floor,
         ece_before=expected_calibration_error(before, correct, n_bins),
         ece_after=ece_after,
         nll_before=nll(logits, targets, activation, 1.0),
@@ -233,6 +252,7 @@ class CalibrationSettings:
 
     holdout: float  # share of the validation fold held out from checkpoint selection
     min_temperature: float
+    sharpen_min_errors: int | None  # None: never below min_temperature
 
     @classmethod
     def from_config(cls, section: dict) -> CalibrationSettings:
@@ -278,12 +298,16 @@ def calibrate_run(
     activation = get_loss(head["loss"]).activation
     multilabel = bool(predictions["label"].str.contains(";").any())
     targets = calibration_targets(predictions[rows], read_tag2cls(tag2cls_json), multilabel)
-    calibration = calibrate(logits[rows], targets, activation, min_temperature=settings.min_temperature, seed=seed)
+    calibration = calibrate(
+        logits[rows], targets, activation, min_temperature=settings.min_temperature, seed=seed,
+        sharpen_min_errors=settings.sharpen_min_errors,
+    )
     result = {**calibration.to_dict(), "fitted_on": fitted_on, "ece_bins": ECE_BINS}
     write_json_atomic(result, out_json)
     log.info(
-        "temperature %.3f (%s head, %d images: %s); ECE %.4f -> %.4f (%s)",
-        calibration.temperature, activation, calibration.n, fitted_on, calibration.ece_before,
+        "temperature %.3f (floor %.2f; %s head, %d images, %d errors: %s); ECE %.4f -> %.4f (%s)",
+        calibration.temperature, calibration.temperature_floor, activation, calibration.n, calibration.errors, fitted_on,
+        calibration.ece_before,
         calibration.ece_after, calibration.ece_after_method,
     )
     return result

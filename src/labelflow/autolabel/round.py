@@ -166,6 +166,7 @@ def score_candidates(
     calibration = calibrate(
         logits[:n][held[labelled]], dataset["class"].to_numpy()[held], activation,
         min_temperature=calibration_settings.min_temperature, seed=seed,
+        sharpen_min_errors=calibration_settings.sharpen_min_errors,
     )
     cand_logits = logits[n:]
     _, raw_conf = top_confidence(cand_logits, 1.0, activation)
@@ -217,7 +218,8 @@ def run_round(
     """Predict the unlabelled raw images with the round's model, calibrate, select, report.
 
     The temperature is fitted on the human validation rows held out from the round model's
-    checkpoint selection, not below ``calibration_settings.min_temperature``. With
+    checkpoint selection, not below ``calibration_settings.min_temperature`` unless those rows
+    hold ``calibration_settings.sharpen_min_errors`` errors. With
     ``settings.neighbours`` > 0 a prediction also needs its nearest labelled training images
     (human training rows and earlier pseudo-labels, in the round model's embedding) to agree
     (:func:`~labelflow.autolabel.policy.neighbours_agree`).
