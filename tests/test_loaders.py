@@ -19,6 +19,7 @@ from labelflow.loaders import (
     build_transform,
     make_loader,
 )
+from labelflow.predict import _ImagesOrErrors
 
 AFFINE = [{"name": "Affine", "params": {"rotate": (15, 40), "translate_px": (2, 4), "p": 1.0}}]
 
@@ -169,3 +170,39 @@ def test_make_loader_shuffle_is_seeded(tmp_path: Path):
     assert order(7) == order(7)
     assert sorted(order(7)) == list(range(12))
     assert order(7) != list(range(12))
+
+
+def test_unaugmented_batches_are_normalised_at_once_with_the_same_values(tmp_path: Path, monkeypatch):
+    root = make_tiny_dataset(tmp_path / "tiny", n_classes=3, per_class=4, size=16)
+    paths, targets = _table(root)
+    dataset = ImageTableDataset(root, paths, targets, image_size=12, transform=build_transform(train=False, mean=(0.3, 0.4, 0.5), std=(0.2, 0.25, 0.3)))
+    assert dataset.per_pixel
+    calls = []
+    real_call = type(dataset.transform).__call__
+    monkeypatch.setattr(type(dataset.transform), "__call__", lambda self, **kw: calls.append(kw["image"].shape) or real_call(self, **kw))
+    batches = list(make_loader(dataset, batch_size=5, shuffle=True, seed=3))
+    assert calls == [(5 * 12, 12, 3), (5 * 12, 12, 3), (2 * 12, 12, 3)]  # one call per batch, one tall image
+    calls.clear()
+    for batch in batches:  # bit-identical to the transform image by image, targets and indices aligned
+        expected = torch.stack([dataset[int(i)]["image"] for i in batch["index"]])
+        assert batch["image"].shape == expected.shape and torch.equal(batch["image"], expected)
+        assert batch["image"].is_contiguous()
+        assert torch.equal(batch["class"], torch.tensor([targets[int(i)] for i in batch["index"]]))
+    assert len(calls) == 12  # the per-image path above
+
+
+def test_augmented_or_rotated_datasets_keep_the_per_image_path(tmp_path: Path):
+    root = make_tiny_dataset(tmp_path / "tiny", n_classes=2, per_class=3)
+    paths, targets = _table(root)
+    augmented = ImageTableDataset(root, paths, targets, image_size=16, transform=build_transform(AFFINE, train=True, seed=1))
+    rotated = ImageTableDataset(root, paths, targets, image_size=16, transform=build_transform(train=False), rotation="seeded",
+                                heads=("class", "rotation"))  # fmt: skip
+    for dataset in (augmented, rotated):
+        assert not dataset.per_pixel
+        assert isinstance(dataset.__getitems__([0, 1]), list)
+        batch = next(iter(make_loader(dataset, batch_size=6, shuffle=False, seed=0)))
+        assert batch["image"].shape == (6, 3, 16, 16)
+    batch = next(iter(make_loader(rotated, batch_size=6, shuffle=False, seed=0)))
+    assert torch.equal(batch["image"], torch.stack([rotated[i]["image"] for i in range(6)]))  # seeded rotations
+    with pytest.raises(ValueError, match="un-augmented"):  # prediction's batches are normalised at once
+        _ImagesOrErrors(augmented)

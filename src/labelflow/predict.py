@@ -33,10 +33,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from labelflow.dataset import read_image_list
-from labelflow.device import autocast, images_for, job_threads, place_model
+from labelflow.device import autocast, images_for, place_model
 from labelflow.images import check_image, walk_images
 from labelflow.io import DatasetError, PathLike, atomic_output
-from labelflow.loaders import ImageTableDataset, build_transform, plan_loading
+from labelflow.loaders import ImageTableDataset, eval_dataset, streaming_loader
 from labelflow.losses import probabilities
 from labelflow.progress import Progress
 from labelflow.search import UNKNOWN
@@ -72,33 +72,43 @@ def collect_inputs(items: Sequence[PathLike]) -> pd.DataFrame:
 
 
 class _ImagesOrErrors(Dataset):
-    """The items of an un-cached :class:`ImageTableDataset`, or ``{"index", "error"}`` for a
-    file that cannot be read (the reason in the words tag2label uses)."""
+    """Batches of an un-cached, un-augmented :class:`ImageTableDataset`, with ``(index, reason)``
+    for each file that cannot be read (the reason in the words tag2label uses)."""
 
     def __init__(self, images: ImageTableDataset):
+        if not images.per_pixel:
+            raise ValueError("prediction batches need an un-augmented, un-rotated dataset")
         self.images = images
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _decoded(self, index: int) -> np.ndarray | str:
+        """The decoded image, or why it cannot be read."""
         path = self.images.root / self.images.paths[index]
         try:
             # a FIFO or device would block the decoder forever; a folder is a common mistake
             if not stat.S_ISREG(os.stat(path).st_mode):
-                return {"index": index, ERROR: "not a regular file"}
-            return self.images[index]
+                return "not a regular file"
+            return self.images.decoded(index)
         except Exception as err:  # noqa: BLE001 - decoders raise many types on garbage
-            return {"index": index, ERROR: check_image(path) or f"{type(err).__name__}: {err}"}
+            return check_image(path) or f"{type(err).__name__}: {err}"
 
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])  # a batch of one (DataLoader asks for whole batches)
 
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    readable = [item for item in items if ERROR not in item]
-    return {
-        "image": torch.stack([item["image"] for item in readable]) if readable else None,
-        "index": np.array([item["index"] for item in readable], dtype=np.int64),
-        "errors": [(item["index"], item[ERROR]) for item in items if ERROR in item],
-    }
+    def reseed(self, seed: int) -> None:  # called in each DataLoader worker
+        self.images.reseed(seed)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        """A collated batch: the readable images normalised at once, and the errors."""
+        decoded = [(index, self._decoded(index)) for index in indices]
+        readable = [(index, pixels) for index, pixels in decoded if not isinstance(pixels, str)]
+        return {
+            "image": self.images.transform_batch(np.stack([pixels for _, pixels in readable])) if readable else None,
+            "index": np.array([index for index, _ in readable], dtype=np.int64),
+            "errors": [(index, reason) for index, reason in decoded if isinstance(reason, str)],
+        }
 
 
 @dataclass
@@ -125,15 +135,8 @@ class Predictor:
 
     def loader(self, paths: Sequence[str], root: PathLike = ".") -> DataLoader:
         pre = self.trained.preprocessing
-        transform = build_transform(train=False, mean=pre["mean"], std=pre["std"])
-        images = ImageTableDataset(root, list(paths), None, pre["image_size"], transform, cache=False)
-        plan = plan_loading({**pre, "cache": False, "num_workers": pre.get("num_workers", "auto")}, len(images),
-                            job_threads(), self.device)  # fmt: skip
-        plan.apply()
-        return DataLoader(
-            _ImagesOrErrors(images), batch_size=self.batch_size, shuffle=False, collate_fn=_collate,
-            num_workers=plan.num_workers, pin_memory=self.device.type == "cuda",
-        )
+        images = _ImagesOrErrors(eval_dataset(root, paths, pre))
+        return streaming_loader(images, pre, batch_size=self.batch_size, device=self.device)
 
     @torch.inference_mode()
     def batches(self, paths: Sequence[str], root: PathLike = ".", progress: Progress | None = None) -> Iterator[BatchPredictions]:
