@@ -26,6 +26,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/snakemake --lint
 	$(BIN)/snakefmt --check Snakefile workflow
+	# pyflakes checks (unused imports, undefined names); workflow/scripts are left out: their
+	# `snakemake` object is injected by Snakemake
+	$(BIN)/ruff check --select F src tests benchmarks
 
 clean-results:
 	rm -rf results/*/ .snakemake
