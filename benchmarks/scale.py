@@ -45,6 +45,7 @@ On a loaded machine only the memory figures mean anything.
     python benchmarks/scale.py                          # all four cases (~1 h on 2 quiet cores)
     python benchmarks/scale.py --skip-224               # the 28 px cases only (~25 min)
     python benchmarks/scale.py --sizes 1000 10000       # other sizes (28 px)
+    python benchmarks/scale.py --sizes                  # the 224 px case only (~30 min)
     python benchmarks/scale.py --out /tmp/scale         # keep data and results; a rerun reuses them
     python benchmarks/scale.py --json scale.json        # the figures as JSON too
     python benchmarks/scale.py --quick                  # 200 and 400 images, 224 px at 100: the smoke test
@@ -408,7 +409,7 @@ def print_goals(found: list[dict]) -> None:
 
 
 def cases_of(args: argparse.Namespace) -> list[Case]:
-    sizes = args.sizes or ([200, 400] if args.quick else [1_000, 10_000, 70_000])
+    sizes = args.sizes if args.sizes is not None else [200, 400] if args.quick else [1_000, 10_000, 70_000]
     cases = [Case(n, 28, "png") for n in sizes]
     if not args.skip_224:
         cases.append(Case(args.images_224 or (100 if args.quick else 10_000), 224, "jpg"))
@@ -417,7 +418,8 @@ def cases_of(args: argparse.Namespace) -> list[Case]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", help="images per 28 px case (default 1000 10000 70000)")
+    parser.add_argument("--sizes", type=int, nargs="*",
+                        help="images per 28 px case (default 1000 10000 70000; none: the 224 px case only)")
     parser.add_argument("--skip-224", action="store_true", help="leave out the 224 px JPEG case")
     parser.add_argument("--images-224", type=int, help="images of the 224 px case (default 10000)")
     parser.add_argument("--out", type=Path, help="data and results, kept for reuse (default: a new temporary folder)")

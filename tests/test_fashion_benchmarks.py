@@ -75,6 +75,19 @@ def test_scale_goals_judge_the_224px_infer():
     assert verdicts["infer at 224 px, 300 images: peak RSS <= 3072 MB"] is None  # not measured is not a pass
 
 
+def test_scale_cases_empty_sizes_run_the_224px_case_alone():
+    from argparse import Namespace
+
+    from scale import Case, cases_of
+
+    def cases(**given):
+        return cases_of(Namespace(**{"sizes": None, "quick": False, "skip_224": False, "images_224": None, **given}))
+
+    assert cases(sizes=[]) == [Case(10_000, 224, "jpg")]
+    assert cases() == [Case(1_000, 28, "png"), Case(10_000, 28, "png"), Case(70_000, 28, "png"), Case(10_000, 224, "jpg")]
+    assert cases(quick=True, skip_224=True) == [Case(200, 28, "png"), Case(400, 28, "png")]
+
+
 @pytest.mark.e2e
 def test_fashion_smoke(tmp_path, fashion_files):
     """150 images per split, 1 + 1 epochs: the test figure, the published table, epoch times."""
