@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick and not args.n_folds:
         args.n_folds = 5  # 86 training images at 224 px: 10 folds would leave classes short
+    if not cases_of(args):
+        parser.error("no case to run: --sizes without values runs the 224 px case, which --skip-224 leaves out")
     out = args.out or Path(tempfile.mkdtemp(prefix="scale_"))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
 

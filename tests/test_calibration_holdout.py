@@ -112,6 +112,9 @@ def test_enough_errors_lift_the_floor_so_an_underconfident_model_is_sharpened(tm
     few[np.flatnonzero(~few)[:29]] = True
     kept = calibrate(underconfident[few], labels[few], "softmax", min_temperature=1.0, sharpen_min_errors=30)
     assert kept.errors == 29 and kept.temperature_floor == 1.0 and kept.temperature == 1.0
+    few[np.flatnonzero(~(underconfident.argmax(1) == labels))[29]] = True  # one more error: 30 lifts it
+    lifted = calibrate(underconfident[few], labels[few], "softmax", min_temperature=1.0, sharpen_min_errors=30)
+    assert lifted.errors == 30 and lifted.temperature_floor == 0.05 and lifted.temperature < 1.0
     with pytest.raises(ValueError, match="sharpen_min_errors"):
         calibrate(underconfident, labels, "softmax", sharpen_min_errors=0)
 

@@ -206,3 +206,20 @@ def test_augmented_or_rotated_datasets_keep_the_per_image_path(tmp_path: Path):
     assert torch.equal(batch["image"], torch.stack([rotated[i]["image"] for i in range(6)]))  # seeded rotations
     with pytest.raises(ValueError, match="un-augmented"):  # prediction's batches are normalised at once
         _ImagesOrErrors(augmented)
+    # a normalisation with per-image statistics, or one applied at random, is not per pixel
+    import albumentations as A
+
+    for step in (A.Normalize(normalization="image"), A.Normalize(p=0.5)):
+        transform = A.Compose([step, A.pytorch.ToTensorV2()])
+        assert not ImageTableDataset(root, paths, targets, image_size=16, transform=transform).per_pixel
+
+
+def test_batched_loading_in_worker_processes_gives_the_same_batches(tmp_path: Path):
+    root = make_tiny_dataset(tmp_path / "tiny", n_classes=2, per_class=5)
+    paths, targets = _table(root)
+    dataset = ImageTableDataset(root, paths, targets, image_size=16, transform=build_transform(train=False))
+    here = list(make_loader(dataset, batch_size=4, shuffle=False, seed=0))
+    workers = list(make_loader(dataset, batch_size=4, shuffle=False, seed=0, num_workers=2))
+    assert [len(b["index"]) for b in workers] == [4, 4, 2]
+    for a, b in zip(here, workers):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["class"], b["class"]) and torch.equal(a["index"], b["index"])

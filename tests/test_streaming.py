@@ -40,17 +40,21 @@ def test_cache_auto_streams_over_a_tiny_budget_and_caches_under_a_big_one():
 def test_a_loading_plan_shares_the_job_budget_and_a_later_plan_sees_all_of_it(monkeypatch):
     from labelflow import device
 
-    before = torch.get_num_threads()
+    import cv2
+
+    before, before_cv2 = torch.get_num_threads(), cv2.getNumThreads()
     monkeypatch.setattr(device, "_job_threads", None)
     try:
         device.set_job_threads(4)
         first = plan_loading({**DATA, "cache": False}, 10, device.job_threads())
         first.apply()
         assert torch.get_num_threads() == 2 and device.job_threads() == 4
+        assert cv2.getNumThreads() == 2  # OpenCV's pool too (its default is every core)
         again = plan_loading({**DATA, "cache": False}, 10, device.job_threads())
         assert (again.num_workers, again.compute_threads) == (2, 2)  # not planned from the shrunk pool
     finally:
         torch.set_num_threads(before)
+        cv2.setNumThreads(before_cv2)
 
 
 def test_cache_fills_lazily_during_the_first_epoch(tmp_path, monkeypatch):

@@ -211,7 +211,8 @@ def calibrate(
 
     The floor is ``min_temperature``, or :data:`MIN_TEMPERATURE` when ``sharpen_min_errors`` is
     set and the rows hold at least that many misclassified images (enough errors to tell how
-    sure the model should be; none is the case that drives a free fit to T -> 0)."""
+    sure the model should be; none is the case that drives a free fit to T -> 0). The
+    cross-fitted halves keep the floor decided on all the rows."""
     if not MIN_TEMPERATURE <= min_temperature <= MAX_TEMPERATURE:
         raise ValueError(f"min_temperature must be within [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {min_temperature}")
     if sharpen_min_errors is not None and sharpen_min_errors < 1:

@@ -307,14 +307,12 @@ def _query(args: argparse.Namespace) -> int:
 
 def _trained(args: argparse.Namespace):
     """The run in --experiment-dir, on the device asked for."""
-    import torch
-
-    from labelflow.device import select_device, set_job_threads
+    from labelflow.device import job_threads, select_device, set_job_threads
     from labelflow.trained import ModelFiles, load_trained
 
     # the command's thread budget (torch's default pool, or OMP_NUM_THREADS), fixed before a
     # loading plan shrinks torch's pool to leave threads for decoding workers
-    set_job_threads(torch.get_num_threads())
+    set_job_threads(job_threads())
     return load_trained(ModelFiles.in_run_dir(args.experiment_dir)), select_device(args.gpu)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
@@ -147,9 +148,15 @@ class ImageTableDataset(Dataset):
 
     @property
     def per_pixel(self) -> bool:
-        """Whether each output pixel depends on that input pixel alone (normalise, to tensor; no
-        augmentation or rotation): then a batch goes through the transform as one image."""
-        return self.rotation == "none" and all(isinstance(t, (A.Normalize, ToTensorV2)) for t in self.transform.transforms)
+        """Whether each output pixel depends on that input pixel alone, the same on every call
+        (fixed-statistics normalise, to tensor; no augmentation or rotation): then a batch goes
+        through the transform as one image."""
+        steps = self.transform.transforms
+        return (
+            self.rotation == "none" and self.transform.p == 1
+            and all(isinstance(t, (A.Normalize, ToTensorV2)) and t.p == 1 for t in steps)
+            and all(t.normalization == "standard" for t in steps if isinstance(t, A.Normalize))
+        )  # fmt: skip
 
     def transform_batch(self, pixels: np.ndarray) -> torch.Tensor:
         """(N, H, W, 3) uint8 → (N, 3, H, W) float, the same values as the transform per image
@@ -162,7 +169,8 @@ class ImageTableDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any] | list[dict[str, Any]]:
         """A whole batch (what DataLoader asks for): collated already when ``per_pixel``, else
-        the items one by one (:func:`collate_items` takes either)."""
+        the items one by one. A DataLoader over this dataset needs ``collate_fn=collate_items``
+        (:func:`make_loader` sets it): torch's default collate does not take a collated batch."""
         if not self.per_pixel:
             return [self[index] for index in indices]
         batch = default_collate([self._targets(index, None) for index in indices])
@@ -176,6 +184,7 @@ class ImageTableDataset(Dataset):
 
 
 def _seed_worker(worker_id: int) -> None:
+    cv2.setNumThreads(1)  # a worker is one of the job's threads (plan_loading)
     info = torch.utils.data.get_worker_info()
     info.dataset.reseed(torch.initial_seed() % 2**32)
 
@@ -237,8 +246,12 @@ class LoadingPlan:
     compute_threads: int  # torch's pool beside the workers (on the CPU they share the job's threads)
 
     def apply(self) -> None:
-        """Size torch's pool for this plan; call before building the loaders."""
+        """Size torch's and OpenCV's pools for this plan; call before building the loaders.
+        OpenCV's default is every core of the machine, and it splits a large resize or a batch's
+        normalisation (one LUT over a tall image) across them: in the main process it decodes
+        between torch's steps, so it gets the same threads (workers get one each)."""
         torch.set_num_threads(self.compute_threads)
+        cv2.setNumThreads(self.compute_threads)
 
 
 def plan_loading(data_cfg: dict[str, Any], n_images: int, threads: int, device: torch.device | None = None,
