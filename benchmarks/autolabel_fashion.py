@@ -12,7 +12,7 @@ class-stratified subset):
 
 runs `snakemake autolabel` with the default autolabel settings (config/config.yaml's
 autolabel.*: min_confidence 0.9, max_rounds 10, neighbour guard 10, ...) and the `fashion`
-recipe (config/experiments/fashion.yaml, 1 + 12 epochs; --experiment, --epochs for others),
+recipe (config/experiments/fashion.yaml, 1 + 14 epochs; --experiment, --epochs for others),
 and prints precision and coverage of the raw pile after every round (results/autolabel/
 evaluation.json; cumulative).
 

@@ -2,7 +2,8 @@
 ONNX Runtime's CPU rate beside PyTorch's, in the same run.
 
     python benchmarks/predict_throughput.py                      # digits, 32 px, softmax recipe
-    python benchmarks/predict_throughput.py --images 256 --rounds 1   # smoke test
+    python benchmarks/predict_throughput.py --images 256 --rounds 1 --min-seconds 0   # smoke test
+    python benchmarks/predict_throughput.py --json a.json      # then again to b.json; compare_runs.py a.json b.json
 
 predict:  labelflow.predict.predict_to_csv, what the command runs: decode each file in the
           loader, the network, calibrated probabilities, top-3, a search of the run's index
@@ -15,8 +16,10 @@ torch / onnxruntime: the class path alone (labelflow.export.ServingModel, calibr
 
 The model is the default recipe's network, untrained (speed does not depend on the weights),
 with a run folder made around it (infer, index, rejection threshold, calibration.json).
-Rounds are interleaved (predict, bare, torch, onnxruntime, ...) so machine noise hits all
-of them; round 0 warms up and is not counted. Per-round ratios and their min/median/max.
+Measured as every throughput benchmark here (benchmarks/spread.py): a warm-up round, then
+--rounds rounds in which predict and bare run back to back (then onnxruntime and torch),
+alternating which goes first, each measurement repeating passes for at least --min-seconds;
+per-round ratios and their min/median/max; --json OUT for compare_runs.py.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -46,6 +48,7 @@ from labelflow.io import write_csv_atomic, write_json_atomic  # noqa: E402
 from labelflow.models import create_model, save_checkpoint  # noqa: E402
 from labelflow.predict import predict_to_csv  # noqa: E402
 from labelflow.trained import ModelFiles, TrainedModel, load_trained  # noqa: E402
+from spread import Comparison, load_warning, machine_info, ratio_lines, run_interleaved, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,19 +127,9 @@ def onnx_tensors(session, images: np.ndarray, batch_size: int) -> None:
         session.run(None, {"images": images[start : start + batch_size]})
 
 
-def timed(run) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
-def report(name: str, ratios: list[float]) -> None:
-    values = ", ".join(f"{r:.3f}" for r in ratios)
-    print(f"{name}: per round {values}; min {min(ratios):.3f}, median {np.median(ratios):.3f}, max {max(ratios):.3f}")
-
-
-def measure(trained: TrainedModel, paths: list[str], base: Path, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Seconds per round of each loop (round 0 dropped)."""
+def measure(trained: TrainedModel, paths: list[str], base: Path, args: argparse.Namespace) -> list[Comparison]:
+    """predict vs bare, and onnxruntime vs torch (when the export extra is installed), in
+    interleaved rounds (benchmarks/spread.py)."""
     from labelflow.export import serving_model
 
     data_cfg = trained.preprocessing
@@ -145,48 +138,63 @@ def measure(trained: TrainedModel, paths: list[str], base: Path, args: argparse.
     tensors = torch.stack([torch.from_numpy(((decode_resized(p, data_cfg["image_size"]) / 255.0 - data_cfg["mean"]) / data_cfg["std"])
                                             .astype(np.float32).transpose(2, 0, 1).copy()) for p in paths])  # fmt: skip
     session = onnx_session(trained, base / "export", args.threads)
-    loops = {
-        "predict": lambda: predict_to_csv(trained, inputs, base / "out.csv", batch_size=args.batch_size),
-        "bare": lambda: bare_files(trained.network, paths, data_cfg, args.batch_size),
-        "torch": lambda: torch_tensors(serving, tensors, args.batch_size),
-    }
+    n = len(paths)
+
+    def counted(run):
+        """A pass for spread.run_interleaved: run the loop over the n images, return n."""
+
+        def run_pass() -> int:
+            run()
+            return n
+
+        return run_pass
+
+    comparisons = [
+        Comparison("predict", counted(lambda: predict_to_csv(trained, inputs, base / "out.csv", batch_size=args.batch_size)),
+                   counted(lambda: bare_files(trained.network, paths, data_cfg, args.batch_size)),
+                   ours_label="predict", reference_label="bare"),
+    ]
     if session is not None:
-        loops["onnxruntime"] = lambda: onnx_tensors(session, tensors.numpy(), args.batch_size)
-    times = {name: [] for name in loops}
-    for round_ in range(args.rounds + 1):
-        for name, run in loops.items():
-            seconds = timed(run)
-            if round_:
-                times[name].append(seconds)
-    return times
+        comparisons.append(Comparison("onnxruntime", counted(lambda: onnx_tensors(session, tensors.numpy(), args.batch_size)),
+                                      counted(lambda: torch_tensors(serving, tensors, args.batch_size)),
+                                      ours_label="onnxruntime", reference_label="torch"))  # fmt: skip
+    run_interleaved(comparisons, args.rounds, min_seconds=args.min_seconds, progress=None)
+    return comparisons
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="softmax")
-    parser.add_argument("--images", type=int, default=1797, help="digits images per round (all: 1797)")
+    parser.add_argument("--images", type=int, default=1797, help="digits images per pass (all: 1797)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds after the warm-up (default 7)")
+    parser.add_argument("--min-seconds", type=float, default=3.0, help="a measurement repeats passes until it lasts this long (default 3)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    args = parser.parse_args()
+    parser.add_argument("--json", help="write the figures here (for compare_runs.py)")
+    args = parser.parse_args(argv)
+    machine = machine_info()
     set_job_threads(args.threads)  # torch threads, and the budget loading plans share
     experiment = load_recipe(args.experiment)
     with tempfile.TemporaryDirectory() as tmp:
         trained, paths = make_run(Path(tmp), experiment, args.images)
         sys.stderr = open(os.devnull, "w")  # predict's progress lines; the figures go to stdout
-        times = measure(trained, paths, Path(tmp), args)
+        comparisons = measure(trained, paths, Path(tmp), args)
         sys.stderr = sys.__stderr__
-    rates = {name: [len(paths) / s for s in seconds] for name, seconds in times.items()}
-    print(f"machine: {os.cpu_count()} cpus, torch threads {args.threads}, torch {torch.__version__}")
+    print(f"machine: {machine['cpus_usable']} usable cpus, load average {machine.get('load_average_1min', float('nan')):.2f}, "
+          f"torch threads {args.threads}, torch {torch.__version__}")
     print(f"recipe: {args.experiment}, {experiment['data']['image_size']} px, batch {args.batch_size}, "
           f"{len(paths)} digits PNGs, {args.rounds} interleaved rounds (after a warm-up round)")  # fmt: skip
-    for name, values in rates.items():
-        print(f"{name:12s} median {np.median(values):8.1f} img/s (min {min(values):.1f}, max {max(values):.1f})")
-    report("ratio predict/bare", [p / b for p, b in zip(rates["predict"], rates["bare"])])
-    report("ratio predict/torch (pre-decoded tensors)", [p / b for p, b in zip(rates["predict"], rates["torch"])])
-    if "onnxruntime" in rates:
-        report("ratio onnxruntime/torch", [o / t for o, t in zip(rates["onnxruntime"], rates["torch"])])
+    if warning := load_warning(machine):
+        print(warning)
+    for comparison in comparisons:
+        for line in ratio_lines(comparison, ratio_name=f"ratio {comparison.ours_label}/{comparison.reference_label}"):
+            print(line)
+    if args.json:
+        figures = {k: v for c in comparisons for k, v in c.figures().items()}
+        write_json(args.json, "predict_throughput", vars(args) | {"torch": torch.__version__}, figures, machine)
+        print(f"figures written to {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

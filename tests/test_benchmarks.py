@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -213,10 +214,14 @@ def test_workflow_scale_smoke():
     assert jobs > 100
 
 
-def test_predict_throughput_smoke():
-    out = _run("predict_throughput.py", "--images", "64", "--rounds", "1")
-    assert re.search(r"ratio predict/bare: per round \d+\.\d+", out)
-    assert "predict " in out and "bare " in out and "torch " in out
+def test_predict_throughput_smoke(tmp_path):
+    out = _run("predict_throughput.py", "--images", "64", "--rounds", "2", "--min-seconds", "0", "--json", str(tmp_path / "p.json"))
+    assert re.search(r"predict ratio predict/bare per round \d+\.\d+ \d+\.\d+$", out, re.M)
+    assert re.search(r"predict ratio predict/bare: median \d+\.\d+ \(min .*2 rounds\)", out)
+    figures = json.loads((tmp_path / "p.json").read_text())["figures"]
+    assert len(figures["predict_ratio"]["rounds"]) == 2 and figures["predict_ours"]["median"] > 0
+    assert figures["predict_ratio"]["median"] == pytest.approx(
+        statistics.median(o / r for o, r in zip(figures["predict_ours"]["rounds"], figures["predict_reference"]["rounds"])))
 
 
 def test_label_issues_benchmark_smoke(tmp_path):
