@@ -2,6 +2,15 @@
 # valid embeddings, the out-of-class rejection threshold, and answers for embedded image sets.
 # No model here: envs/index.yaml has no torch.
 
+# A run's index and what it was built from: what evaluating or calibrating it reads.
+INDEX_FILES = {
+    "predictions": "results/{run}/predictions/predictions.csv",
+    "embeddings": "results/{run}/predictions/embeddings.npy",
+    "transform": "results/{run}/index/transform.npz",
+    "index": "results/{run}/index/knn.hnsw.bin",
+    "info": "results/{run}/index/index.json",
+}
+
 
 rule pca_index:
     input:
@@ -27,11 +36,7 @@ rule pca_index:
 
 rule evaluate_index:
     input:
-        predictions="results/{run}/predictions/predictions.csv",
-        embeddings="results/{run}/predictions/embeddings.npy",
-        transform="results/{run}/index/transform.npz",
-        index="results/{run}/index/knn.hnsw.bin",
-        info="results/{run}/index/index.json",
+        **INDEX_FILES,
     output:
         "results/{run}/index/recall.json",
     log:
@@ -49,11 +54,7 @@ rule evaluate_index:
 
 rule rejection:
     input:
-        predictions="results/{run}/predictions/predictions.csv",
-        embeddings="results/{run}/predictions/embeddings.npy",
-        transform="results/{run}/index/transform.npz",
-        index="results/{run}/index/knn.hnsw.bin",
-        info="results/{run}/index/index.json",
+        **INDEX_FILES,
         tag2cls=lambda wildcards: run_of(wildcards).data.tag2cls,
         checkpoint=final_checkpoint,
     output:
