@@ -216,7 +216,7 @@ def test_workflow_scale_smoke():
 
 def test_predict_throughput_smoke(tmp_path):
     out = _run("predict_throughput.py", "--images", "64", "--rounds", "2", "--min-seconds", "0", "--json", str(tmp_path / "p.json"))
-    assert re.search(r"predict ratio predict/bare per round \d+\.\d+ \d+\.\d+$", out, re.M)
+    assert re.search(r"^predict ratio predict/bare per round: \d+\.\d+ \d+\.\d+$", out, re.M)
     assert re.search(r"predict ratio predict/bare: median \d+\.\d+ \(min .*2 rounds\)", out)
     figures = json.loads((tmp_path / "p.json").read_text())["figures"]
     assert len(figures["predict_ratio"]["rounds"]) == 2 and figures["predict_ours"]["median"] > 0
