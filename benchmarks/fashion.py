@@ -24,7 +24,7 @@ or the results are reused. It leaves out Snakemake's own ~2 s per job and the tw
 have no benchmark: file (test_table, calibrate; seconds each). The wall time of this
 invocation is printed beside it.
 
-    python benchmarks/fashion.py                           # `fashion` (1 + 12 epochs) on 60k (71 min on 2 quiet cores, measured)
+    python benchmarks/fashion.py                           # `fashion` (1 + 14 epochs) on 60k (75 min on 2 quiet cores, measured)
     python benchmarks/fashion.py --experiment softmax      # a second recipe in the same run (name or .yaml path)
     python benchmarks/fashion.py --out /tmp/fashion        # keep data and results; a rerun reuses them
     python benchmarks/fashion.py --limit 300 --epochs 1    # smoke test: 300 images per split, 1 + 1 epochs
