@@ -223,3 +223,34 @@ def test_batched_loading_in_worker_processes_gives_the_same_batches(tmp_path: Pa
     assert [len(b["index"]) for b in workers] == [4, 4, 2]
     for a, b in zip(here, workers):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["class"], b["class"]) and torch.equal(a["index"], b["index"])
+
+
+def test_a_worker_forked_after_opencv_ran_threads_in_the_main_process_still_loads(tmp_path: Path):
+    """OpenCV splits a LUT over more than 2**18 pixels (a batch normalised at once) across its
+    pool. A worker forked after that pool ran hung when it reconfigured OpenCV's threads
+    (cv2.setNumThreads in the worker: gpu_check's worker comparison never got a batch). Workers
+    now leave OpenCV as they inherit it, and the plan runs OpenCV sequentially."""
+    import cv2
+    from torch.utils.data import DataLoader
+
+    from labelflow.loaders import _seed_worker, collate_items, plan_loading
+
+    root = make_tiny_dataset(tmp_path / "tiny", n_classes=2, per_class=60, size=64)
+    paths, targets = _table(root)
+    dataset = ImageTableDataset(root, paths, targets, image_size=64, transform=build_transform(train=False))
+    before, before_cv2 = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)  # as OpenCV starts on 2 cores, before any plan
+        assert len(list(make_loader(dataset, batch_size=120, shuffle=False, seed=0))) == 1  # 491,520 pixels at once
+        # timeout: a hung worker fails the test instead of blocking the suite
+        loader = DataLoader(dataset, batch_size=60, num_workers=1, collate_fn=collate_items, timeout=60,
+                            worker_init_fn=_seed_worker)  # fmt: skip
+        assert sum(len(batch["index"]) for batch in loader) == 120
+        plan = plan_loading({"image_size": 64, "cache": False, "num_workers": 1}, len(dataset), 2)
+        plan.apply()
+        assert cv2.getNumThreads() == 1
+        loader = DataLoader(dataset, batch_size=60, num_workers=plan.num_workers, collate_fn=collate_items, timeout=60)
+        assert sum(len(batch["index"]) for batch in loader) == 120
+    finally:
+        torch.set_num_threads(before)
+        cv2.setNumThreads(before_cv2)

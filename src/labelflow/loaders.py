@@ -184,7 +184,6 @@ class ImageTableDataset(Dataset):
 
 
 def _seed_worker(worker_id: int) -> None:
-    cv2.setNumThreads(1)  # a worker is one of the job's threads (plan_loading)
     info = torch.utils.data.get_worker_info()
     info.dataset.reseed(torch.initial_seed() % 2**32)
 
@@ -246,12 +245,15 @@ class LoadingPlan:
     compute_threads: int  # torch's pool beside the workers (on the CPU they share the job's threads)
 
     def apply(self) -> None:
-        """Size torch's and OpenCV's pools for this plan; call before building the loaders.
-        OpenCV's default is every core of the machine, and it splits a large resize or a batch's
-        normalisation (one LUT over a tall image) across them: in the main process it decodes
-        between torch's steps, so it gets the same threads (workers get one each)."""
+        """Size torch's pool for this plan, and run OpenCV sequentially; call before building
+        the loaders. OpenCV's default pool is every core of the machine, and it splits a large
+        resize or a batch's normalisation (one LUT over a tall image) across them, beside
+        torch's threads and regardless of the job's budget. One thread in the main process is
+        what the per-image path always used (an image is below OpenCV's parallel size); workers
+        inherit it and must not call cv2.setNumThreads themselves: a worker forked after the
+        pool had run hung there (tests/test_loaders.py)."""
         torch.set_num_threads(self.compute_threads)
-        cv2.setNumThreads(self.compute_threads)
+        cv2.setNumThreads(1)
 
 
 def plan_loading(data_cfg: dict[str, Any], n_images: int, threads: int, device: torch.device | None = None,
