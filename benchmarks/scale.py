@@ -43,9 +43,9 @@ divided among the processes, Snakemake's max_pss) shows how much of it is double
 On a loaded machine only the memory figures mean anything.
 
     python benchmarks/scale.py                          # all four cases (~1 h on 2 quiet cores)
-    python benchmarks/scale.py --skip-224               # the 28 px cases only (~25 min)
+    python benchmarks/scale.py --skip-224               # the 28 px cases only (~22 min)
     python benchmarks/scale.py --sizes 1000 10000       # other sizes (28 px)
-    python benchmarks/scale.py --sizes                  # the 224 px case only (~30 min)
+    python benchmarks/scale.py --sizes                  # the 224 px case only (~40 min)
     python benchmarks/scale.py --out /tmp/scale         # keep data and results; a rerun reuses them
     python benchmarks/scale.py --json scale.json        # the figures as JSON too
     python benchmarks/scale.py --quick                  # 200 and 400 images, 224 px at 100: the smoke test
