@@ -24,8 +24,11 @@ at least --min-seconds. Each round gives one speed-up (hnsw q/s / brute-force q/
 prints every round's speed-up and their min / median / max, and --json OUT writes them for
 compare_runs.py. What varies between two runs of the same command:
   * the machine: CPU frequency (turbo, thermal state), other processes on the cores and on the
-    memory bus, where the arrays land in memory; this moved the 100k single-query speed-up
-    from 12x to 24x between two runs on a loaded 2-core machine;
+    memory bus; this moved the 100k single-query speed-up from 12x to 24x between two runs on a
+    loaded 2-core machine;
+  * where the index and the vectors land in memory: so that this varies within a run, not only
+    between runs, both are reloaded into new memory before every timed round (the index from a
+    file it saved, the vectors copied), untimed;
   * the graph, only with --threads > 1: hnswlib inserts in parallel, so insertion order, graph,
     recall and speed change from run to run; with one thread and a fixed --seed the graph,
     recall and the results are the same in every run (only the timings vary);
@@ -43,8 +46,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
-from functools import partial
+from pathlib import Path
 
 import hnswlib
 import numpy as np
@@ -168,6 +172,26 @@ def build_index(data: np.ndarray, args: argparse.Namespace) -> tuple[hnswlib.Ind
     return index, build_s
 
 
+class FreshCopies:
+    """The index and the exact search's vectors, reloaded into new memory before every timed round.
+
+    Two runs of the same command once differed by 8 % in hnswlib's batch rate while the spread
+    within each run was narrower: the cause was per process (where the graph lands in memory,
+    the first suspect), so one run sampled one placement. Reloading both sides every round
+    samples a placement per round, and the median averages over them."""
+
+    def __init__(self, index: hnswlib.Index, data: np.ndarray, args: argparse.Namespace, folder: Path):
+        self.path, self.args = folder / "index.bin", args
+        index.save_index(str(self.path))
+        self.index, self.data, self.size = index, data, len(data)
+
+    def reload(self, round_: int = 0) -> None:
+        index = hnswlib.Index(space=self.args.space, dim=self.args.dim)
+        index.load_index(str(self.path), max_elements=self.size)
+        index.set_ef(max(self.args.ef, self.args.k))
+        self.index, self.data = index, self.data.copy()
+
+
 def run_size(n: int, args: argparse.Namespace) -> dict:
     """Build, check recall once, then time both methods in interleaved rounds (single, batch)."""
     rng = np.random.default_rng([args.seed, n])
@@ -175,26 +199,34 @@ def run_size(n: int, args: argparse.Namespace) -> dict:
     data = synthetic(n)
     queries = synthetic(args.queries)  # same distribution, not in the index
     index, build_s = build_index(data, args)
-    exact_data, exact_queries = prepare(data, args.space), prepare(queries, args.space)
-    exact = partial(brute_force, exact_queries, exact_data, args.space, args.k, args.batch)
-    search = partial(hnsw_query, index, queries, args.k, args.threads)
-    truth = exact(single=False)
-    q = len(queries)
-    comparisons = [
-        Comparison(mode, query_pass(search, count=q, single=mode == "single"),
-                   query_pass(exact, count=q, single=mode == "single"), ours_label="hnsw", reference_label="brute force")
-        for mode in ("single", "batch")
-    ]
-    run_interleaved(comparisons, args.rounds, min_seconds=args.min_seconds)
-    return {
-        "n": n,
-        "build_s": build_s,
-        "comparisons": {c.name: c for c in comparisons},
-        "recall": recall(search(single=True), truth),
-        "recall_batch": recall(search(single=False), truth),
-        # the two exact searches agree (up to ties), a check on the reference itself
-        "exact_agreement": recall(exact(single=True), truth),
-    }
+    exact_queries = prepare(queries, args.space)
+    with tempfile.TemporaryDirectory() as folder:
+        fresh = FreshCopies(index, prepare(data, args.space), args, Path(folder))
+
+        def exact(single: bool) -> np.ndarray:
+            return brute_force(exact_queries, fresh.data, args.space, args.k, args.batch, single)
+
+        def search(single: bool) -> np.ndarray:
+            return hnsw_query(fresh.index, queries, args.k, args.threads, single)
+
+        truth = exact(single=False)
+        q = len(queries)
+        comparisons = [
+            Comparison(mode, query_pass(search, count=q, single=mode == "single"),
+                       query_pass(exact, count=q, single=mode == "single"), ours_label="hnsw",
+                       reference_label="brute force")
+            for mode in ("single", "batch")
+        ]
+        run_interleaved(comparisons, args.rounds, min_seconds=args.min_seconds, before_round=fresh.reload)
+        return {
+            "n": n,
+            "build_s": build_s,
+            "comparisons": {c.name: c for c in comparisons},
+            "recall": recall(search(single=True), truth),
+            "recall_batch": recall(search(single=False), truth),
+            # the two exact searches agree (up to ties), a check on the reference itself
+            "exact_agreement": recall(exact(single=True), truth),
+        }
 
 
 def size_figures(row: dict) -> dict:

@@ -108,18 +108,22 @@ def run_interleaved(
     min_seconds: float = 0.0,
     sync: Callable[[], None] = lambda: None,
     progress: Callable[[str], None] | None = print,
+    before_round: Callable[[int], None] = lambda round_: None,
 ) -> None:
     """One untimed warm-up round (caches, allocators, cudnn autotuning; it also sets each
     side's repeat count so one measurement lasts >= ``min_seconds``: a side 40x faster than
     the other gets 40x the passes, not a 40x shorter measurement), then ``rounds`` timed
     rounds. In round r every comparison runs ours and the reference back to back, ours first
-    when r is even. Fills ``ours_rates`` and ``reference_rates``."""
+    when r is even. Fills ``ours_rates`` and ``reference_rates``. ``before_round(r)`` runs,
+    untimed, before every timed round (e.g. to reload a structure, so that where it lands in
+    memory varies from round to round and not only from process to process)."""
     for comparison in comparisons:
         _, ours_s = timed_rate(comparison.ours, 1, sync)
         _, reference_s = timed_rate(comparison.reference, 1, sync)
         comparison.ours_repeats = max(1, math.ceil(min_seconds / max(1e-9, ours_s)))
         comparison.reference_repeats = max(1, math.ceil(min_seconds / max(1e-9, reference_s)))
     for round_ in range(rounds):
+        before_round(round_)
         for comparison in comparisons:
             sides = [("ours", comparison.ours, comparison.ours_repeats),
                      ("reference", comparison.reference, comparison.reference_repeats)]

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +64,30 @@ def test_rounds_alternate_who_goes_first_and_measurements_reach_min_seconds():
     run_interleaved([slow], rounds=1, min_seconds=0.05, progress=None)
     # each side gets its own count: the 20 ms side about 3 passes, the instant reference many more
     assert slow.ours_repeats >= 2 and slow.reference_repeats > slow.ours_repeats
+
+
+def test_before_round_runs_once_before_every_timed_round_and_not_in_the_warm_up():
+    events: list[str] = []
+    comparison = Comparison("x", lambda: (events.append("ours"), 1)[1], lambda: (events.append("ref"), 1)[1])
+    run_interleaved([comparison], rounds=2, min_seconds=0.0, progress=None,
+                    before_round=lambda r: events.append(f"reload {r}"))
+    assert events == ["ours", "ref", "reload 0", "ours", "ref", "reload 1", "ref", "ours"]
+
+
+def test_index_reloaded_for_a_round_answers_like_the_built_one(tmp_path):
+    import index_scale
+
+    args = index_scale.parse_args(["--sizes", "500", "--queries", "20", "--dim", "16", "--intrinsic-dim", "4"])
+    synthetic = index_scale.Synthetic(args, np.random.default_rng(0))
+    data, queries = synthetic(500), synthetic(20)
+    index, _ = index_scale.build_index(data, args)
+    before = index_scale.hnsw_query(index, queries, args.k, 1, single=False)
+    fresh = index_scale.FreshCopies(index, data, args, tmp_path)
+    old_data = fresh.data
+    fresh.reload(0)
+    assert fresh.index is not index and fresh.data is not old_data
+    np.testing.assert_array_equal(fresh.data, old_data)
+    np.testing.assert_array_equal(index_scale.hnsw_query(fresh.index, queries, args.k, 1, single=False), before)
 
 
 def test_spread_summary():
