@@ -133,12 +133,13 @@ def device_report(device: torch.device) -> dict[str, Any]:
 def fast_paths_off() -> Iterator[None]:
     """FOR THE 'fp32' ROWS ONLY: our loop without bf16 autocast and channels_last.
 
-    labelflow.device turns both on for every CUDA run and has no switch. Here its autocast,
+    labelflow.device turns both on for every CUDA run (a stage's `precision: fp32` turns off
+    autocast only, not channels_last). Here its autocast,
     images_for and place_model are replaced, in every module that imported them by name, by
     float32 / default-layout versions; pinned memory, non-blocking copies and cudnn.benchmark
     stay. The forward pre-hook of `observe_inputs` reports what the model really saw."""
 
-    def autocast_off(device: torch.device):
+    def autocast_off(device: torch.device, precision: str = "auto"):
         return torch.autocast(device_type=device.type, enabled=False)
 
     def images_as_they_are(images: torch.Tensor, device: torch.device) -> torch.Tensor:

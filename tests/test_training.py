@@ -150,6 +150,27 @@ def test_stage_spec_takes_its_defaults_from_the_schema():
         StageSpec.from_dict("stage1", {"epochs": 4, "lr": 0.01})
 
 
+def test_autocast_precision_modes_on_the_cpu():
+    from labelflow.device import autocast
+
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.randn(2, 3, 8, 8)
+    cpu = torch.device("cpu")
+    dtypes = {}
+    for precision in ("auto", "bf16", "fp32"):
+        with autocast(cpu, precision):
+            dtypes[precision] = conv(x).dtype
+    assert dtypes == {"auto": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}
+    with pytest.raises(ValueError, match=r"precision='half'; choose one of \('auto', 'bf16', 'fp32'\)"):
+        autocast(cpu, "half")
+
+
+def test_stage_precision_is_validated_by_the_schema():
+    assert stage_spec("stage1", epochs=1, lr=0.1).precision == "auto"
+    with pytest.raises(Exception, match="half"):
+        stage_spec("stage1", epochs=1, lr=0.1, precision="half")
+
+
 def test_select_device_cpu():
     assert select_device(False) == torch.device("cpu")
 
@@ -189,6 +210,8 @@ def _run(
     min_steps: int = 0,
     tiny_encoder: bool = False,
     state_every_seconds: float = 0.0,
+    precision: str = "auto",
+    on_model=None,
 ) -> dict:
     root, paths, targets, train, valid = tiny_table
     torch.manual_seed(SEED)
@@ -202,7 +225,10 @@ def _run(
     valid_ds = ImageTableDataset(
         root, [paths[i] for i in valid], [targets[i] for i in valid], 16, build_transform(train=False)
     )
-    spec = stage_spec("stage1", epochs=epochs, lr=1e-3, batch_size=8, top_k=top_k, min_steps=min_steps)
+    if on_model is not None:
+        on_model(model)
+    spec = stage_spec("stage1", epochs=epochs, lr=1e-3, batch_size=8, top_k=top_k, min_steps=min_steps,
+                      precision=precision)
     return run_stage(
         model,
         StageLoaders(
@@ -237,6 +263,22 @@ def test_run_stage_trains_min_steps(tiny_table, tmp_path):
     assert [r["epoch"] for r in metrics["epochs"]] == [1, 2, 3]
     # the cosine runs over the 6 steps trained, not the 2 of the configured epoch
     assert [r["lr"] for r in metrics["epochs"]] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in (0, 2, 4)])
+
+
+@pytest.mark.parametrize("precision, train_dtype", [("bf16", torch.bfloat16), ("auto", torch.float32)])
+def test_stage_precision_sets_the_training_forward_only(tiny_table, tmp_path, precision, train_dtype):
+    seen: dict[bool, set] = {True: set(), False: set()}  # model.training -> embedding dtypes
+
+    def record(model):
+        model.register_forward_hook(lambda module, inputs, out: seen[module.training].add(out["embedding"].dtype))
+
+    metrics = _run(tiny_table, tmp_path, epochs=1, precision=precision, on_model=record)
+    assert seen[True] == {train_dtype}
+    assert seen[False] == {torch.float32}  # evaluation runs as inference does
+    assert metrics["spec"]["precision"] == precision
+    assert math.isfinite(metrics["epochs"][0]["train"]["loss"])
+    state = torch.load(tmp_path / "run" / "out" / "best.pt", weights_only=True)["model"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
 
 
 def test_run_stage_writes_outputs(two_epoch_run):

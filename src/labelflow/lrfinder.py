@@ -76,7 +76,8 @@ def find_lr(
     while not state["stop"]:
         epoch += 1
         seed_epoch(train_loader, seed, epoch)
-        train_one_epoch(model, train_loader, criteria, optimizer, scheduler, device, epoch=epoch, on_step=on_step)
+        train_one_epoch(model, train_loader, criteria, optimizer, scheduler, device, epoch=epoch, on_step=on_step,
+                        precision=spec.precision)
     return pd.DataFrame(records)
 
 

@@ -64,6 +64,7 @@ class StageSpec:
     freeze_encoder: bool
     top_k: int
     min_steps: int
+    precision: str
 
     @classmethod
     def from_dict(cls, name: str, data: dict[str, Any]) -> StageSpec:
@@ -166,13 +167,15 @@ def train_one_epoch(
     epoch: int,
     progress_every: int = 0,
     on_step: Callable[[int, float, float], bool] | None = None,
+    precision: str = "auto",
 ) -> dict[str, float]:
+    """One pass over ``loader``; ``precision`` is the forward pass's (device.autocast)."""
     model.train()
     metrics = HeadMetrics(model.spec.heads)
     started = time.perf_counter()
     for step, batch in enumerate(loader, start=1):
         batch = to_device(batch, device)
-        with autocast(device):
+        with autocast(device, precision):
             outputs = model(images_for(batch["image"], device))
         losses, total = compute_losses(model, outputs, batch, criteria)
         optimizer.zero_grad(set_to_none=True)
@@ -630,14 +633,18 @@ def run_epoch(
     *,
     epoch: int,
     progress_every: int,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Train one epoch, evaluate, and return the epoch's record. With an upright loader (rotation
     heads), the rotated valid images' metrics get the prefix ``aug_`` and the upright images give
-    the plain valid metrics, so class accuracy compares with the other experiments."""
+    the plain valid metrics, so class accuracy compares with the other experiments. ``precision``
+    applies to training only: evaluation runs as inference does (device.autocast's ``auto``), so
+    the metric that picks the checkpoint is the one predict and infer reproduce."""
     started = time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]
     train_metrics = train_one_epoch(
-        model, loaders.train, criteria, optimizer, scheduler, device, epoch=epoch, progress_every=progress_every
+        model, loaders.train, criteria, optimizer, scheduler, device, epoch=epoch, progress_every=progress_every,
+        precision=precision,
     )
     valid_metrics = evaluate(model, loaders.valid, criteria, device)
     if loaders.upright is not None:
@@ -702,7 +709,8 @@ def run_stage(
             for epoch in range(progress.next_epoch, spec.epochs + 1):
                 seed_epoch(loaders.train, seed, epoch)
                 record = run_epoch(
-                    model, loaders, criteria, optimizer, scheduler, device, epoch=epoch, progress_every=progress_every
+                    model, loaders, criteria, optimizer, scheduler, device, epoch=epoch, progress_every=progress_every,
+                    precision=spec.precision,
                 )
                 with sigterm.held():  # a SIGTERM never splits an epoch's state from its checkpoints
                     progress.add(record, main_metric, spec.top_k)
