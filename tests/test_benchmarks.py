@@ -258,3 +258,11 @@ def test_label_issues_benchmark_smoke(tmp_path):
         assert rule in out
     truth = sorted(p.name for p in (tmp_path / "noise20_seed0" / "data").iterdir())
     assert truth == [str(d) for d in range(10)]
+
+
+def test_cpu_precision_smoke(tmp_path):
+    out = _run("cpu_precision.py", "--experiment", "softmax", "--batches", "2", "--batch-size", "4", "--rounds", "2",
+               "--min-seconds", "0", "--threads", "1", "--json", str(tmp_path / "precision.json"))
+    assert re.search(r"CPU bf16 units: ", out)
+    assert re.search(r"bf16/fp32 speed-up: median \d+\.\d+ \(min \d+\.\d+, max \d+\.\d+, 2 rounds\)", out)
+    _check_spread(json.loads((tmp_path / "precision.json").read_text())["figures"]["bf16_speedup"], rounds=2)
