@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
          "index": torch.arange(batch_size)}
         for _ in range(args.batches)
     ]
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     bf16_units = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["none (emulated)"]
     print(f"recipe {args.experiment}, stage {stage_name}: {size} px, batch {batch_size}, {args.batches} steps per pass, "
           f"{args.threads} threads; CPU bf16 units: {', '.join(bf16_units)}; "

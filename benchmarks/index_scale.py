@@ -202,6 +202,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict:
     exact_queries = prepare(queries, args.space)
     with tempfile.TemporaryDirectory() as folder:
         fresh = FreshCopies(index, prepare(data, args.space), args, Path(folder))
+        del index  # fresh holds it until the first reload
 
         def exact(single: bool) -> np.ndarray:
             return brute_force(exact_queries, fresh.data, args.space, args.k, args.batch, single)

@@ -266,7 +266,8 @@ def test_run_stage_trains_min_steps(tiny_table, tmp_path):
 
 
 @pytest.mark.parametrize("precision, train_dtype", [("bf16", torch.bfloat16), ("auto", torch.float32)])
-def test_stage_precision_sets_the_training_forward_only(tiny_table, tmp_path, precision, train_dtype):
+def test_stage_precision_sets_the_training_forward_only(tiny_table, tmp_path, caplog, precision, train_dtype):
+    caplog.set_level(logging.INFO, logger="labelflow.training")
     seen: dict[bool, set] = {True: set(), False: set()}  # model.training -> embedding dtypes
 
     def record(model):
@@ -276,6 +277,7 @@ def test_stage_precision_sets_the_training_forward_only(tiny_table, tmp_path, pr
     assert seen[True] == {train_dtype}
     assert seen[False] == {torch.float32}  # evaluation runs as inference does
     assert metrics["spec"]["precision"] == precision
+    assert f"training forward pass in {'bf16 autocast' if precision == 'bf16' else 'float32'}" in caplog.text
     assert math.isfinite(metrics["epochs"][0]["train"]["loss"])
     state = torch.load(tmp_path / "run" / "out" / "best.pt", weights_only=True)["model"]
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
@@ -436,7 +438,7 @@ class Kill(Exception):
 
 
 def _script_epochs(monkeypatch, accuracies=ACCS, *, sigterm_at: int | None = None, kill_at: int | None = None):
-    def run_epoch(model, loaders, criteria, optimizer, scheduler, device, *, epoch, progress_every):
+    def run_epoch(model, loaders, criteria, optimizer, scheduler, device, *, epoch, progress_every, precision):
         if epoch == kill_at:
             raise Kill(f"killed in epoch {epoch}")
         lr = optimizer.param_groups[0]["lr"]

@@ -47,6 +47,15 @@ def test_recorded_lrs_follow_the_schedule_exactly(tiny_loader, scale):
         assert np.allclose(np.diff(np.log(records["lr"])), np.log(100) / 8)
 
 
+def test_the_finder_trains_in_the_stage_precision(tiny_loader):
+    torch.set_num_threads(1)
+    model, seen = _model(), set()
+    model.register_forward_hook(lambda module, inputs, out: seen.add(out["embedding"].dtype))
+    find_lr(model, tiny_loader, stage_spec("s", epochs=1, lr=1e-4, optimizer="sgd", precision="bf16"),
+            torch.device("cpu"), start_lr=1e-4, final_lr=1e-2, num_steps=2, diverge_factor=1e9)
+    assert seen == {torch.bfloat16}
+
+
 def test_divergence_stops_the_finder(tiny_loader):
     torch.set_num_threads(1)
     records = find_lr(

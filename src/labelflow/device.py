@@ -1,12 +1,13 @@
 """Where a model runs: CUDA when the job asked for a GPU and one is visible, else the CPU.
 
 On CUDA: bf16 autocast, ``channels_last`` and non-blocking copies from pinned memory.
-CPU runs stay in float32 and bit-reproducible.
+CPU runs stay in float32 and bit-reproducible, unless a stage trains with ``precision: bf16``.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,10 +53,25 @@ def autocast(device: torch.device, precision: str = "auto"):
     (CPU runs bit-reproducible); ``bf16`` also on the CPU (a training stage's ``precision: bf16``:
     about 1.6x faster steps on CPUs with AVX512-BF16, benchmarks/cpu_precision.py); ``fp32``
     never autocasts. Weights, gradients and optimizer state stay float32 in every mode."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))
+
+
+def uses_bf16(device: torch.device, precision: str) -> bool:
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; choose one of {PRECISIONS}")
-    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def describe_precision(device: torch.device, precision: str) -> str:
+    """For the job log: what the training forward pass runs in, and a warning where bf16 on
+    this CPU is emulated (no AVX512-BF16 or AMX: slower than float32, not faster)."""
+    if not uses_bf16(device, precision):
+        return "float32"
+    if device.type == "cpu":
+        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+            return "bf16 autocast (WARNING: this CPU has no bf16 units; expect it slower than float32)"
+    return "bf16 autocast"
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from labelflow.device import autocast, images_for, place_model, to_device
+from labelflow.device import autocast, describe_precision, images_for, place_model, to_device
 from labelflow.io import atomic_directory, atomic_output, write_json_atomic
 from labelflow.losses import get_loss
 from labelflow.metrics import HeadMetrics
@@ -703,6 +703,8 @@ def run_stage(
     saver = StateSaver(state_dir, stage_fingerprint, saved_epoch=progress.last_epoch, every_seconds=state_every_seconds)
     hooks = [saver, tensorboard, CheckpointKeeper(state_dir, main_metric), *extra_hooks]
     _log_start(model, loaders, spec)
+    log.info("stage %s: training forward pass in %s (precision: %s)", spec.name, describe_precision(device, spec.precision),
+             spec.precision)
     progress_every = max(1, len(loaders.train) // 4) if len(loaders.train) >= 40 else 0
     try:
         with terminate_on_sigterm() as sigterm:
