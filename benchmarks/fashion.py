@@ -26,6 +26,8 @@ invocation is printed beside it.
 
     python benchmarks/fashion.py                           # `fashion` (1 + 14 epochs) on 60k (75 min on 2 quiet cores, measured)
     python benchmarks/fashion.py --experiment softmax      # a second recipe in the same run (name or .yaml path)
+    python benchmarks/fashion.py --recipe my.yaml          # judge another recipe instead of `fashion` (alone)
+    python benchmarks/fashion.py --precision bf16          # every stage trains with precision: bf16 (CPU bf16 units)
     python benchmarks/fashion.py --out /tmp/fashion        # keep data and results; a rerun reuses them
     python benchmarks/fashion.py --limit 300 --epochs 1    # smoke test: 300 images per split, 1 + 1 epochs
 
@@ -77,17 +79,20 @@ def experiment_file(name_or_path: str) -> tuple[str, Path]:
     return name_or_path, REPO / "config/experiments" / f"{name_or_path}.yaml"
 
 
-def write_experiments(out: Path, names: list[str], epochs: int | None) -> Path:
-    """Copies of the experiment files; with `epochs`, every stage trains that many epochs."""
+def write_experiments(out: Path, names: list[str], epochs: int | None, precision: str | None = None) -> Path:
+    """Copies of the experiment files; with `epochs`, every stage trains that many epochs; with
+    `precision`, every stage trains with that `precision` (auto, bf16, fp32)."""
     folder = out / "experiments"
     folder.mkdir(parents=True, exist_ok=True)
     for given in names:
         name, path = experiment_file(given)
         recipe = yaml.safe_load(path.read_text())
-        if epochs is not None:
-            for stage in recipe["stages"].values():
+        for stage in recipe["stages"].values():
+            if epochs is not None:
                 stage["epochs"] = epochs
                 stage.pop("min_steps", None)
+            if precision is not None:
+                stage["precision"] = precision
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return folder
 
@@ -168,6 +173,10 @@ def judge(f: dict, limit: int | None, cores: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default=DEFAULT_EXPERIMENT,
+                        help=f"the recipe judged against the goal (default {DEFAULT_EXPERIMENT}; name or .yaml path)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                        help="every stage of every recipe trains with this precision (default: as the recipes say)")
     parser.add_argument("--experiment", action="append", default=[],
                         help="another experiment in the same run (name in config/experiments or a .yaml path); repeatable")
     parser.add_argument("--limit", type=int, help="images per split (seeded, stratified subset; for a smoke test)")
@@ -183,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
 
     data = write_data(out, args.limit, args.seed)
-    names = [DEFAULT_EXPERIMENT, *args.experiment]
+    names = [args.recipe, *args.experiment]
     run = out / ("full" if args.limit is None else f"limit{args.limit}")
     run.mkdir(exist_ok=True)
-    experiments = write_experiments(run, names, args.epochs)
+    experiments = write_experiments(run, names, args.epochs, args.precision)
     config = run / "config.yaml"
     config.write_text(yaml.safe_dump({
         "dataset": str(data / "train"), "test_dataset": str(data / "test"),

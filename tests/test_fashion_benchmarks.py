@@ -10,6 +10,7 @@ import os
 import re
 
 import pytest
+import yaml
 
 from test_benchmarks import _run
 
@@ -90,8 +91,8 @@ def test_scale_cases_empty_sizes_run_the_224px_case_alone():
 
 @pytest.mark.e2e
 def test_fashion_smoke(tmp_path, fashion_files):
-    """150 images per split, 1 + 1 epochs: the test figure, the published table, epoch times."""
-    out = _run("fashion.py", "--limit", "150", "--epochs", "1", "--out", str(tmp_path / "out"),
+    """150 images per split, 1 + 1 epochs in bf16: the test figure, the published table, epoch times."""
+    out = _run("fashion.py", "--limit", "150", "--epochs", "1", "--precision", "bf16", "--out", str(tmp_path / "out"),
                "--json", str(tmp_path / "fashion.json"))
     report = json.loads((tmp_path / "fashion.json").read_text())
     figures = report["experiments"][0]
@@ -103,6 +104,10 @@ def test_fashion_smoke(tmp_path, fashion_files):
     assert {"tag2label", "split", "fashion/stage2", "fashion/test_evaluation"} <= set(figures["jobs"])
     assert report["goal"]["passed"] is None  # a subset is not judged
     assert "ResNet18" in out and "Human (crowd)" in out and "<- this run" in out and "NOT JUDGED" in out
+    run = tmp_path / "out" / "limit150"
+    recipe = yaml.safe_load((run / "experiments" / "fashion.yaml").read_text())
+    assert {stage["precision"] for stage in recipe["stages"].values()} == {"bf16"}
+    assert "training forward pass in bf16 autocast" in (run / "work/results/logs/fashion/stage2.log").read_text()
 
 
 @pytest.mark.e2e
