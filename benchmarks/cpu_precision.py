@@ -15,7 +15,7 @@ each measurement at least --min-seconds); the median ratio is the figure, min-ma
 The speed-up needs bf16 arithmetic in the CPU (AVX512-BF16 or AMX; `lscpu` flags avx512_bf16 /
 amx_bf16): elsewhere oneDNN emulates it and bf16 can be slower. What it does to accuracy is not
 measured here: a recipe that trains in bf16 has to be chosen on its validation fold like any
-other (benchmarks/fashion.py --experiment NAME).
+other (benchmarks/fashion.py --recipe NAME --precision bf16).
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 
-from labelflow.device import set_job_threads
+from labelflow.device import cpu_bf16_units, set_job_threads
 from labelflow.experiment import model_spec
 from labelflow.models import create_model
 from labelflow.training import StageSpec, build_criteria, build_optimizer, build_scheduler, train_one_epoch
@@ -75,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     set_job_threads(args.threads)
     experiment = load_recipe(args.experiment)
     stage_name = args.stage or list(experiment["stages"])[-1]
+    if stage_name not in experiment["stages"]:
+        raise SystemExit(f"--stage {stage_name}: recipe {args.experiment} has stages {list(experiment['stages'])}")
     stage = StageSpec.from_dict(stage_name, experiment["stages"][stage_name])
     batch_size = args.batch_size or stage.batch_size
     size = experiment["data"]["image_size"]
@@ -85,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
          "index": torch.arange(batch_size)}
         for _ in range(args.batches)
     ]
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    bf16_units = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["none (emulated)"]
+    bf16_units = cpu_bf16_units() or ["none (emulated)"]
     print(f"recipe {args.experiment}, stage {stage_name}: {size} px, batch {batch_size}, {args.batches} steps per pass, "
           f"{args.threads} threads; CPU bf16 units: {', '.join(bf16_units)}; "
           f"{args.rounds} interleaved rounds, >= {args.min_seconds:g} s per measurement", flush=True)

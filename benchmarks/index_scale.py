@@ -28,7 +28,8 @@ compare_runs.py. What varies between two runs of the same command:
     loaded 2-core machine;
   * where the index and the vectors land in memory: so that this varies within a run, not only
     between runs, both are reloaded into new memory before every timed round (the index from a
-    file it saved, the vectors copied), untimed;
+    file it saved, the vectors copied), untimed; the batch speed-up still moved 6 % between
+    runs with it (hnswlib's rate, not numpy's: something between runs, not placement);
   * the graph, only with --threads > 1: hnswlib inserts in parallel, so insertion order, graph,
     recall and speed change from run to run; with one thread and a fixed --seed the graph,
     recall and the results are the same in every run (only the timings vary);
@@ -176,9 +177,11 @@ class FreshCopies:
     """The index and the exact search's vectors, reloaded into new memory before every timed round.
 
     Two runs of the same command once differed by 8 % in hnswlib's batch rate while the spread
-    within each run was narrower: the cause was per process (where the graph lands in memory,
-    the first suspect), so one run sampled one placement. Reloading both sides every round
-    samples a placement per round, and the median averages over them."""
+    within each run was narrower. Suspecting where the graph lands in memory, both sides are
+    reloaded every round, so one run samples many placements. Measured since (README, Index at
+    scale): it did not close the gap (batch medians still 6 % apart, hnswlib slower in the
+    second run of each pair while brute force agreed), so placement within a process is not
+    the cause; the reload stays so that it is ruled out in every run."""
 
     def __init__(self, index: hnswlib.Index, data: np.ndarray, args: argparse.Namespace, folder: Path):
         self.path, self.args = folder / "index.bin", args

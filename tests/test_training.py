@@ -165,6 +165,17 @@ def test_autocast_precision_modes_on_the_cpu():
         autocast(cpu, "half")
 
 
+def test_the_job_log_warns_when_bf16_runs_on_a_cpu_without_bf16_units(monkeypatch):
+    import labelflow.device as device
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "cpu_bf16_units", lambda: [])
+    assert device.describe_precision(cpu, "bf16").startswith("bf16 autocast (WARNING: this CPU has no bf16 units")
+    assert device.describe_precision(cpu, "auto") == "float32"
+    monkeypatch.setattr(device, "cpu_bf16_units", lambda: ["avx512_bf16"])
+    assert device.describe_precision(cpu, "bf16") == "bf16 autocast"
+
+
 def test_stage_precision_is_validated_by_the_schema():
     assert stage_spec("stage1", epochs=1, lr=0.1).precision == "auto"
     with pytest.raises(Exception, match="half"):

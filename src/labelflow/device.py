@@ -62,15 +62,20 @@ def uses_bf16(device: torch.device, precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
+def cpu_bf16_units() -> list[str]:
+    """The CPU's bf16 instruction sets (Linux /proc/cpuinfo flags); empty: bf16 is emulated."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    return [unit for unit in ("avx512_bf16", "amx_bf16") if unit in flags]
+
+
 def describe_precision(device: torch.device, precision: str) -> str:
     """For the job log: what the training forward pass runs in, and a warning where bf16 on
     this CPU is emulated (no AVX512-BF16 or AMX: slower than float32, not faster)."""
     if not uses_bf16(device, precision):
         return "float32"
-    if device.type == "cpu":
-        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        if "avx512_bf16" not in flags and "amx_bf16" not in flags:
-            return "bf16 autocast (WARNING: this CPU has no bf16 units; expect it slower than float32)"
+    if device.type == "cpu" and not cpu_bf16_units():
+        return "bf16 autocast (WARNING: this CPU has no bf16 units; expect it slower than float32)"
     return "bf16 autocast"
 
 
