@@ -86,6 +86,8 @@ def write_experiments(out: Path, names: list[str], epochs: int | None, precision
     folder.mkdir(parents=True, exist_ok=True)
     for given in names:
         name, path = experiment_file(given)
+        if not path.is_file():
+            raise SystemExit(f"recipe {given!r}: {path} does not exist; give a name in config/experiments or a .yaml path")
         recipe = yaml.safe_load(path.read_text())
         for stage in recipe["stages"].values():
             if epochs is not None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from test_benchmarks import _run
+from test_benchmarks import BENCHMARKS, REPO, _run
 
 @pytest.fixture
 def fashion_files():
@@ -91,23 +93,30 @@ def test_scale_cases_empty_sizes_run_the_224px_case_alone():
 
 @pytest.mark.e2e
 def test_fashion_smoke(tmp_path, fashion_files):
-    """150 images per split, 1 + 1 epochs in bf16: the test figure, the published table, epoch times."""
-    out = _run("fashion.py", "--limit", "150", "--epochs", "1", "--precision", "bf16", "--out", str(tmp_path / "out"),
-               "--json", str(tmp_path / "fashion.json"))
+    """150 images per split, 1 + 1 epochs of a copy of the `fashion` recipe given by --recipe, in
+    bf16: the test figure, the published table, epoch times."""
+    candidate = tmp_path / "fashion_candidate.yaml"
+    candidate.write_text((REPO / "config/experiments/fashion.yaml").read_text())
+    out = _run("fashion.py", "--limit", "150", "--epochs", "1", "--precision", "bf16", "--recipe", str(candidate),
+               "--out", str(tmp_path / "out"), "--json", str(tmp_path / "fashion.json"))
     report = json.loads((tmp_path / "fashion.json").read_text())
     figures = report["experiments"][0]
-    assert figures["experiment"] == "fashion"
+    assert len(report["experiments"]) == 1 and figures["experiment"] == "fashion_candidate"  # instead of fashion
     assert 0.0 <= figures["test_accuracy"] <= 1.0 and 120 <= figures["test_images"] <= 150
     assert {stage: s["epochs"] for stage, s in figures["stages"].items()} == {"stage1": 1, "stage2": 1}
     assert all(s["seconds_per_epoch"] > 0 for s in figures["stages"].values())
     assert figures["job_seconds"] > 0 and figures["peak_rss_mb"] > 0
-    assert {"tag2label", "split", "fashion/stage2", "fashion/test_evaluation"} <= set(figures["jobs"])
+    assert {"tag2label", "split", "fashion_candidate/stage2", "fashion_candidate/test_evaluation"} <= set(figures["jobs"])
     assert report["goal"]["passed"] is None  # a subset is not judged
     assert "ResNet18" in out and "Human (crowd)" in out and "<- this run" in out and "NOT JUDGED" in out
     run = tmp_path / "out" / "limit150"
-    recipe = yaml.safe_load((run / "experiments" / "fashion.yaml").read_text())
+    recipe = yaml.safe_load((run / "experiments" / "fashion_candidate.yaml").read_text())
     assert {stage["precision"] for stage in recipe["stages"].values()} == {"bf16"}
-    assert "training forward pass in bf16 autocast" in (run / "work/results/logs/fashion/stage2.log").read_text()
+    log = (run / "work/results/logs/fashion_candidate/stage2.log").read_text()
+    assert "training forward pass in bf16 autocast" in log
+    missing = subprocess.run([sys.executable, str(BENCHMARKS / "fashion.py"), "--limit", "150", "--recipe", "no_such_recipe",
+                              "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and "recipe 'no_such_recipe'" in missing.stderr and "does not exist" in missing.stderr
 
 
 @pytest.mark.e2e
