@@ -90,6 +90,38 @@ def test_index_reloaded_for_a_round_answers_like_the_built_one(tmp_path):
     np.testing.assert_array_equal(index_scale.hnsw_query(fresh.index, queries, args.k, 1, single=False), before)
 
 
+def test_autolabel_peers_judged_at_the_workflows_class_mix(tmp_path):
+    """A peer whose most confident predictions are all of an easy class beats the workflow at
+    equal coverage; at the workflow's class mix it must take its hard-class predictions too."""
+    import autolabel_fashion as alf
+
+    # classes 0 (easy: every prediction right, most confident) and 1 (hard: half right)
+    predicted = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    confidence = np.array([0.99, 0.98, 0.97, 0.96, 0.90, 0.89, 0.88, 0.87])
+    truth = np.array([0, 0, 0, 0, 1, 0, 1, 0])
+    assert alf.precision_at(predicted, confidence, truth, 4) == 1.0
+    # 2 of each class: the top two of class 0 and of class 1 (one right): 3 of 4
+    assert alf.precision_at_class_mix(predicted, confidence, truth, {0: 2, 1: 2}) == 0.75
+    # more asked of a class than predicted: all of them
+    assert alf.precision_at_class_mix(predicted, confidence, truth, {1: 10}) == 0.5
+    assert alf.precision_at_class_mix(predicted, confidence, truth, {}) is None
+
+    results = tmp_path / "results/autolabel"
+    results.mkdir(parents=True)
+    (results / "dataset.csv").write_text(
+        "path,label,source,round,confidence\n"
+        "clean/a/1.png,a,human,0,1.0\n"  # human labels are not coverage of the raw pile
+        "raw/0/1.png,a,pseudo,0,0.95\nraw/0/2.png,b,pseudo,0,0.91\nraw/1/3.png,b,pseudo,1,0.93\n")
+    mixes = alf.class_mix_per_round(tmp_path, ["a", "b"])
+    assert mixes == {0: {0: 1, 1: 1}, 1: {0: 1, 1: 2}}
+
+    evaluation = {"rounds": [{"round": 0, "labelled": 3, "coverage": 0.375, "precision": 0.8, "precision_all": 0.8, "new": 3}]}
+    (row,) = alf.compare(evaluation, {"peer": (predicted, confidence)}, truth, {0: {0: 1, 1: 2}})
+    assert row["peers"] == {"peer": 1.0} and row["above_all"] is False
+    assert row["peers_class_mix"] == {"peer": pytest.approx(2 / 3)} and row["above_all_class_mix"] is True
+    assert row["margin_class_mix"] == pytest.approx(0.8 - 2 / 3)
+
+
 def test_spread_summary():
     spread = Spread((1.0, 3.0, 2.0))
     assert (spread.min, spread.median, spread.max) == (1.0, 2.0, 3.0)

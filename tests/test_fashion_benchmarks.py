@@ -134,9 +134,13 @@ def test_autolabel_fashion_smoke(tmp_path, fashion_files):
         assert row["precision"] is None or 0.0 <= row["precision"] <= 1.0
         assert set(row["peers"]) == peers
         assert all(v is None or 0.0 <= v <= 1.0 for v in row["peers"].values())
+        assert set(row["peers_class_mix"]) == peers
+        assert all(v is None or 0.0 <= v <= 1.0 for v in row["peers_class_mix"].values())
     assert set(seed["peers_whole_pile"]) == peers
     # 10 labelled images per class: label spreading on pixels is far above chance (0.1)
     assert 0.3 <= seed["peers_whole_pile"]["LabelSpreading pixels"] <= 1.0
     assert all(0.0 <= v <= 1.0 for v in seed["peers_whole_pile"].values())
     assert "1 split seeds (100)" in out
-    assert re.search(r"^(PASS|FAIL|NOT JUDGED) workflow precision above every peer", out, re.M)
+    assert re.search(r"^(PASS|FAIL|NOT JUDGED) workflow precision above every peer at every round's coverage", out, re.M)
+    assert re.search(r"^(PASS|FAIL|NOT JUDGED) \(for reference\) workflow precision above every peer at every round's class mix",
+                     out, re.M)
