@@ -93,15 +93,15 @@ def test_scale_cases_empty_sizes_run_the_224px_case_alone():
 
 @pytest.mark.e2e
 def test_fashion_smoke(tmp_path, fashion_files):
-    """150 images per split, 1 + 1 epochs of a copy of the `fashion` recipe given by --recipe, in
-    bf16: the test figure, the published table, epoch times."""
+    """150 images per split, 1 + 1 epochs of a copy of the default `fashion_long` recipe given by
+    --recipe, in bf16: the test figure, the published table, epoch times."""
     candidate = tmp_path / "fashion_candidate.yaml"
-    candidate.write_text((REPO / "config/experiments/fashion.yaml").read_text())
+    candidate.write_text((REPO / "config/experiments/fashion_long.yaml").read_text())
     out = _run("fashion.py", "--limit", "150", "--epochs", "1", "--precision", "bf16", "--recipe", str(candidate),
                "--out", str(tmp_path / "out"), "--json", str(tmp_path / "fashion.json"))
     report = json.loads((tmp_path / "fashion.json").read_text())
     figures = report["experiments"][0]
-    assert len(report["experiments"]) == 1 and figures["experiment"] == "fashion_candidate"  # instead of fashion
+    assert len(report["experiments"]) == 1 and figures["experiment"] == "fashion_candidate"  # instead of fashion_long
     assert 0.0 <= figures["test_accuracy"] <= 1.0 and 120 <= figures["test_images"] <= 150
     assert {stage: s["epochs"] for stage, s in figures["stages"].items()} == {"stage1": 1, "stage2": 1}
     assert all(s["seconds_per_epoch"] > 0 for s in figures["stages"].values())

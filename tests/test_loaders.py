@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import labelflow.images as images
-from conftest import make_tiny_dataset
+from conftest import REPO, make_tiny_dataset, validated_experiment
 from labelflow.loaders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -94,6 +94,19 @@ def test_build_augmentations_builds_with_params():
     (flip,) = build_augmentations([{"name": "HorizontalFlip", "params": {"p": 1.0}}])
     image = _image()
     assert np.array_equal(flip(image=image)["image"], image[:, ::-1])
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "config/experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_validates_and_its_training_transform_runs(recipe: Path):
+    """A misspelt key or augmentation in a shipped recipe fails here, not an hour into a run."""
+    import yaml
+
+    experiment = validated_experiment(yaml.safe_load(recipe.read_text()))
+    data = experiment["data"]
+    transform = build_transform(data["augmentations"], train=True, mean=data["mean"], std=data["std"], seed=0)
+    size = data["image_size"]
+    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    assert tuple(transform(image=image)["image"].shape) == (3, size, size)
 
 
 def test_dataset_resizes_and_returns_targets(tmp_path: Path):
