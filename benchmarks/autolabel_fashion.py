@@ -49,7 +49,8 @@ easy classes alone; this table shows how much of the gap that choice explains.
 
 With several seeds the summary gives the mean, min and max over seeds of the final precision
 and coverage, of every peer's precision at the workflow's final coverage, and of the smallest
-margin (workflow minus best peer, over the rounds).
+margin (workflow minus best peer, over the rounds; also at the class mix), then the verdict
+at the class mix (for reference) and the goal's verdict.
 """
 
 from __future__ import annotations
@@ -231,25 +232,27 @@ def precision_at(predicted: np.ndarray, confidence: np.ndarray, truth: np.ndarra
 
 
 def precision_at_class_mix(predicted: np.ndarray, confidence: np.ndarray, truth: np.ndarray,
-                           counts: dict[int, int]) -> float | None:
-    """Precision at the workflow's class mix: for every class c, the ``counts[c]`` most confident
-    predictions of c (all of them where fewer were made; ties: the earlier row first)."""
+                           counts: dict[int, int]) -> tuple[float | None, int]:
+    """(precision, images judged) at the workflow's class mix: for every class c, the
+    ``counts[c]`` most confident predictions of c (all of them where fewer were made, so a peer
+    may be judged on fewer images than the workflow; ties: the earlier row first)."""
     taken = []
     for label, n in counts.items():
         rows = np.flatnonzero(predicted == label)
         taken.append(rows[np.argsort(-confidence[rows], kind="stable")[:n]])
     chosen = np.concatenate(taken) if taken else np.array([], dtype=int)
-    return float((predicted[chosen] == truth[chosen]).mean()) if len(chosen) else None
+    return (float((predicted[chosen] == truth[chosen]).mean()) if len(chosen) else None), len(chosen)
 
 
-def class_mix_per_round(work: Path, classes: list[str]) -> dict[int, dict[int, int]]:
-    """Per round: how many raw images the workflow has labelled with each class by then
-    (results/autolabel/dataset.csv: raw rows, cumulative)."""
+def class_mix_per_round(work: Path, classes: list[str], rounds: list[int]) -> dict[int, dict[int, int]]:
+    """Per round of ``rounds``: how many raw images the workflow has labelled with each class by
+    the end of it (results/autolabel/dataset.csv: raw rows, cumulative; a round that accepted
+    nothing keeps the mix before it)."""
     labelled = pd.read_csv(work / "results/autolabel/dataset.csv")
     raw = labelled[labelled["path"].str.startswith("raw/")]
     index = {c: i for i, c in enumerate(classes)}
     mixes = {}
-    for r in range(int(raw["round"].max()) + 1 if len(raw) else 0):
+    for r in rounds:
         counts = raw.loc[raw["round"] <= r, "label"].value_counts()
         mixes[r] = {index[c]: int(n) for c, n in counts.items()}
     return mixes
@@ -288,20 +291,25 @@ def run_peers(data: Path, work: Path, clean: Path, raw: Path, truth_csv: Path, e
 
 def compare(evaluation: dict, peers: dict, truth: np.ndarray, mixes: dict[int, dict[int, int]] | None = None) -> list[dict]:
     """Per workflow round: its labelled count, coverage, precision and each peer's precision at
-    that count; with ``mixes`` (class -> count per round) also each peer's precision at the
-    workflow's class mix (keys ending in ``_class_mix``)."""
+    that count; with ``mixes`` ({round: {class index: count}}) also each peer's precision at the
+    workflow's class mix (keys ending in ``_class_mix``; ``judged_class_mix``: how many images
+    each peer was judged on there)."""
     rows = []
     for r in evaluation["rounds"]:
         n = r["labelled"]
         ours = r["precision_all"]
         row = {"round": r["round"], "labelled": n, "coverage": r["coverage"], "precision": ours,
                "pseudo_precision": r["precision"], "new": r["new"]}
-        judged = {"": lambda p, c: precision_at(p, c, truth, n)}
+        judged = {"": {peer: precision_at(predicted, confidence, truth, n) for peer, (predicted, confidence) in peers.items()}}
         if mixes is not None:
-            mix = mixes.get(r["round"], {})
-            judged["_class_mix"] = lambda p, c, mix=mix: precision_at_class_mix(p, c, truth, mix)
-        for suffix, precision in judged.items():
-            at = {peer: precision(predicted, confidence) for peer, (predicted, confidence) in peers.items()}
+            mix = mixes[r["round"]]
+            if sum(mix.values()) != n:
+                raise SystemExit(f"round {r['round']}: results/autolabel/dataset.csv holds {sum(mix.values())} labelled raw "
+                                 f"images, evaluation.json {n}; the two files are from different runs")
+            at_mix = {peer: precision_at_class_mix(predicted, confidence, truth, mix) for peer, (predicted, confidence) in peers.items()}
+            judged["_class_mix"] = {peer: precision for peer, (precision, _) in at_mix.items()}
+            row["judged_class_mix"] = {peer: count for peer, (_, count) in at_mix.items()}
+        for suffix, at in judged.items():
             best_peer = max((v for v in at.values() if v is not None), default=None)
             row[f"peers{suffix}"] = at
             row[f"margin{suffix}"] = None if ours is None or best_peer is None else ours - best_peer
@@ -326,7 +334,8 @@ def print_rounds(rows: list[dict], evaluation: dict, title: str) -> None:
     suffixes = {"": "(the goal)"}
     if rows and "peers_class_mix" in rows[0]:
         suffixes["_class_mix"] = ("(for reference) each peer at the workflow's class mix: its most confident n_c "
-                                  "predictions of each class c, n_c = the workflow's labelled raw images of c")
+                                  "predictions of each class c, n_c = the workflow's labelled raw images of c "
+                                  "(* judged on fewer images: it predicted fewer than n_c of a class)")
     for suffix, heading in suffixes.items():
         print(heading)
         print(f"{'round':>5} {'new':>6} {'labelled':>8} {'coverage':>8} {'workflow':>8} "
@@ -334,8 +343,9 @@ def print_rounds(rows: list[dict], evaluation: dict, title: str) -> None:
         for row in rows:
             margin, above = row[f"margin{suffix}"], row[f"above_all{suffix}"]
             tie = above is False and margin == 0
+            fewer = {p for p, count in row.get(f"judged{suffix}", {}).items() if count < row["labelled"]}
             print(f"{row['round']:>5} {row['new']:>6} {row['labelled']:>8} {pct(row['coverage']):>8} {pct(row['precision']):>8} "
-                  + " ".join(f"{pct(row[f'peers{suffix}'][p]):>8}" for p in PEERS)
+                  + " ".join(f"{pct(row[f'peers{suffix}'][p]) + ('*' if p in fewer else ''):>8}" for p in PEERS)
                   + f" {pct(margin):>7}  {verdict(above)}{' (tie)' if tie else ''}")
     final = evaluation["final"]
     print(f"final: precision {pct(final['precision_all'])} % at coverage {pct(final['coverage'])} % "
@@ -357,6 +367,7 @@ def summarise(finals: list[dict]) -> list[str]:
         line(f"{peer} at the final coverage", [f["peers"][peer] for f in finals])
     line("smallest margin over the rounds (vs best peer)", [f["min_margin"] for f in finals], unit="points")
     line("smallest margin at the workflow's class mix", [f.get("min_margin_class_mix") for f in finals], unit="points")
+    # the goal's verdict last
     for key, what in (("goal_class_mix", "(for reference) workflow precision above every peer at every round's class mix"),
                       ("goal", "workflow precision above every peer at every round's coverage")):
         judged = [f for f in finals if f.get(key) is not None]
@@ -375,7 +386,8 @@ def run_one(out: Path, seed: int, args: argparse.Namespace) -> dict:
     seconds = run_autolabel(out, clean, raw, truth, (name, experiments), args)
     evaluation = json.loads((work / "results/autolabel/evaluation.json").read_text())
     peers, truth_index, classes = run_peers(data, work, clean, raw, truth, experiments, name, args, seed)
-    rows = compare(evaluation, peers, truth_index, class_mix_per_round(work, classes))
+    rounds = [r["round"] for r in evaluation["rounds"]]
+    rows = compare(evaluation, peers, truth_index, class_mix_per_round(work, classes, rounds))
     print_rounds(rows, evaluation, f"split seed {seed}, {args.per_class} per class + {args.raw:,} raw, recipe "
                  f"{name}, {seconds / 60:.1f} min")
     whole_pile = {peer: precision_at(predicted, confidence, truth_index, len(truth_index))

@@ -20,8 +20,8 @@ on 2 cores.
 
 Time to the test figure = the `s` of the experiment's jobs plus the shared data jobs
 (tag2label, split), summed: what one experiment costs, also when a second one shares the run
-or the results are reused. It leaves out Snakemake's own ~2 s per job and the two rules that
-have no benchmark: file (test_table, calibrate; seconds each). The wall time of this
+or the results are reused. It leaves out Snakemake's own ~2 s per job and test_table
+(results/benchmarks/test_table.tsv, shared by every experiment of the run; seconds). The wall time of this
 invocation is printed beside it.
 
     python benchmarks/fashion.py                           # `fashion_long` (1 + 22 epochs, bf16) on 60k (74 min on 2 quiet cores, measured)

@@ -101,10 +101,10 @@ def test_autolabel_peers_judged_at_the_workflows_class_mix(tmp_path):
     truth = np.array([0, 0, 0, 0, 1, 0, 1, 0])
     assert alf.precision_at(predicted, confidence, truth, 4) == 1.0
     # 2 of each class: the top two of class 0 and of class 1 (one right): 3 of 4
-    assert alf.precision_at_class_mix(predicted, confidence, truth, {0: 2, 1: 2}) == 0.75
-    # more asked of a class than predicted: all of them
-    assert alf.precision_at_class_mix(predicted, confidence, truth, {1: 10}) == 0.5
-    assert alf.precision_at_class_mix(predicted, confidence, truth, {}) is None
+    assert alf.precision_at_class_mix(predicted, confidence, truth, {0: 2, 1: 2}) == (0.75, 4)
+    # more asked of a class than predicted: all of them, and fewer images judged
+    assert alf.precision_at_class_mix(predicted, confidence, truth, {1: 10}) == (0.5, 4)
+    assert alf.precision_at_class_mix(predicted, confidence, truth, {}) == (None, 0)
 
     results = tmp_path / "results/autolabel"
     results.mkdir(parents=True)
@@ -112,14 +112,23 @@ def test_autolabel_peers_judged_at_the_workflows_class_mix(tmp_path):
         "path,label,source,round,confidence\n"
         "clean/a/1.png,a,human,0,1.0\n"  # human labels are not coverage of the raw pile
         "raw/0/1.png,a,pseudo,0,0.95\nraw/0/2.png,b,pseudo,0,0.91\nraw/1/3.png,b,pseudo,1,0.93\n")
-    mixes = alf.class_mix_per_round(tmp_path, ["a", "b"])
-    assert mixes == {0: {0: 1, 1: 1}, 1: {0: 1, 1: 2}}
+    # round 2 accepted nothing: it keeps round 1's mix
+    mixes = alf.class_mix_per_round(tmp_path, ["a", "b"], [0, 1, 2])
+    assert mixes == {0: {0: 1, 1: 1}, 1: {0: 1, 1: 2}, 2: {0: 1, 1: 2}}
 
-    evaluation = {"rounds": [{"round": 0, "labelled": 3, "coverage": 0.375, "precision": 0.8, "precision_all": 0.8, "new": 3}]}
-    (row,) = alf.compare(evaluation, {"peer": (predicted, confidence)}, truth, {0: {0: 1, 1: 2}})
-    assert row["peers"] == {"peer": 1.0} and row["above_all"] is False
-    assert row["peers_class_mix"] == {"peer": pytest.approx(2 / 3)} and row["above_all_class_mix"] is True
-    assert row["margin_class_mix"] == pytest.approx(0.8 - 2 / 3)
+    rounds = [{"round": 0, "labelled": 3, "coverage": 0.375, "precision": 0.8, "precision_all": 0.8, "new": 3},
+              {"round": 1, "labelled": 3, "coverage": 0.375, "precision": 0.8, "precision_all": 0.8, "new": 0}]
+    peers = {"peer": (predicted, confidence)}
+    rows = alf.compare({"rounds": rounds}, peers, truth, {0: {0: 1, 1: 2}, 1: {0: 1, 1: 2}})
+    for row in rows:  # the round that accepted nothing is judged too
+        assert row["peers"] == {"peer": 1.0} and row["above_all"] is False
+        assert row["peers_class_mix"] == {"peer": pytest.approx(2 / 3)} and row["above_all_class_mix"] is True
+        assert row["margin_class_mix"] == pytest.approx(0.8 - 2 / 3) and row["judged_class_mix"] == {"peer": 3}
+    five = [{**rounds[0], "labelled": 5}]  # 5 of class 1; the peer predicted 4 of it: judged on 4
+    (row,) = alf.compare({"rounds": five}, peers, truth, {0: {1: 5}})
+    assert row["judged_class_mix"] == {"peer": 4} and row["peers_class_mix"] == {"peer": 0.5}
+    with pytest.raises(SystemExit, match="round 0: .*dataset.csv holds 2 labelled raw images, evaluation.json 3"):
+        alf.compare({"rounds": rounds[:1]}, peers, truth, {0: {0: 1, 1: 1}})
 
 
 def test_spread_summary():

@@ -93,10 +93,11 @@ def test_scale_cases_empty_sizes_run_the_224px_case_alone():
 
 @pytest.mark.e2e
 def test_fashion_smoke(tmp_path, fashion_files):
-    """150 images per split, 1 + 1 epochs of a copy of the default `fashion_long` recipe given by
-    --recipe, in bf16: the test figure, the published table, epoch times."""
+    """150 images per split, 1 + 1 epochs of a copy of the float32 `fashion` recipe given by
+    --recipe, turned bf16 by --precision: the test figure, the published table, epoch times."""
     candidate = tmp_path / "fashion_candidate.yaml"
-    candidate.write_text((REPO / "config/experiments/fashion_long.yaml").read_text())
+    candidate.write_text((REPO / "config/experiments/fashion.yaml").read_text())
+    assert "precision" not in candidate.read_text()  # the flag, not the file, makes it bf16
     out = _run("fashion.py", "--limit", "150", "--epochs", "1", "--precision", "bf16", "--recipe", str(candidate),
                "--out", str(tmp_path / "out"), "--json", str(tmp_path / "fashion.json"))
     report = json.loads((tmp_path / "fashion.json").read_text())
@@ -134,8 +135,10 @@ def test_autolabel_fashion_smoke(tmp_path, fashion_files):
         assert row["precision"] is None or 0.0 <= row["precision"] <= 1.0
         assert set(row["peers"]) == peers
         assert all(v is None or 0.0 <= v <= 1.0 for v in row["peers"].values())
-        assert set(row["peers_class_mix"]) == peers
-        assert all(v is None or 0.0 <= v <= 1.0 for v in row["peers_class_mix"].values())
+        assert set(row["peers_class_mix"]) == peers and set(row["judged_class_mix"]) == peers
+        assert all(0 <= n <= row["labelled"] for n in row["judged_class_mix"].values())
+        if row["labelled"]:
+            assert all(v is not None and 0.0 <= v <= 1.0 for v in row["peers_class_mix"].values())
     assert set(seed["peers_whole_pile"]) == peers
     # 10 labelled images per class: label spreading on pixels is far above chance (0.1)
     assert 0.3 <= seed["peers_whole_pile"]["LabelSpreading pixels"] <= 1.0
