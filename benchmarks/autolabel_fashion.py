@@ -251,6 +251,10 @@ def class_mix_per_round(work: Path, classes: list[str], rounds: list[int]) -> di
     labelled = pd.read_csv(work / "results/autolabel/dataset.csv")
     raw = labelled[labelled["path"].str.startswith("raw/")]
     index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(raw["label"]) - set(index))
+    if unknown:
+        raise SystemExit(f"{work / 'results/autolabel/dataset.csv'}: labels {unknown} are not classes of clean/ "
+                         f"({', '.join(classes)}); the file is from another split")
     mixes = {}
     for r in rounds:
         counts = raw.loc[raw["round"] <= r, "label"].value_counts()

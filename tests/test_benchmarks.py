@@ -115,6 +115,8 @@ def test_autolabel_peers_judged_at_the_workflows_class_mix(tmp_path):
     # round 2 accepted nothing: it keeps round 1's mix
     mixes = alf.class_mix_per_round(tmp_path, ["a", "b"], [0, 1, 2])
     assert mixes == {0: {0: 1, 1: 1}, 1: {0: 1, 1: 2}, 2: {0: 1, 1: 2}}
+    with pytest.raises(SystemExit, match=r"labels \['b'\] are not classes of clean/ \(a, c\)"):
+        alf.class_mix_per_round(tmp_path, ["a", "c"], [0])
 
     rounds = [{"round": 0, "labelled": 3, "coverage": 0.375, "precision": 0.8, "precision_all": 0.8, "new": 3},
               {"round": 1, "labelled": 3, "coverage": 0.375, "precision": 0.8, "precision_all": 0.8, "new": 0}]
