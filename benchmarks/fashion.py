@@ -30,6 +30,7 @@ invocation is printed beside it.
     python benchmarks/fashion.py --recipe my.yaml          # judge another recipe instead of `fashion_long` (alone)
     python benchmarks/fashion.py --precision bf16          # every stage trains with precision: bf16 (CPU bf16 units)
     python benchmarks/fashion.py --out /tmp/fashion        # keep data and results; a rerun reuses them
+    python benchmarks/fashion.py --workflow-seed 7         # another seed (validation fold, init, augmentation)
     python benchmarks/fashion.py --limit 300 --epochs 1    # smoke test: 300 images per split, 1 + 1 epochs
 
 --limit N writes N images of each split (seeded, class-stratified): N train and min(N, 10000)
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cores", type=int, default=2, help="snakemake --cores and threads per model job (default 2)")
     parser.add_argument("--gpu", type=int, default=0, help="config key gpu (default 0: CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    parser.add_argument("--workflow-seed", type=int,
+                        help="config key seed: the validation fold, initialisation and augmentation order "
+                             "(default: config/config.yaml's); a second value measures a recipe's spread")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="fashion_"))
@@ -197,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     data = write_data(out, args.limit, args.seed)
     names = [args.recipe, *args.experiment]
     run = out / ("full" if args.limit is None else f"limit{args.limit}")
+    if args.workflow_seed is not None:
+        run = run.with_name(f"{run.name}_seed{args.workflow_seed}")
     run.mkdir(exist_ok=True)
     experiments = write_experiments(run, names, args.epochs, args.precision)
     config = run / "config.yaml"
@@ -204,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": str(data / "train"), "test_dataset": str(data / "test"),
         "experiments": [experiment_file(n)[0] for n in names], "experiments_dir": str(experiments),
         "gpu": args.gpu, "threads": args.cores,
+        **({} if args.workflow_seed is None else {"seed": args.workflow_seed}),
     }, sort_keys=False))
     wall = run_workflow(run, config, args.cores)
 
@@ -217,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{label} {verdict['goal']} ({figures[0]['experiment']}): {verdict['detail']}")
     if args.json:
         args.json.write_text(json.dumps({"limit": args.limit, "epochs": args.epochs, "cores": args.cores,
+                                         "workflow_seed": args.workflow_seed,
                                          "wall_s": wall, "experiments": figures, "goal": verdict}, indent=2))
     print(f"results: {run}")
     return 0

@@ -99,7 +99,7 @@ def test_fashion_smoke(tmp_path, fashion_files):
     candidate.write_text((REPO / "config/experiments/fashion.yaml").read_text())
     assert "precision" not in candidate.read_text()  # the flag, not the file, makes it bf16
     out = _run("fashion.py", "--limit", "150", "--epochs", "1", "--precision", "bf16", "--recipe", str(candidate),
-               "--out", str(tmp_path / "out"), "--json", str(tmp_path / "fashion.json"))
+               "--workflow-seed", "5", "--out", str(tmp_path / "out"), "--json", str(tmp_path / "fashion.json"))
     report = json.loads((tmp_path / "fashion.json").read_text())
     figures = report["experiments"][0]
     assert len(report["experiments"]) == 1 and figures["experiment"] == "fashion_candidate"  # instead of fashion_long
@@ -110,7 +110,8 @@ def test_fashion_smoke(tmp_path, fashion_files):
     assert {"tag2label", "split", "fashion_candidate/stage2", "fashion_candidate/test_evaluation"} <= set(figures["jobs"])
     assert report["goal"]["passed"] is None  # a subset is not judged
     assert "ResNet18" in out and "Human (crowd)" in out and "<- this run" in out and "NOT JUDGED" in out
-    run = tmp_path / "out" / "limit150"
+    run = tmp_path / "out" / "limit150_seed5"
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 5 and report["workflow_seed"] == 5
     recipe = yaml.safe_load((run / "experiments" / "fashion_candidate.yaml").read_text())
     assert {stage["precision"] for stage in recipe["stages"].values()} == {"bf16"}
     log = (run / "work/results/logs/fashion_candidate/stage2.log").read_text()
