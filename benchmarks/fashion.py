@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -194,12 +195,17 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: config/config.yaml's); a second value measures a recipe's spread")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = parser.parse_args(argv)
+    names = [args.recipe, *args.experiment]
+    repeated = sorted(name for name, count in Counter(experiment_file(n)[0] for n in names).items() if count > 1)
+    if repeated:
+        # one results folder per experiment name: a second copy would overwrite the first's recipe
+        raise SystemExit(f"experiment name given twice (--recipe / --experiment): {', '.join(repeated)}; "
+                         "give each recipe once (a .yaml path is named by its file name)")
     out = args.out or Path(tempfile.mkdtemp(prefix="fashion_"))
     out.mkdir(parents=True, exist_ok=True)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
 
     data = write_data(out, args.limit, args.seed)
-    names = [args.recipe, *args.experiment]
     run = out / ("full" if args.limit is None else f"limit{args.limit}")
     if args.workflow_seed is not None:
         run = run.with_name(f"{run.name}_seed{args.workflow_seed}")

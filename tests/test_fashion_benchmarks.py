@@ -121,6 +121,17 @@ def test_fashion_smoke(tmp_path, fashion_files):
     assert missing.returncode == 1 and "recipe 'no_such_recipe'" in missing.stderr and "does not exist" in missing.stderr
 
 
+def test_fashion_refuses_an_experiment_name_given_twice(tmp_path):
+    """`--recipe fashion --experiment fashion`, or a path named like a shipped recipe, would share
+    one results folder: refused before anything is written."""
+    from fashion import main
+
+    for given in (["--experiment", "fashion_long"], ["--recipe", "fashion", "--experiment", str(tmp_path / "fashion.yaml")]):
+        with pytest.raises(SystemExit, match="experiment name given twice.*fashion"):
+            main([*given, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.e2e
 def test_autolabel_fashion_smoke(tmp_path, fashion_files):
     """10 per class, 100 raw, one round of a 1 + 1 epoch recipe, and the four peers (the loop
