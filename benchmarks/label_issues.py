@@ -27,6 +27,11 @@ of the accuracy lost to the noise. Prints mean [min, max] over seeds.
     python benchmarks/label_issues.py --quick         # 3 folds, 16 px, 1+2 epochs, 600 images, seed 0
     python benchmarks/label_issues.py --dry-only      # data + `snakemake -n` only (smoke test)
     python benchmarks/label_issues.py --out /tmp/li --cores 4 --seeds 0 1 2 3 4
+    python benchmarks/label_issues.py --report seed0.log seed1.log   # one table from saved outputs
+
+Every finished (noise rate, seed) and the clean model print one JSON line; ``--report`` reads
+those lines back from saved outputs (``... | tee seed0.log``), so seeds run on different days,
+or in separate calls with the same ``--out`` (the clean model is then reused), make one table.
 
 Time on the shared 2-core development machine (no GPU), under load from other jobs: --quick took
 about 30 min (4 min for the clean model, 12 min per noise rate: 5 models of 400-600 images at
@@ -227,6 +232,35 @@ def report(results: dict[float, list[dict]], clean_accuracy: float) -> None:
             print(f"    {model:<8} {cell(values)}{extra}")
 
 
+def read_outputs(logs: list[Path]) -> tuple[dict[float, list[dict]], float]:
+    """(results by noise rate, clean test accuracy) from the JSON lines of saved outputs.
+
+    The same (noise, seed) twice, or two different clean accuracies, is an error: such logs come
+    from different data or recipes and must not be averaged together."""
+    runs: dict[tuple[float, int], dict] = {}
+    clean: set[float] = set()
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            record = json.loads(line)
+            if "clean_test_accuracy" in record:
+                clean.add(record["clean_test_accuracy"])
+            elif "noise" in record:
+                key = (record["noise"], record["seed"])
+                if key in runs:
+                    sys.exit(f"{log}: noise {key[0]} seed {key[1]} is in more than one of the outputs given; give each once")
+                runs[key] = record
+    if len(clean) != 1 or not runs:
+        found = f"clean accuracies {sorted(clean)}" if len(clean) > 1 else "no clean accuracy" if not clean else "no noisy run"
+        sys.exit(f"--report: {found} in {', '.join(map(str, logs))}; give the outputs of one benchmark folder "
+                 "(the lines it prints, e.g. saved with `| tee`)")
+    results: dict[float, list[dict]] = {}
+    for (noise, _seed), record in sorted(runs.items()):
+        results.setdefault(noise, []).append(record)
+    return results, clean.pop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="working folder (default: a new temporary folder)")
@@ -238,7 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, help="n_folds (default 5; --quick: 3)")
     parser.add_argument("--images", type=int, help="images given to the workflow (default all; --quick: 600)")
     parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--report", type=Path, nargs="+", metavar="LOG",
+                        help="print the table from saved outputs of earlier runs (runs nothing)")
     args = parser.parse_args(argv)
+    if args.report:
+        report(*read_outputs(args.report))
+        return 0
     quick = args.quick or args.dry_only
     seeds = args.seeds or ([0] if quick else [0, 1, 2])
     out = args.out or Path(tempfile.mkdtemp(prefix="label_issues_"))

@@ -303,6 +303,46 @@ def test_label_issues_benchmark_smoke(tmp_path):
     assert truth == [str(d) for d in range(10)]
 
 
+def _label_issues_line(noise: float, seed: int, ours: float, noisy: float, relabel: float) -> str:
+    flags = {m: {"precision": f, "recall": f, "f1": f} for m, f in
+             (("ours", ours), ("ours-probs", 0.5), ("cleanlab", 0.6), ("argmax", 0.4))}
+    accuracy = {"noisy": noisy, "drop": noisy, "relabel": relabel}
+    return json.dumps({"noise": noise, "seed": seed, "flags": flags, "accuracy": accuracy, "minutes": 1.0, "flipped": 100})
+
+
+def test_label_issues_report_merges_saved_outputs(tmp_path, capsys):
+    """Seeds run in separate calls make one table: means and ranges over every saved output, the
+    margin per seed, and the share of the loss relabel won back (clean 0.98)."""
+    from label_issues import main
+
+    first, second = tmp_path / "seed0.log", tmp_path / "seed1.log"
+    first.write_text("digits: 1437 images ...\n" + json.dumps({"clean_test_accuracy": 0.98}) + "\n"
+                     + _label_issues_line(0.1, 0, 0.9, 0.90, 0.96) + "\n" + _label_issues_line(0.2, 0, 0.8, 0.80, 0.90) + "\n")
+    second.write_text(json.dumps({"clean_test_accuracy": 0.98}) + "\n" + _label_issues_line(0.1, 1, 0.7, 0.94, 0.96) + "\n")
+    assert main(["--report", str(first), str(second)]) == 0
+    out = capsys.readouterr().out
+    ten = out.split("noise 10%")[1].split("noise 20%")[0]
+    assert "2 seed(s)" in ten
+    assert re.search(r"ours\s+0\.800 \[0\.700, 0\.900\]", ten)
+    assert "per seed: +0.300, +0.100" in ten
+    # relabel won back (0.96-0.90)/(0.98-0.90) = 0.75 and (0.96-0.94)/(0.98-0.94) = 0.5
+    assert re.search(r"relabel\s+0\.960 \[0\.960, 0\.960\]\s+share of the loss won back 0\.625 \[0\.500, 0\.750\]", ten)
+    assert "1 seed(s)" in out.split("noise 20%")[1]
+
+
+def test_label_issues_report_refuses_outputs_that_do_not_belong_together(tmp_path):
+    from label_issues import main
+
+    log = tmp_path / "a.log"
+    log.write_text(json.dumps({"clean_test_accuracy": 0.98}) + "\n" + _label_issues_line(0.1, 0, 0.9, 0.9, 0.96) + "\n")
+    with pytest.raises(SystemExit, match=r"noise 0.1 seed 0 is in more than one"):
+        main(["--report", str(log), str(log)])
+    other = tmp_path / "b.log"
+    other.write_text(json.dumps({"clean_test_accuracy": 0.5}) + "\n")
+    with pytest.raises(SystemExit, match=r"clean accuracies \[0.5, 0.98\]"):
+        main(["--report", str(log), str(other)])
+
+
 def test_cpu_precision_smoke(tmp_path):
     out = _run("cpu_precision.py", "--experiment", "softmax", "--batches", "2", "--batch-size", "4", "--rounds", "2",
                "--min-seconds", "0", "--threads", "1", "--json", str(tmp_path / "precision.json"))
