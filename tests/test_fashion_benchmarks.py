@@ -116,6 +116,7 @@ def test_fashion_smoke(tmp_path, fashion_files):
     assert {stage["precision"] for stage in recipe["stages"].values()} == {"bf16"}
     log = (run / "work/results/logs/fashion_candidate/stage2.log").read_text()
     assert "training forward pass in bf16 autocast" in log
+    assert re.search(r"stage stage2: 1 epochs, .* encoder trained, seed 5$", log, re.M)  # the job used the seed
     missing = subprocess.run([sys.executable, str(BENCHMARKS / "fashion.py"), "--limit", "150", "--recipe", "no_such_recipe",
                               "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and "recipe 'no_such_recipe'" in missing.stderr and "does not exist" in missing.stderr

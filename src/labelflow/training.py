@@ -702,7 +702,7 @@ def run_stage(
     tensorboard = TensorBoardScalars(state_dir / "tensorboard", spec.name, progress.history)
     saver = StateSaver(state_dir, stage_fingerprint, saved_epoch=progress.last_epoch, every_seconds=state_every_seconds)
     hooks = [saver, tensorboard, CheckpointKeeper(state_dir, main_metric), *extra_hooks]
-    _log_start(model, loaders, spec)
+    _log_start(model, loaders, spec, seed)
     log.info("stage %s: training forward pass in %s (precision: %s)", spec.name, describe_precision(device, spec.precision),
              spec.precision)
     progress_every = max(1, len(loaders.train) // 4) if len(loaders.train) >= 40 else 0
@@ -757,12 +757,12 @@ def finish_stage(
     return metrics
 
 
-def _log_start(model: MultiHeadNet, loaders: StageLoaders, spec: StageSpec) -> None:
+def _log_start(model: MultiHeadNet, loaders: StageLoaders, spec: StageSpec, seed: int) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(
-        "stage %s: %d epochs, %d train / %d valid images, %d trainable parameters, encoder %s",
+        "stage %s: %d epochs, %d train / %d valid images, %d trainable parameters, encoder %s, seed %d",
         spec.name, spec.epochs, len(loaders.train.dataset), len(loaders.valid.dataset), trainable,
-        "frozen" if spec.freeze_encoder else "trained",
+        "frozen" if spec.freeze_encoder else "trained", seed,
     )
 
 
