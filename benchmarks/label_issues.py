@@ -33,14 +33,12 @@ Every finished (noise rate, seed) and the clean model print one JSON line; ``--r
 those lines back from saved outputs (``... | tee seed0.log``), so seeds run on different days,
 or in separate calls with the same ``--out`` (the clean model is then reused), make one table.
 
-Time on the shared 2-core development machine (no GPU), under load from other jobs: --quick took
-about 30 min (4 min for the clean model, 12 min per noise rate: 5 models of 400-600 images at
-16 px, 1 + 2 epochs, and ~45 jobs whose start-up dominates). The real recipe trains 8 models per
+Time on the shared 2-core development machine (no GPU): the real recipe trains 8 models per
 (noise rate, seed) (5 folds, the noisy final model, drop, relabel), each ~1,150 training images at
-32 px for 2 + 17 epochs (min_steps 300), about 2.5 min of training (README: 8.5 s per stage2
-epoch of 1,438 images) plus ~1 min of inference/index/summary jobs; 6 (noise, seed) pairs x 8
-models + 1 clean model: about 3 h on 2 idle cores, under an hour on one GPU (`--cores`;
-`--resources gpu=1` is passed).
+32 px for 2 + 18 epochs, about 2.5 min each with its inference/index jobs. Measured alone: the
+clean model 4 min, one (noise rate, seed) 20-21 min, so seed 0 at both rates 43.7 min and the
+default three seeds about 2 h (--quick: about 30 min under load, its ~45 jobs' start-up
+dominating). Under an hour on one GPU (`--cores`; `--resources gpu=1` is passed).
 
 Smallest run (--quick, 1 seed, so these figures check the plumbing and are not to act on: the
 16 px, 3-epoch model is only 84 % right on clean labels, so many of its flags are its own mistakes):
@@ -223,13 +221,22 @@ def report(results: dict[float, list[dict]], clean_accuracy: float) -> None:
             cells = [cell([r["flags"][method][m] for r in runs]) for m in ("precision", "recall", "f1")]
             print(f"  {method:<11} {cells[0]:>22} {cells[1]:>22} {cells[2]:>22}")
         margin = [r["flags"]["ours"]["f1"] - max(r["flags"]["cleanlab"]["f1"], r["flags"]["argmax"]["f1"]) for r in runs]
-        print(f"  F1 of ours minus the better peer, per seed: {', '.join(f'{m:+.3f}' for m in margin)}")
+        print(f"  F1 of ours minus the better peer, per seed: {', '.join(f'{m:+.4f}' for m in margin)}")
         print(f"  test accuracy: clean labels {clean_accuracy:.4f}")
+        # The share won back is undefined where the noise cost nothing (noisy >= clean).
+        costly = [r for r in runs if clean_accuracy - r["accuracy"]["noisy"] > 0]
         for model in ("noisy", "drop", "relabel"):
             values = [r["accuracy"][model] for r in runs]
-            won = [(r["accuracy"][model] - r["accuracy"]["noisy"]) / max(clean_accuracy - r["accuracy"]["noisy"], 1e-9) for r in runs]
-            extra = "" if model == "noisy" else f"   share of the loss won back {cell(won)}"
-            print(f"    {model:<8} {cell(values)}{extra}")
+            per_seed = ", ".join(f"{v:.4f}" for v in values)
+            if model == "noisy":
+                extra = ""
+            elif costly:
+                won = [(r["accuracy"][model] - r["accuracy"]["noisy"]) / (clean_accuracy - r["accuracy"]["noisy"]) for r in costly]
+                extra = f"   share of the loss won back {cell(won)}"
+                extra += f" ({len(costly)} of {len(runs)} seeds; in the others the noise cost nothing)" if len(costly) < len(runs) else ""
+            else:
+                extra = "   share of the loss won back: undefined (the noise cost nothing)"
+            print(f"    {model:<8} {cell(values)}   per seed {per_seed}{extra}")
 
 
 def read_outputs(logs: list[Path]) -> tuple[dict[float, list[dict]], float]:

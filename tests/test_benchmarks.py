@@ -324,10 +324,26 @@ def test_label_issues_report_merges_saved_outputs(tmp_path, capsys):
     ten = out.split("noise 10%")[1].split("noise 20%")[0]
     assert "2 seed(s)" in ten
     assert re.search(r"ours\s+0\.800 \[0\.700, 0\.900\]", ten)
-    assert "per seed: +0.300, +0.100" in ten
+    assert "per seed: +0.3000, +0.1000" in ten
     # relabel won back (0.96-0.90)/(0.98-0.90) = 0.75 and (0.96-0.94)/(0.98-0.94) = 0.5
-    assert re.search(r"relabel\s+0\.960 \[0\.960, 0\.960\]\s+share of the loss won back 0\.625 \[0\.500, 0\.750\]", ten)
+    assert re.search(r"relabel\s+0\.960 \[0\.960, 0\.960\]\s+per seed 0\.9600, 0\.9600\s+share of the loss won back 0\.625 \[0\.500, 0\.750\]$", ten, re.M)
     assert "1 seed(s)" in out.split("noise 20%")[1]
+
+
+def test_label_issues_report_when_the_noise_cost_nothing(tmp_path, capsys):
+    """A seed whose noisy model is as good as the clean one has no share to win back: it is left
+    out of the share (and said so), not divided by zero."""
+    from label_issues import main
+
+    log = tmp_path / "a.log"
+    log.write_text(json.dumps({"clean_test_accuracy": 0.98}) + "\n" + _label_issues_line(0.1, 0, 0.9, 0.98, 0.97) + "\n"
+                   + _label_issues_line(0.1, 1, 0.9, 0.90, 0.94) + "\n" + _label_issues_line(0.2, 0, 0.9, 0.99, 0.97) + "\n")
+    main(["--report", str(log)])
+    out = capsys.readouterr().out
+    ten, twenty = out.split("noise 10%")[1].split("noise 20%")
+    assert re.search(r"relabel .*per seed 0\.9700, 0\.9400\s+share of the loss won back 0\.500 \[0\.500, 0\.500\] "
+                     r"\(1 of 2 seeds; in the others the noise cost nothing\)$", ten, re.M)
+    assert "share of the loss won back: undefined (the noise cost nothing)" in twenty
 
 
 def test_label_issues_report_refuses_outputs_that_do_not_belong_together(tmp_path):
