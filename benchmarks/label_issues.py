@@ -103,16 +103,22 @@ def split_digits(out: Path, image_size: int, test_fraction: float, n_images: int
 
 def write_labelled(pool: pd.DataFrame, labels: np.ndarray, folder: Path) -> pd.DataFrame:
     """Class folders ``folder/<label>/<name>`` with the given labels; returns ``path,given,true``
-    with paths relative to ``folder`` (as the workflow's tables write them)."""
+    with paths relative to ``folder`` (as the workflow's tables write them).
+
+    A folder that already holds exactly these files is left untouched: rewriting it would make
+    Snakemake rerun everything downstream (new modification times), so a second call with the
+    same ``--out`` (another seed) would retrain the clean model instead of reusing it."""
+    rows = [(f"{given}/{Path(file).name}", str(given), true) for file, true, given in zip(pool["file"], pool["label"], labels)]
+    table = pd.DataFrame(rows, columns=["path", "given", "true"])
     if folder.exists():
+        if {p.relative_to(folder).as_posix() for p in folder.glob("*/*")} == set(table["path"]):
+            return table
         shutil.rmtree(folder)
-    rows = []
-    for file, true, given in zip(pool["file"], pool["label"], labels):
-        target = folder / str(given) / Path(file).name
+    for file, path in zip(pool["file"], table["path"]):
+        target = folder / path
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(file, target)
-        rows.append((f"{given}/{Path(file).name}", str(given), true))
-    return pd.DataFrame(rows, columns=["path", "given", "true"])
+    return table
 
 
 # --------------------------------------------------------------------------- workflow

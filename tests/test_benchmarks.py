@@ -303,6 +303,28 @@ def test_label_issues_benchmark_smoke(tmp_path):
     assert truth == [str(d) for d in range(10)]
 
 
+def test_label_issues_data_folder_is_rewritten_only_when_its_labels_change(tmp_path):
+    """A second call with the same labels keeps the files (and their times), so Snakemake reuses
+    what it built; other labels replace the folder."""
+    import os
+
+    import pandas as pd
+    from label_issues import write_labelled
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.png").write_bytes(name.encode())
+    pool = pd.DataFrame({"file": [str(tmp_path / "a.png"), str(tmp_path / "b.png")], "label": ["1", "2"]})
+    folder = tmp_path / "data"
+    first = write_labelled(pool, np.array(["1", "2"]), folder)
+    assert list(first["path"]) == ["1/a.png", "2/b.png"] and (folder / "2/b.png").read_bytes() == b"b"
+    os.utime(folder / "1/a.png", (1_000_000, 1_000_000))
+    again = write_labelled(pool, np.array(["1", "2"]), folder)
+    assert again.equals(first) and (folder / "1/a.png").stat().st_mtime == 1_000_000
+    flipped = write_labelled(pool, np.array(["2", "2"]), folder)
+    assert list(flipped["given"]) == ["2", "2"] and list(flipped["true"]) == ["1", "2"]
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.glob("*/*")) == ["2/a.png", "2/b.png"]
+
+
 def _label_issues_line(noise: float, seed: int, ours: float, noisy: float, relabel: float) -> str:
     flags = {m: {"precision": f, "recall": f, "f1": f} for m, f in
              (("ours", ours), ("ours-probs", 0.5), ("cleanlab", 0.6), ("argmax", 0.4))}
