@@ -111,7 +111,9 @@ def write_labelled(pool: pd.DataFrame, labels: np.ndarray, folder: Path) -> pd.D
     rows = [(f"{given}/{Path(file).name}", str(given), true) for file, true, given in zip(pool["file"], pool["label"], labels)]
     table = pd.DataFrame(rows, columns=["path", "given", "true"])
     if folder.exists():
-        if {p.relative_to(folder).as_posix() for p in folder.glob("*/*")} == set(table["path"]):
+        present = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.glob("*/*")}
+        wanted = {path: Path(file).stat().st_size for file, path in zip(pool["file"], table["path"])}
+        if present == wanted:  # sizes too: a copy cut short by an interrupted call is redone
             return table
         shutil.rmtree(folder)
     for file, path in zip(pool["file"], table["path"]):
@@ -253,10 +255,16 @@ def read_outputs(logs: list[Path]) -> tuple[dict[float, list[dict]], float]:
     runs: dict[tuple[float, int], dict] = {}
     clean: set[float] = set()
     for log in logs:
-        for line in log.read_text().splitlines():
+        if not log.is_file():
+            sys.exit(f"--report: {log} does not exist; give the saved outputs of earlier runs (e.g. `... | tee {log.name}`)")
+        for number, line in enumerate(log.read_text().splitlines(), 1):
             if not line.startswith("{"):
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # e.g. the last line of a run killed while printing it
+                print(f"--report: {log}:{number} is not a whole JSON line; skipped", file=sys.stderr)
+                continue
             if "clean_test_accuracy" in record:
                 clean.add(record["clean_test_accuracy"])
             elif "noise" in record:

@@ -320,6 +320,9 @@ def test_label_issues_data_folder_is_rewritten_only_when_its_labels_change(tmp_p
     os.utime(folder / "1/a.png", (1_000_000, 1_000_000))
     again = write_labelled(pool, np.array(["1", "2"]), folder)
     assert again.equals(first) and (folder / "1/a.png").stat().st_mtime == 1_000_000
+    (folder / "2/b.png").write_bytes(b"")  # a copy cut short
+    write_labelled(pool, np.array(["1", "2"]), folder)
+    assert (folder / "2/b.png").read_bytes() == b"b"
     flipped = write_labelled(pool, np.array(["2", "2"]), folder)
     assert list(flipped["given"]) == ["2", "2"] and list(flipped["true"]) == ["1", "2"]
     assert sorted(p.relative_to(folder).as_posix() for p in folder.glob("*/*")) == ["2/a.png", "2/b.png"]
@@ -379,6 +382,19 @@ def test_label_issues_report_refuses_outputs_that_do_not_belong_together(tmp_pat
     other.write_text(json.dumps({"clean_test_accuracy": 0.5}) + "\n")
     with pytest.raises(SystemExit, match=r"clean accuracies \[0.5, 0.98\]"):
         main(["--report", str(log), str(other)])
+    with pytest.raises(SystemExit, match=r"no_such.log does not exist"):
+        main(["--report", str(tmp_path / "no_such.log")])
+
+
+def test_label_issues_report_skips_a_cut_json_line(tmp_path, capsys):
+    from label_issues import main
+
+    log = tmp_path / "a.log"
+    whole = _label_issues_line(0.1, 0, 0.9, 0.9, 0.96)
+    log.write_text(json.dumps({"clean_test_accuracy": 0.98}) + "\n" + whole + "\n" + whole.replace('"seed": 0', '"seed": 1')[:40] + "\n")
+    assert main(["--report", str(log)]) == 0
+    captured = capsys.readouterr()
+    assert "a.log:3 is not a whole JSON line; skipped" in captured.err and "1 seed(s)" in captured.out
 
 
 def test_cpu_precision_smoke(tmp_path):
