@@ -89,7 +89,10 @@ def flip_class_conditional(
     rng: np.random.Generator,
     pairs: tuple[tuple[int, int], ...] = ((4, 9), (3, 5)),
 ) -> np.ndarray:
-    partner = {a: b for a, b in pairs} | {b: a for a, b in pairs}
+    partners: dict[int, list[int]] = {}
+    for a, b in pairs:
+        partners.setdefault(a, []).append(b)
+        partners.setdefault(b, []).append(a)
     labels = true_labels.copy()
     n_classes = int(true_labels.max()) + 1
     for c in range(n_classes):
@@ -97,8 +100,10 @@ def flip_class_conditional(
         n_flips = int(round(noise_rate * rng.uniform(0.5, 1.5) * len(members)))
         chosen = rng.choice(members, n_flips, replace=False)
         destination = rng.choice(np.delete(np.arange(n_classes), c), n_flips)
-        if c in partner:
-            destination = np.where(rng.random(n_flips) < 0.8, partner[c], destination)
+        if c in partners:
+            # One partner draws nothing more, so a pairs-only call gives the flips it always gave.
+            near = partners[c][0] if len(partners[c]) == 1 else rng.choice(partners[c], n_flips)
+            destination = np.where(rng.random(n_flips) < 0.8, near, destination)
         labels[chosen] = destination
     return labels
 
