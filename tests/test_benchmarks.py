@@ -303,6 +303,28 @@ def test_label_issues_benchmark_smoke(tmp_path):
     assert truth == [str(d) for d in range(10)]
 
 
+def test_flip_class_conditional_keeps_its_digits_flips_and_spreads_over_several_partners():
+    """Pairs-only flips are the ones the README's digits figures were measured with (recorded
+    before classes could have several partners); a class with two partners sends its flips to both."""
+    from label_issues_synthetic import flip_class_conditional
+
+    true = np.repeat(np.arange(10), 12)
+    flipped = flip_class_conditional(true, 0.2, np.random.default_rng(3))
+    changed = np.flatnonzero(flipped != true)
+    assert dict(zip(changed.tolist(), flipped[changed].tolist())) == {
+        2: 3, 12: 6, 18: 4, 20: 5, 31: 5, 32: 1, 40: 6, 41: 5, 51: 9, 55: 8, 61: 3, 63: 3, 72: 2, 75: 0, 76: 3,
+        89: 2, 94: 2, 95: 5, 98: 5, 103: 7, 107: 7, 110: 4, 117: 4, 118: 2}
+    true = np.repeat(np.arange(10), 1000)
+    flipped = flip_class_conditional(true, 0.2, np.random.default_rng(0), ((0, 6), (2, 6), (0, 2)))
+    for cls, partners in ((0, {2, 6}), (2, {0, 6}), (6, {0, 2})):
+        moved = flipped[(true == cls) & (flipped != true)]
+        assert 0.1 * 1000 <= len(moved) <= 0.3 * 1000
+        shares = {p: float(np.mean(moved == p)) for p in partners}
+        assert all(0.3 <= share <= 0.5 for share in shares.values()), (cls, shares)  # 0.8 / 2 each, plus chance
+    lone = flipped[(true == 4) & (flipped != true)]  # no partner: spread over the nine other classes
+    assert len(np.unique(lone)) == 9 and np.bincount(lone).max() <= 0.25 * len(lone)
+
+
 def test_label_issues_data_folder_is_rewritten_only_when_its_labels_change(tmp_path):
     """A second call with the same labels keeps the files (and their times), so Snakemake reuses
     what it built; other labels replace the folder."""

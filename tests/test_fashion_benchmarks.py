@@ -160,3 +160,29 @@ def test_autolabel_fashion_smoke(tmp_path, fashion_files):
     assert re.search(r"^(PASS|FAIL|NOT JUDGED) workflow precision above every peer at every round's coverage", out, re.M)
     assert re.search(r"^(PASS|FAIL|NOT JUDGED) \(for reference\) workflow precision above every peer at every round's class mix",
                      out, re.M)
+
+
+def test_label_issues_fashion_dry_run(tmp_path, fashion_files):
+    """`--dataset fashion`: class-folder names as labels, official test images held out (as many
+    as the pool), the T-shirt/pullover/shirt confusions in the flips, and the DAG accepted (dry
+    run); the same --out refused for digits afterwards."""
+    import pandas as pd
+
+    out = _run("label_issues.py", "--dataset", "fashion", "--dry-only", "--images", "200", "--noise", "0.2",
+               "--out", str(tmp_path))
+    assert "fashion: 200 images to the workflow, 200 held out for test" in out
+    assert "label_issues_find" in out and "kfold_summary" in out
+    data = tmp_path / "noise20_seed0" / "data"
+    given = pd.DataFrame({"path": [p.name for p in data.glob("*/*.png")], "given": [p.parent.name for p in data.glob("*/*.png")]})
+    truth = pd.DataFrame({"path": [p.name for p in (tmp_path / "fashion_200/train").glob("*/*.png")],
+                          "true": [p.parent.name for p in (tmp_path / "fashion_200/train").glob("*/*.png")]})
+    joined = given.merge(truth, on="path", validate="one_to_one")
+    assert len(joined) == 200 and (tmp_path / "fashion_200/test").is_dir()
+    flips = joined[joined["given"] != joined["true"]]
+    assert 20 <= len(flips) <= 60  # 20 % x U(0.5, 1.5) per class
+    garments = {"t-shirt_top", "pullover", "shirt"}
+    from_garment = flips[flips["true"].isin(garments)]
+    assert from_garment["given"].isin(garments).mean() >= 0.6  # 80 % go to the other two, some by chance
+    refused = subprocess.run([sys.executable, str(BENCHMARKS / "label_issues.py"), "--dry-only", "--out", str(tmp_path)],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "holds the fashion benchmark" in refused.stderr
