@@ -13,7 +13,7 @@ from conftest import make_tiny_dataset, stage_spec
 from labelflow.loaders import ImageTableDataset, build_transform, make_loader
 from labelflow.lrfinder import find_lr, lr_schedule, suggest
 from labelflow.models import HeadSpec, ModelSpec, create_model
-from labelflow.runs import GridError, grid_runs
+from labelflow.runs import GridError, RunTable, grid_runs
 from workflow_helpers import TINY_EXPERIMENT, run_snakemake, write_tiny_config
 
 
@@ -98,6 +98,36 @@ def test_grid_bad_key_names_it():
         grid_runs({"stages": {"stage1": {"lr": 1}}}, {"stages.stage3.lr": [1, 2]})
 
 
+def _run_table(valid_folds, experiments=("softmax", "focal"), kfold=("softmax",)):
+    config = {"dataset": "data", "experiments": list(experiments), "kfold": {"experiments": list(kfold)},
+              "n_folds": 5, "calibration": {"holdout": 0.0}, "grid": {"params": {}}}
+    recipe = {"stages": {"stage1": {"lr": 0.01}}}
+    return RunTable.from_config(config, lambda name: {**recipe, "name": name}, validate_experiment=lambda *_: None,
+                                valid_folds=valid_folds)
+
+
+def test_the_main_run_serves_as_the_kfold_fold_it_validates_on():
+    """With the last fold validating (valid_folds null), fold 4 of softmax would train the main
+    run's model again (same recipe, data, fold and seed): the main run is that fold."""
+    runs = _run_table((4,))
+    folds = runs.kfold_runs("softmax")
+    assert [run.valid_folds for run in folds] == [(0,), (1,), (2,), (3,), (4,)]
+    assert folds[4] is runs["softmax"] and folds[4].path("summary.json") == "results/softmax/summary.json"
+    assert [run.name for run in folds[:4]] == [f"kfold/softmax/fold_{k}" for k in range(4)]
+    assert "kfold/softmax/fold_4" not in runs.static and runs.kfold_runs("focal") == []
+    # the main run validating on fold 2 serves as fold 2; with several validation folds, or for
+    # an experiment in k-fold only, every fold is its own run
+    assert runs_named(_run_table((2,)).kfold_runs("softmax")) == [
+        "kfold/softmax/fold_0", "kfold/softmax/fold_1", "softmax", "kfold/softmax/fold_3", "kfold/softmax/fold_4"]
+    assert runs_named(_run_table((3, 4)).kfold_runs("softmax")) == [f"kfold/softmax/fold_{k}" for k in range(5)]
+    alone = _run_table((4,), experiments=("focal",), kfold=("softmax",)).kfold_runs("softmax")
+    assert runs_named(alone) == [f"kfold/softmax/fold_{k}" for k in range(5)] and alone[4].experiment["name"] == "softmax"
+
+
+def runs_named(runs):
+    return [run.name for run in runs]
+
+
 @pytest.mark.e2e
 def test_grid_dry_run_and_bad_key(tmp_path):
     dataset = make_tiny_dataset(tmp_path / "images")
@@ -152,6 +182,11 @@ def test_kfold_and_lrfinder_end_to_end(tmp_path):
     assert len(oof) == 36 and oof["path"].is_unique  # every image predicted once...
     assert (oof["fold"].to_numpy() == folds.loc[oof["path"], "fold"].to_numpy()).all()  # ...by the model that held it out
     assert (results / "kfold/softmax/kfold.png").is_file()
+    # the last fold is the main run (valid_folds null): trained once, its predictions are that fold's
+    assert not (results / "kfold/softmax/fold_2").exists() and (results / "softmax/stage1/best.pt").is_file()
+    main = pd.read_csv(results / "softmax/predictions/predictions.csv").set_index("path")
+    last = oof[oof["fold"] == 2].set_index("path")
+    assert len(last) == 12 and (last[["predicted", "confidence"]] == main.loc[last.index, ["predicted", "confidence"]]).all().all()
 
     lr_table = pd.read_csv(results / "softmax/lrfinder/stage1/lr_loss.csv")
     np.testing.assert_allclose(lr_table["lr"], lr_schedule(1e-4, 1e-1, 8, "log")[: len(lr_table)], rtol=1e-12)

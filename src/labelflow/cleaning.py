@@ -2,7 +2,8 @@
 the tables of likely label mistakes out, and the cleaned dataset a ``cleaned/<experiment>``
 run trains on (:mod:`labelflow.runs`). The scoring rule itself is :mod:`labelflow.label_issues`.
 
-Inputs, all written by the ordinary rules of the k-fold runs ``kfold/<experiment>/fold_<k>``:
+Inputs, all written by the ordinary rules of the k-fold runs ``kfold/<experiment>/fold_<k>``
+(one of them may be the main run ``<experiment>``, :meth:`labelflow.runs.RunTable.kfold_runs`):
 
 * ``oof_predictions.csv`` + ``oof_probabilities.npy`` (rule kfold_summary): every image once,
   with the class probabilities of the fold model that never trained on it;

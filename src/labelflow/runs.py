@@ -9,7 +9,8 @@ under ``results/<run>/`` and the same rules serve every run: ``train_stage``, ``
 |------------------------------|--------------------------------------------------------|
 | ``<experiment>``             | a configured experiment on the dataset (``experiments``) |
 | ``grid/<id>``                | a grid-search point (``grid.params``)                   |
-| ``kfold/<experiment>/fold_<k>`` | fold k validates (``kfold``)                         |
+| ``kfold/<experiment>/fold_<k>`` | fold k validates (``kfold``); the fold the main run   |
+|                              | validates on is the main run ``<experiment>`` itself    |
 | ``ood/<experiment>``         | trained without the held-out classes (``ood``)          |
 | ``autolabel/round_<r>``      | autolabel round r: human + accepted pseudo-labels        |
 | ``cleaned/<experiment>``     | trained on the dataset after the ``label_issues`` action |
@@ -193,12 +194,12 @@ class RunTable:
     static: dict[str, Run]
     families: dict[str, Callable[[re.Match], Run]] = field(default_factory=dict)  # regex -> factory
     grid: dict[str, dict[str, Any]] = field(default_factory=dict)  # grid id -> experiment, values
+    kfold: dict[str, list[Run]] = field(default_factory=dict)  # experiment -> its fold runs, fold 0 first
     _made: dict[str, Run] = field(default_factory=dict, repr=False)  # on-demand runs, made once
 
     def kfold_runs(self, experiment: str) -> list[Run]:
         """The k-fold runs of ``experiment``, fold 0 first."""
-        prefix = f"kfold/{experiment}/fold_"
-        return sorted((r for n, r in self.static.items() if n.startswith(prefix)), key=lambda r: r.valid_folds)
+        return list(self.kfold.get(experiment, []))
 
     def __getitem__(self, name: str) -> Run:
         if name in self.static:
@@ -236,10 +237,18 @@ class RunTable:
         static = {name: Run(name, load_experiment(name), main, folds, None, share) for name in config["experiments"]}
         grid = _grid(config, load_experiment, validate_experiment)
         static.update({f"grid/{i}": Run(f"grid/{i}", point["experiment"], main, folds, None, share) for i, point in grid.items()})
+        kfold: dict[str, list[Run]] = {}
         for name in config["kfold"]["experiments"] or config["experiments"][:1]:
             experiment = static[name].experiment if name in static else load_experiment(name)
+            kfold[name] = []
             for k in range(config["n_folds"]):
+                if name in config["experiments"] and folds == (k,):
+                    # Same recipe, data, validation fold and seed as the main run: the same model,
+                    # bit for bit, so the main run serves as this fold instead of training it twice.
+                    kfold[name].append(static[name])
+                    continue
                 static[f"kfold/{name}/fold_{k}"] = Run(f"kfold/{name}/fold_{k}", experiment, main, (k,), None, share)
+                kfold[name].append(static[f"kfold/{name}/fold_{k}"])
 
         ood_data = RunData("results/ood/data/dataset.csv", "results/ood/data/tag2cls.json", config["dataset"])
 
@@ -270,7 +279,7 @@ class RunTable:
             r"autolabel/round_(\d+)": autolabel_run,
             rf"cleaned/({NAME_PATTERN})": cleaned_run,
         }
-        return cls(static, families, grid)
+        return cls(static, families, grid, kfold)
 
 
 AUTOLABEL_DATA = "results/autolabel/data"
