@@ -45,7 +45,7 @@ or in separate calls with the same ``--out`` (the clean model is then reused), m
 Time on the shared 2-core development machine (no GPU): the real recipe trains 7 models per
 (noise rate, seed) (5 folds, the last of which is the noisy final model, drop, relabel), each
 ~1,150 training images at 32 px for 2 + 18 epochs, about 2.5 min each with its inference/index
-jobs. Measured alone, when the final model was still trained apart from fold 5 (8 models): the
+jobs. Measured alone, when the final model was still trained apart from fold 4 (8 models): the
 clean model 4 min, one (noise rate, seed) 20-22 min, so seed 0 at both rates 43.7 min and the
 default three seeds about 2 h (--quick: about 30 min under load, its ~45 jobs' start-up
 dominating). Under an hour on one GPU (`--cores`; `--resources gpu=1` is passed).
