@@ -47,6 +47,8 @@ classifier's accuracy against the true labels; "ambig": flips prefer images that
 new class; "soft": under-confident probabilities that learned most of the noise):
 
     scenario                       noise  argmax  cleanlab  ours (probs only)  ours (+neighbours)
+    synthetic-weak (~89 %) *       10 %   0.643   0.720     0.693              0.683
+                                   20 %   0.794   0.824     0.821              0.816
     synthetic-medium (~97 %)       10 %   0.878   0.918     0.901              0.899
                                    20 %   0.939   0.951     0.949              0.947
     synthetic-strong (~99 %)       10 %   0.948   0.965     0.958              0.959
@@ -59,6 +61,12 @@ new class; "soft": under-confident probabilities that learned most of the noise)
                                    20 %   0.939   0.943     0.956              0.961
     digits, logreg (~93 %)         10 %   0.805   0.883     0.870              0.926
                                    20 %   0.858   0.892     0.903              0.946
+
+(* added after the rule was chosen.) The weaker the classifier, the more its own confident
+mistakes on clean images pass ``min_log_odds``, and the better cleanlab's count does: on
+synthetic-weak ours is 0.038 below cleanlab at 10 % (every seed) and 0.008 at 20 %, and the real
+workflow on a Fashion-MNIST subset (benchmarks/label_issues.py --dataset fashion, a CNN ~80 %
+right) shows the same (README). The rule suits models far more accurate than the noise rate.
 
 With neighbours we are above both peers on digits (where neighbours come from pixel space, an
 independent view) and on average within 0.02 of the better peer on the synthetic cases (per seed
