@@ -66,7 +66,7 @@ new class; "soft": under-confident probabilities that learned most of the noise)
 mistakes on clean images pass ``min_log_odds``, and the better cleanlab's count does: on
 synthetic-weak ours is 0.038 below cleanlab at 10 % (every seed) and 0.008 at 20 %, and the real
 workflow on a Fashion-MNIST subset (benchmarks/label_issues.py --dataset fashion, a CNN ~80 %
-right) shows the same (README). The rule suits models far more accurate than the noise rate.
+right) shows the same at 10 % (README). The rule suits models far more accurate than the noise rate.
 
 With neighbours we are above both peers on digits (where neighbours come from pixel space, an
 independent view) and on average within 0.02 of the better peer on the synthetic cases (per seed
