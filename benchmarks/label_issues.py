@@ -129,9 +129,14 @@ def split_fashion(out: Path, n_images: int) -> tuple[pd.DataFrame, pd.DataFrame]
     and test splits, written once under ``out/fashion_<n>`` (28 px PNG)."""
     from labelflow.fashion import write_fashion_dataset
 
+    from labelflow.io import DatasetError
+
     folder = out / f"fashion_{n_images}"
     if not folder.exists():
-        write_fashion_dataset(folder, limit=n_images, seed=0)
+        try:
+            write_fashion_dataset(folder, limit=n_images, seed=0)
+        except DatasetError as err:  # names the folder searched and the Debian package to install
+            sys.exit(f"--dataset fashion: {err}")
 
     def table(split: str) -> pd.DataFrame:
         files = sorted((folder / split).glob("*/*.png"))
