@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, default=0.01, help="largest |device - CPU| valid accuracy (default 0.01)")
     p.add_argument("--fashion-limit", type=int, default=20000, help="Fashion-MNIST images per split; 0 = all (default 20000)")
     p.add_argument("--fashion-epochs", type=int, default=2)
+    p.add_argument("--fashion-source", type=Path, default=None,
+                   help="folder holding the four IDX files (default: where dataset-fashion-mnist puts them)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
     return p.parse_args(argv)
 
@@ -325,12 +327,12 @@ def run_fashion(args: argparse.Namespace, device: torch.device, workdir: Path) -
     from labelflow.fashion import find_source, write_fashion_dataset
 
     try:
-        source = find_source()
+        source = find_source(args.fashion_source)
     except DatasetError as exc:
         return {"skipped": str(exc)}
     started = time.perf_counter()
     root = workdir / "fashion"
-    write_fashion_dataset(root, limit=args.fashion_limit or None, seed=0)
+    write_fashion_dataset(root, source=source.folder, limit=args.fashion_limit or None, seed=0)
     tables = write_run_tables(root / "train", workdir / "fashion_tables", 0)
     experiment = load_recipe("softmax")
     experiment["stages"]["stage2"] |= {"epochs": args.fashion_epochs, "min_steps": 0}
@@ -474,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             report[name] = sections[name](args, device, Path(tmp))
             print(f"section {name}: {time.perf_counter() - started:.0f} s", flush=True)
+            write_report(report, args.out)  # after every section: a run cut short keeps what it measured
     print(write_report(report, args.out))
     print(f"written: {args.out / 'gpu_check.json'}, {args.out / 'gpu_check.md'}")
     recipe = report.get("recipe")
