@@ -151,7 +151,7 @@ class OurLoop:
 
     def train_epoch(self) -> int:
         train_one_epoch(self.model, self.train_loader, self.criteria, self.optimizer, self.scheduler, self.device, epoch=1)
-        return len(self.train_loader) * self.train_loader.batch_size
+        return len(self.train_loader) * self.train_loader.batch_sampler.batch_size
 
     def infer(self) -> int:
         predict(self.model, self.eval_loader, self.device)

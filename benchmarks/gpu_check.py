@@ -24,9 +24,10 @@ Installs nothing and needs no network. It writes --out/gpu_check.json (every fig
    held: models, optimizer state, the reference's on-GPU images), and what the model saw
    (autocast on/off, channels_last input yes/no), checked by a forward pre-hook, so a patch
    that missed cannot pass unnoticed. In the bf16 mode, one epoch of each loop is also broken
-   down by phase (benchmarks/train_phases.py), and our training is timed once more with
-   --workers loader processes (config data.num_workers; the recipe uses 0): at 224 px the
-   albumentations pipeline on one CPU core may not keep up with the GPU, and this row says.
+   down by phase (benchmarks/train_phases.py), and our training is timed once more as
+   data.cache/num_workers auto load on a GPU: no cache, --workers persistent loader processes
+   (the first rows use the cache in one process, as on the CPU, so that they compare the
+   loops). --modes runs one mode only.
 3. Recipe: the digits softmax recipe (config/experiments/softmax.yaml, validated with the
    schema) trained by experiment.train_stage, stage1 then stage2, on the device and on the CPU
    in the same run, same data, folds (5, seed 42, valid fold 4, no calibration hold-out) and
@@ -76,7 +77,7 @@ from labelflow.device import select_device, set_job_threads
 from labelflow.experiment import StageSetup, train_stage
 from labelflow.inference import predict
 from labelflow.io import DatasetError, write_csv_atomic, write_json_atomic
-from labelflow.loaders import eval_loader, make_loader
+from labelflow.loaders import ImageTableDataset, eval_loader, make_loader
 from labelflow.models import load_model
 from spread import Comparison, Spread, machine_info, ratio_lines, run_interleaved
 from train_phases import INFER_PHASES, TRAIN_PHASES, measure_epochs, phase_table
@@ -93,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("results/gpu_check"), help="folder for gpu_check.json and .md")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to run (default: all)")
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 224], help="image sizes in px (default 32 224)")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="throughput modes (default: both)")
     p.add_argument("--batch", type=int, default=256, help="batch for training and inference (default 256)")
     p.add_argument("--images", type=int, default=1797, help="images per epoch; digits repeat past 1,797 (default 1797)")
     p.add_argument("--workers", type=int, default=min(8, len(os.sched_getaffinity(0))),
@@ -197,9 +199,12 @@ def peak_memory(run_pass: Callable[[], int], device: torch.device) -> dict[str, 
 
 
 def workers_comparison(bench: Bench, workers: int, device: torch.device) -> Comparison:
-    """Our training epoch with ``workers`` loader processes (config data.num_workers; the
-    recipe's default is 0) against the same reference epoch: does the input pipeline keep up?"""
-    loader = make_loader(bench.ours.train_loader.dataset, batch_size=bench.batch_size, shuffle=True, seed=0,
+    """Our training epoch as data.cache/num_workers auto loads on a GPU (streaming: no cache,
+    ``workers`` persistent loader processes) against the same reference epoch: does the input
+    pipeline keep up?"""
+    cached = bench.ours.train_loader.dataset
+    streamed = ImageTableDataset(cached.root, cached.paths, cached.targets, cached.image_size, cached.transform, cache=False)
+    loader = make_loader(streamed, batch_size=bench.batch_size, shuffle=True, seed=0,
                          drop_last=True, pin_memory=device.type == "cuda", num_workers=workers)
     with_workers = replace(bench.ours, train_loader=loader)
     return Comparison(f"train_workers{workers}", with_workers.train_epoch, bench.reference.train_epoch)
@@ -234,7 +239,7 @@ def run_throughput(args: argparse.Namespace, device: torch.device, workdir: Path
     images = DigitsImages.write(workdir, args.images)
     results: dict[str, Any] = {}
     for size in args.sizes:
-        for mode, fast in MODES.items():
+        for mode, fast in ((mode, MODES[mode]) for mode in args.modes):
             started = time.perf_counter()
             with nullcontext() if fast else fast_paths_off():
                 settings = LoopSettings(batch_size=args.batch, infer_batch_size=args.batch, image_size=size,

@@ -35,6 +35,13 @@ def test_cache_auto_streams_over_a_tiny_budget_and_caches_under_a_big_one():
     assert plan_loading({**DATA, "cache": False}, 10, threads=3).num_workers == 1
     on_gpu = plan_loading({**DATA, "cache": False}, 10, threads=2, device=torch.device("cuda"))
     assert on_gpu.num_workers >= 1 and on_gpu.compute_threads == 2  # the GPU computes: workers cost no torch thread
+    # on a GPU auto streams through workers even when the images fit the cache (gpu_check)
+    gpu_auto = plan_loading(DATA, 1000, threads=2, device=torch.device("cuda"), memory=10 * 2**30)
+    assert not gpu_auto.cache and gpu_auto.num_workers >= 1 and "GPU" in gpu_auto.reason
+    gpu_cache = plan_loading({**DATA, "cache": True}, 1000, threads=2, device=torch.device("cuda"))
+    assert gpu_cache.cache and gpu_cache.num_workers == 0  # asked for: the cache, in one process
+    gpu_no_workers = plan_loading({**DATA, "num_workers": 0}, 1000, threads=2, device=torch.device("cuda"), memory=10 * 2**30)
+    assert gpu_no_workers.cache and gpu_no_workers.num_workers == 0
 
 
 def test_a_loading_plan_shares_the_job_budget_and_a_later_plan_sees_all_of_it(monkeypatch):

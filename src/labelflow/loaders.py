@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from labelflow.device import job_threads
 from labelflow.heads import ROTATION_CODES, get_head
@@ -170,7 +170,10 @@ class ImageTableDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, Any] | list[dict[str, Any]]:
         """A whole batch (what DataLoader asks for): collated already when ``per_pixel``, else
         the items one by one. A DataLoader over this dataset needs ``collate_fn=collate_items``
-        (:func:`make_loader` sets it): torch's default collate does not take a collated batch."""
+        (:func:`make_loader` sets it): torch's default collate does not take a collated batch.
+        A :class:`SeededBatch` first reseeds the augmentation with its seed."""
+        if isinstance(indices, SeededBatch):
+            self.reseed(indices.seed)
         if not self.per_pixel:
             return [self[index] for index in indices]
         batch = default_collate([self._targets(index, None) for index in indices])
@@ -188,6 +191,43 @@ def _seed_worker(worker_id: int) -> None:
     info.dataset.reseed(torch.initial_seed() % 2**32)
 
 
+class SeededBatch(list):
+    """The indices of one batch, and the seed its augmentation draws from."""
+
+    def __init__(self, indices: Sequence[int], seed: int):
+        super().__init__(indices)
+        self.seed = seed
+
+
+class SeededBatchSampler(Sampler[SeededBatch]):
+    """Batches for loaders with worker processes: the order and every batch's augmentation seed
+    come from (seed, pass), drawn here in the main process; the worker that loads a batch
+    reseeds the dataset with it (:meth:`ImageTableDataset.__getitems__`). So the workers can
+    live across epochs (no new processes every epoch: gpu_check measured that cost), the
+    augmentation does not depend on which worker, or how many, load a batch, and a resumed
+    run replays an epoch exactly: :func:`labelflow.training.seed_epoch` calls
+    :meth:`set_seed` as DistributedSampler's users call set_epoch. Without it, each pass
+    draws afresh (pass 0, 1, ... of the last seed)."""
+
+    def __init__(self, n_items: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int):
+        self.n_items, self.batch_size, self.shuffle, self.drop_last = n_items, batch_size, shuffle, drop_last
+        self.set_seed(seed)
+
+    def set_seed(self, seed: int) -> None:
+        self.seed, self.passes = int(seed), 0
+
+    def __len__(self) -> int:
+        return self.n_items // self.batch_size if self.drop_last else -(-self.n_items // self.batch_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.passes)
+        self.passes += 1
+        order = torch.randperm(self.n_items, generator=generator) if self.shuffle else torch.arange(self.n_items)
+        seeds = torch.randint(0, 2**31 - 1, (len(self),), generator=generator).tolist()
+        for number, seed in enumerate(seeds):
+            yield SeededBatch(order[number * self.batch_size:(number + 1) * self.batch_size].tolist(), seed)
+
+
 def collate_items(data: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
     """A batch from :meth:`ImageTableDataset.__getitems__`: as it is when already collated."""
     return data if isinstance(data, dict) else default_collate(data)
@@ -203,19 +243,16 @@ def make_loader(
     pin_memory: bool = False,
     drop_last: bool = False,
 ) -> DataLoader:
+    """Without workers: torch's sampler and the dataset's own augmentation stream (reseeded each
+    epoch by training.seed_epoch). With workers: persistent worker processes and a
+    :class:`SeededBatchSampler`, so the batches do not depend on the number of workers (they
+    differ from those of a loader without workers: another random stream)."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        drop_last=drop_last,
-        generator=generator,
-        collate_fn=collate_items,
-        worker_init_fn=_seed_worker if num_workers > 0 else None,
-        persistent_workers=False,
-    )
+    common = {"num_workers": num_workers, "pin_memory": pin_memory, "generator": generator, "collate_fn": collate_items}
+    if num_workers == 0:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **common)
+    batches = SeededBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
+    return DataLoader(dataset, batch_sampler=batches, worker_init_fn=_seed_worker, persistent_workers=True, **common)
 
 
 # Training keeps decoded images in memory only when they fit in this share of the memory
@@ -261,10 +298,13 @@ def plan_loading(data_cfg: dict[str, Any], n_images: int, threads: int, device: 
     """How a training job loads its images (config ``data.cache``, ``data.num_workers``).
 
     ``cache: auto`` keeps decoded images in memory when they fit in ``CACHE_MEMORY_SHARE`` of the
-    memory available (``image_size``\u00b2 x 3 bytes each), else streams them. ``num_workers:
-    auto`` is 0 with a cache (nothing to decode after the first epoch; a worker's cache would be
-    lost), else DataLoader worker processes decode in parallel with the model: up to 8 per GPU
-    job; on the CPU half the job's threads, and none with 2 threads or fewer.
+    memory available (``image_size``\u00b2 x 3 bytes each), else streams them; on a GPU (unless
+    ``num_workers`` is 0) it streams through worker processes instead: there the loader, not the
+    model, bounds an epoch (benchmarks/gpu_check.py on an H200: decoding and augmenting in the
+    job's one process were 85-92 % of our epoch; 8 workers beat the cache at 32 and 224 px).
+    ``num_workers: auto`` is 0 with a cache (nothing to decode after the first epoch; a worker's
+    cache would be lost), else DataLoader worker processes decode in parallel with the model: up
+    to 8 per GPU job; on the CPU half the job's threads, and none with 2 threads or fewer.
 
     On the CPU the workers' threads come out of the job's budget (``compute_threads`` = threads
     - workers): torch's OpenMP threads wait for each other at every layer, so one preempted by
@@ -276,13 +316,15 @@ def plan_loading(data_cfg: dict[str, Any], n_images: int, threads: int, device: 
     needed = n_images * size * size * 3
     budget = int(CACHE_MEMORY_SHARE * (available_memory() if memory is None else memory))
     cache = data_cfg["cache"]
-    if cache == "auto":
+    on_gpu = device is not None and device.type == "cuda"
+    workers = data_cfg["num_workers"]
+    if cache == "auto" and on_gpu and workers != 0:
+        cache, reason = False, "on a GPU worker processes feed the model faster than one process with a cache"
+    elif cache == "auto":
         cache = needed <= budget
         reason = f"decoded images {needed / 2**30:.2f} GiB {'<=' if cache else '>'} cache budget {budget / 2**30:.2f} GiB"
     else:
         reason = f"data.cache is {cache}"
-    on_gpu = device is not None and device.type == "cuda"
-    workers = data_cfg["num_workers"]
     if workers == "auto":
         workers = 0 if cache else min(MAX_AUTO_WORKERS, os.cpu_count() or 1) if on_gpu else threads // 2 if threads > 2 else 0
     if cache and workers:

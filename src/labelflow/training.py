@@ -97,6 +97,9 @@ def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     seed_everything(epoch_seed)
     loader.generator.manual_seed(epoch_seed)
     loader.dataset.reseed(epoch_seed)
+    set_seed = getattr(loader.batch_sampler, "set_seed", None)  # loaders.SeededBatchSampler (workers)
+    if set_seed is not None:
+        set_seed(epoch_seed)
 
 
 def build_optimizer(model: torch.nn.Module, spec: StageSpec) -> torch.optim.Optimizer:
