@@ -1,6 +1,6 @@
 """The first run on a GPU, as one command: does our CUDA path work, how fast is it, is it right?
 
-    python benchmarks/gpu_check.py --out results/gpu_check        # on the GPU machine: about 6-8 min
+    python benchmarks/gpu_check.py --out results/gpu_check        # on the GPU machine: about 5 min (H200)
     python benchmarks/gpu_check.py --device cpu --out /tmp/gc --sizes 32 --images 64 --batch 16 \\
         --rounds 2 --min-seconds 0 --recipe short --recipe-images 100 --fashion-limit 100 --workers 1  # the pieces, on CPU
 

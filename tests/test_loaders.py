@@ -238,6 +238,49 @@ def test_batched_loading_in_worker_processes_gives_the_same_batches(tmp_path: Pa
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["class"], b["class"]) and torch.equal(a["index"], b["index"])
 
 
+def _epoch(loader, epoch: int) -> list[dict]:
+    from labelflow.training import seed_epoch
+
+    seed_epoch(loader, seed=7, epoch=epoch)
+    return list(loader)
+
+
+def _same_batches(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x["index"], y["index"]) and torch.equal(x["image"], y["image"]) and torch.equal(x["class"], y["class"])
+        for x, y in zip(a, b))  # fmt: skip
+
+
+def test_workers_persist_and_augmented_batches_depend_on_the_epoch_not_on_the_workers(tmp_path: Path):
+    """With worker processes the batch sampler seeds every batch's augmentation in the main
+    process: one worker or two load the same shuffled, augmented batches; the workers live
+    across epochs; a fresh loader seeded for epoch 1 (a resumed run) replays epoch 1 exactly."""
+    root = make_tiny_dataset(tmp_path / "tiny", n_classes=2, per_class=9)
+    paths, targets = _table(root)
+
+    def loader(workers: int):
+        dataset = ImageTableDataset(root, paths, targets, image_size=16, transform=build_transform(AFFINE, train=True))
+        return make_loader(dataset, batch_size=4, shuffle=True, seed=0, num_workers=workers, drop_last=True)
+
+    one, two = loader(1), loader(2)
+    assert len(one) == 4 and one.persistent_workers
+    epoch0, epoch0_two = _epoch(one, 0), _epoch(two, 0)
+    assert _same_batches(epoch0, epoch0_two) and [len(b["index"]) for b in epoch0] == [4, 4, 4, 4]
+    workers = one._iterator  # torch keeps a persistent loader's iterator, and its processes, between passes
+    epoch1 = _epoch(one, 1)
+    assert one._iterator is workers
+    assert not torch.equal(torch.cat([b["index"] for b in epoch0]), torch.cat([b["index"] for b in epoch1]))
+    resumed = loader(2)
+    assert _same_batches(epoch1, _epoch(resumed, 1))
+    # the augmentation is drawn per batch: the same image gets another affine in another epoch
+    position = {int(i): (b, k) for b, batch in enumerate(epoch1) for k, i in enumerate(batch["index"])}
+    k0 = next(k for k, i in enumerate(epoch0[0]["index"]) if int(i) in position)  # drop_last may skip one
+    b, k = position[int(epoch0[0]["index"][k0])]
+    assert not torch.equal(epoch0[0]["image"][k0], epoch1[b]["image"][k])
+    # without seed_epoch a pass draws afresh
+    assert not _same_batches(list(one), epoch1)
+
+
 def test_a_worker_forked_after_opencv_ran_threads_in_the_main_process_still_loads(tmp_path: Path):
     """OpenCV splits a LUT over more than 2**18 pixels (a batch normalised at once) across its
     pool. A worker forked after that pool ran hung when it reconfigured OpenCV's threads
