@@ -251,6 +251,20 @@ def _same_batches(a: list[dict], b: list[dict]) -> bool:
         for x, y in zip(a, b))  # fmt: skip
 
 
+def test_dataset_paths_are_one_bytes_array_and_odd_names_round_trip():
+    """No Python object per path (forked workers would copy a list of str page by page), and
+    every name comes back as given: spaces, non-ASCII, bytes that are not UTF-8."""
+    from labelflow.loaders import PathColumn
+
+    names = ["a/1.png", "caf\u00e9 au lait/\u732b 2.jpg", "odd/\udcff\udcfe.png", "x/" + "long" * 50 + ".png", ""]
+    column = PathColumn(names)
+    assert column._bytes.dtype.kind == "S" and len(column) == 5
+    assert [column[i] for i in range(5)] == names and list(column) == names and column[1:3] == names[1:3]
+    assert column[np.int64(1)] == names[1] and len(PathColumn([])) == 0
+    dataset = ImageTableDataset("root", names, None, image_size=8, transform=build_transform(train=False))
+    assert dataset.paths[2] == names[2]
+
+
 def test_workers_persist_and_augmented_batches_depend_on_the_epoch_not_on_the_workers(tmp_path: Path):
     """With worker processes the batch sampler seeds every batch's augmentation in the main
     process: one worker or two load the same shuffled, augmented batches; the workers live

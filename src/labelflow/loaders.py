@@ -69,6 +69,26 @@ def apply_rotation_code(image: torch.Tensor, code: int) -> torch.Tensor:
     return torch.rot90(image, k, dims=[-2, -1]) if k else image
 
 
+class PathColumn(Sequence[str]):
+    """Relative paths kept as one array of UTF-8 bytes, not a list of str. Worker processes are
+    forked from the job and, with persistent workers, several loaders' workers live at once: a
+    list of str would be copied into each of them page by page as reading it touches every
+    object's reference count (pytorch/pytorch#13246); one array of bytes has no per-path
+    objects and stays shared. Names that are not valid UTF-8 round-trip (surrogateescape)."""
+
+    def __init__(self, paths: Sequence[str]):
+        encoded = [str(path).encode("utf-8", "surrogateescape") for path in paths]
+        self._bytes = np.array(encoded, dtype=np.bytes_) if encoded else np.array([], dtype="S1")
+
+    def __len__(self) -> int:
+        return len(self._bytes)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [value.decode("utf-8", "surrogateescape") for value in self._bytes[index]]
+        return self._bytes[index].decode("utf-8", "surrogateescape")
+
+
 class ImageTableDataset(Dataset):
     """Images named by paths relative to `root`, resized to `image_size` when loaded.
 
@@ -102,7 +122,7 @@ class ImageTableDataset(Dataset):
         if rotation not in ROTATION_MODES:
             raise ValueError(f"rotation must be one of {ROTATION_MODES}, got {rotation!r}")
         self.root = Path(root)
-        self.paths = list(paths)
+        self.paths = PathColumn(paths)
         self.targets = None if targets is None else np.asarray(targets)
         self.image_size = image_size
         self.transform = transform
