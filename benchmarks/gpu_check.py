@@ -27,7 +27,8 @@ Installs nothing and needs no network. It writes --out/gpu_check.json (every fig
    down by phase (benchmarks/train_phases.py), and our training is timed once more as
    data.cache/num_workers auto load on a GPU: no cache, --workers persistent loader processes
    (the first rows use the cache in one process, as on the CPU, so that they compare the
-   loops). --modes runs one mode only.
+   loops), and both training loaders are timed alone, without the model (is the loader the
+   bound, or handing its batches to the GPU?). --modes runs one mode only.
 3. Recipe: the digits softmax recipe (config/experiments/softmax.yaml, validated with the
    schema) trained by experiment.train_stage, stage1 then stage2, on the device and on the CPU
    in the same run, same data, folds (5, seed 42, valid fold 4, no calibration hold-out) and
@@ -66,12 +67,13 @@ from unittest import mock
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 import digits_loops
 import labelflow.device
 import labelflow.inference
 import labelflow.training
-from digits_loops import Bench, DigitsImages, LoopSettings, build_bench, load_recipe
+from digits_loops import Bench, DigitsImages, LoopSettings, build_bench, data_only_rate, load_recipe
 from labelflow.dataset import split, tag2label
 from labelflow.device import select_device, set_job_threads
 from labelflow.experiment import StageSetup, train_stage
@@ -198,16 +200,32 @@ def peak_memory(run_pass: Callable[[], int], device: torch.device) -> dict[str, 
     return {"held_gib": held / 2**30, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def workers_comparison(bench: Bench, workers: int, device: torch.device) -> Comparison:
-    """Our training epoch as data.cache/num_workers auto loads on a GPU (streaming: no cache,
-    ``workers`` persistent loader processes) against the same reference epoch: does the input
-    pipeline keep up?"""
+def workers_loader(bench: Bench, workers: int, device: torch.device) -> DataLoader:
+    """Our training loader as data.cache/num_workers auto make it on a GPU: no cache,
+    ``workers`` persistent loader processes."""
     cached = bench.ours.train_loader.dataset
     streamed = ImageTableDataset(cached.root, cached.paths, cached.targets, cached.image_size, cached.transform, cache=False)
-    loader = make_loader(streamed, batch_size=bench.batch_size, shuffle=True, seed=0,
-                         drop_last=True, pin_memory=device.type == "cuda", num_workers=workers)
+    return make_loader(streamed, batch_size=bench.batch_size, shuffle=True, seed=0,
+                       drop_last=True, pin_memory=device.type == "cuda", num_workers=workers)
+
+
+def workers_comparison(bench: Bench, loader: DataLoader, workers: int) -> Comparison:
+    """Our training epoch over ``loader`` against the same reference epoch: does the input
+    pipeline keep up?"""
     with_workers = replace(bench.ours, train_loader=loader)
     return Comparison(f"train_workers{workers}", with_workers.train_epoch, bench.reference.train_epoch)
+
+
+def loader_only_rates(loaders: dict[str, DataLoader], passes: int = 3) -> dict[str, Any]:
+    """Images/s of each training loader alone, no model (decoding, augmentation, collation,
+    pinned memory), over ``passes`` passes after a warm-up pass. Beside the training rows it
+    tells where the bound is: a loader alone slower than the bare loop is the bound itself; one
+    faster means the time goes in handing its batches to the GPU."""
+    rates = {}
+    for name, loader in loaders.items():
+        data_only_rate(loader)
+        rates[name] = Spread(tuple(data_only_rate(loader) for _ in range(passes))).as_dict("img/s")
+    return rates
 
 
 def throughput_row(bench: Bench, args: argparse.Namespace, device: torch.device, fast: bool) -> dict[str, Any]:
@@ -216,8 +234,10 @@ def throughput_row(bench: Bench, args: argparse.Namespace, device: torch.device,
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seen: dict[str, set[str]] = {"ours": set(), "reference": set()}
     comparisons = bench.comparisons()
+    loaders = {"cache, no worker": bench.ours.train_loader}
     if fast and args.workers > 0:
-        comparisons.append(workers_comparison(bench, args.workers, device))
+        loaders[f"stream, {args.workers} workers"] = workers_loader(bench, args.workers, device)
+        comparisons.append(workers_comparison(bench, loaders[f"stream, {args.workers} workers"], args.workers))
     with observe_inputs(bench.ours.model, device, seen["ours"]), observe_inputs(bench.reference.model, device, seen["reference"]):
         run_interleaved(comparisons, args.rounds, min_seconds=args.min_seconds, sync=sync)
     row: dict[str, Any] = {"seen": {side: sorted(values) for side, values in seen.items()}, "loops": {}}
@@ -232,6 +252,7 @@ def throughput_row(bench: Bench, args: argparse.Namespace, device: torch.device,
     if fast:
         row["phases"] = {side: {phase: Spread(tuple(v)).median for phase, v in phases.items()}
                          for side, phases in measure_epochs(bench, 1, sync).items()}
+        row["loader_only"] = loader_only_rates(loaders)
     return row
 
 
@@ -377,6 +398,10 @@ def throughput_markdown(results: dict[str, Any]) -> list[str]:
         for loop, r in row["loops"].items():
             lines.append(f"| {name} | {loop} | {r['ours_img_s']['median']:.0f} | {r['reference_img_s']['median']:.0f} | "
                          f"{figure_range(r['ratio'])} | {memory_cell(r['memory'])} | {seen} |")
+    for name, row in results.items():
+        if "loader_only" in row:
+            lines += ["", f"Training loader alone (no model), {name}: " + "; ".join(
+                f"{loader} {figure_range(rate, 0)} img/s" for loader, rate in row["loader_only"].items())]
     for name, row in results.items():
         if "phases" in row:
             ours, reference = ({p: [v] for p, v in row["phases"][f"train_{side}"].items()} for side in ("ours", "reference"))

@@ -268,6 +268,10 @@ def test_gpu_check_pieces_on_cpu(tmp_path):
         for values in row["loops"].values():
             _check_spread(values["ratio"], rounds=2)
     assert report["throughput"]["40px bf16+channels_last"]["phases"]["train_ours"]["data"] > 0
+    loader_only = report["throughput"]["16px bf16+channels_last"]["loader_only"]
+    assert set(loader_only) == {"cache, no worker", "stream, 1 workers"}
+    for rate in loader_only.values():
+        _check_spread(rate, rounds=3)
     _check_spread(report["figures"]["40px_fp32_train_ratio"], rounds=2)
     recipe = report["recipe"]
     # the same recipe twice on the CPU: bit-identical training, so no difference at all
@@ -277,6 +281,7 @@ def test_gpu_check_pieces_on_cpu(tmp_path):
     assert fashion["epochs"] == 2 and 0 <= fashion["test_accuracy"] <= 1
     markdown = (out / "gpu_check.md").read_text()
     assert "## Throughput" in markdown and "**PASS**" in markdown
+    assert "Training loader alone (no model), 16px bf16+channels_last: cache, no worker" in markdown
 
 
 def test_workflow_scale_smoke():
