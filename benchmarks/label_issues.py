@@ -106,6 +106,9 @@ class Split(NamedTuple):
 # --------------------------------------------------------------------------- data
 
 
+DIGITS_TEST_FRACTION = 0.2  # stratified, seed 0: the same held-out digits in every run
+
+
 def split_digits(out: Path, image_size: int, test_fraction: float, n_images: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(pool, test): tables ``file,label`` of the digits written once under ``out/digits``; the test
     part is a stratified, seed-0 share; ``n_images`` subsamples the pool (stratified)."""
@@ -158,7 +161,8 @@ def load_split(args, out: Path, quick: bool) -> Split:
 
         pool, test = split_fashion(out, n_images or 1500)
         return Split(pool, test, CLASS_FOLDERS, FASHION_CONFUSIONS)
-    pool, test = split_digits(out, 16 if quick else 32, args.test_fraction, n_images)
+    test_fraction = DIGITS_TEST_FRACTION if args.test_fraction is None else args.test_fraction
+    pool, test = split_digits(out, 16 if quick else 32, test_fraction, n_images)
     return Split(pool, test, tuple(str(d) for d in range(10)), DIGITS_CONFUSIONS)
 
 
@@ -358,10 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, help="n_folds (default 5; --quick: 3)")
     parser.add_argument("--images", type=int,
                         help="images given to the workflow (default: all digits, 1,500 Fashion; --quick: 600)")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="digits only")
+    parser.add_argument("--test-fraction", type=float,
+                        help=f"digits only (default {DIGITS_TEST_FRACTION}); fashion holds out the official test images")
     parser.add_argument("--report", type=Path, nargs="+", metavar="LOG",
                         help="print the table from saved outputs of earlier runs (runs nothing)")
     args = parser.parse_args(argv)
+    if args.test_fraction is not None and args.dataset == "fashion":
+        parser.error("--test-fraction is for --dataset digits: fashion holds out as many of the official test "
+                     "images as it gives the workflow (--images)")
     if args.report:
         report(*read_outputs(args.report))
         return 0

@@ -186,3 +186,12 @@ def test_label_issues_fashion_dry_run(tmp_path, fashion_files):
     refused = subprocess.run([sys.executable, str(BENCHMARKS / "label_issues.py"), "--dry-only", "--out", str(tmp_path)],
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "holds the fashion benchmark" in refused.stderr
+
+
+def test_label_issues_refuses_a_test_fraction_for_fashion(tmp_path):
+    """Fashion holds out official test images; a --test-fraction would be silently unused."""
+    refused = subprocess.run([sys.executable, str(BENCHMARKS / "label_issues.py"), "--dataset", "fashion",
+                              "--test-fraction", "0.3", "--dry-only", "--out", str(tmp_path)],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--test-fraction is for --dataset digits" in refused.stderr
+    assert not any(tmp_path.iterdir())  # refused before anything was written
