@@ -31,8 +31,8 @@ Installs nothing and needs no network. It writes --out/gpu_check.json (every fig
    bound, or handing its batches to the GPU?). --modes runs one mode only.
 3. Recipe: the digits softmax recipe (config/experiments/softmax.yaml, validated with the
    schema) trained by experiment.train_stage, stage1 then stage2, on the device and on the CPU
-   in the same run, same data, folds (5, seed 42, valid fold 4, no calibration hold-out) and
-   seed. Passes when |valid accuracy (device) - valid accuracy (CPU)| <= --tolerance (0.01).
+   in the same run, same data, folds (5, seed 42, valid fold 4, no calibration hold-out),
+   seed and loading (data.cache true, no worker process, so the same batches). Passes when |valid accuracy (device) - valid accuracy (CPU)| <= --tolerance (0.01).
    --recipe full is the recipe as configured (2 + 14 epochs); short is 1 + 3 epochs with
    min_steps 0 (a plumbing check; its accuracy is lower and noisier). --cpu-accuracy X skips
    the CPU run and compares with X instead (measured beforehand with the same --recipe,
@@ -281,8 +281,13 @@ def run_throughput(args: argparse.Namespace, device: torch.device, workdir: Path
 
 
 def recipe_experiment(length: str) -> dict[str, Any]:
-    """The softmax recipe, validated; ``short``: stage1 1 epoch, stage2 3 epochs, no min_steps."""
+    """The softmax recipe, validated; ``short``: stage1 1 epoch, stage2 3 epochs, no min_steps.
+    Loading is pinned (cache, no worker process) for the device and the CPU run alike: ``auto``
+    streams through workers on a GPU only, and a loader with workers draws another random
+    stream (loaders.SeededBatchSampler), so the two runs would see other batches and the
+    check would mix chance with numerics."""
     experiment = load_recipe("softmax")
+    experiment["data"] |= {"cache": True, "num_workers": 0}
     if length == "short":
         experiment["stages"]["stage1"] |= {"epochs": 1, "min_steps": 0}
         experiment["stages"]["stage2"] |= {"epochs": 3, "min_steps": 0}

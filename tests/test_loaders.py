@@ -258,9 +258,12 @@ def test_dataset_paths_are_one_bytes_array_and_odd_names_round_trip():
 
     names = ["a/1.png", "caf\u00e9 au lait/\u732b 2.jpg", "odd/\udcff\udcfe.png", "x/" + "long" * 50 + ".png", ""]
     column = PathColumn(names)
-    assert column._bytes.dtype.kind == "S" and len(column) == 5
-    assert [column[i] for i in range(5)] == names and list(column) == names and column[1:3] == names[1:3]
-    assert column[np.int64(1)] == names[1] and len(PathColumn([])) == 0
+    assert column._buffer.dtype == np.uint8 and column._buffer.nbytes == sum(len(n.encode("utf-8", "surrogateescape")) for n in names)
+    assert len(column) == 5 and [column[i] for i in range(5)] == names and list(column) == names
+    assert column[1:3] == names[1:3] and column[::-2] == names[::-2] and column[-1] == "" and column[-2] == names[-2]
+    assert column[np.int64(1)] == names[1] and len(PathColumn([])) == 0 and list(PathColumn([])) == []
+    with pytest.raises(IndexError):
+        column[5]
     dataset = ImageTableDataset("root", names, None, image_size=8, transform=build_transform(train=False))
     assert dataset.paths[2] == names[2]
 

@@ -73,20 +73,25 @@ class PathColumn(Sequence[str]):
     """Relative paths kept as one array of UTF-8 bytes, not a list of str. Worker processes are
     forked from the job and, with persistent workers, several loaders' workers live at once: a
     list of str would be copied into each of them page by page as reading it touches every
-    object's reference count (pytorch/pytorch#13246); one array of bytes has no per-path
-    objects and stays shared. Names that are not valid UTF-8 round-trip (surrogateescape)."""
+    object's reference count (pytorch/pytorch#13246); one buffer of bytes and an array of
+    offsets have no per-path objects and stay shared. Names that are not valid UTF-8 round-trip (surrogateescape)."""
 
     def __init__(self, paths: Sequence[str]):
         encoded = [str(path).encode("utf-8", "surrogateescape") for path in paths]
-        self._bytes = np.array(encoded, dtype=np.bytes_) if encoded else np.array([], dtype="S1")
+        # one buffer and the offsets into it: a fixed-width array would give every path the
+        # length of the longest
+        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
 
     def __len__(self) -> int:
-        return len(self._bytes)
+        return len(self._offsets) - 1
 
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
-            return [value.decode("utf-8", "surrogateescape") for value in self._bytes[index]]
-        return self._bytes[index].decode("utf-8", "surrogateescape")
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]  # negative indices, and IndexError past the end
+        return self._buffer[self._offsets[index]:self._offsets[index + 1]].tobytes().decode("utf-8", "surrogateescape")
 
 
 class ImageTableDataset(Dataset):
@@ -240,7 +245,9 @@ class SeededBatchSampler(Sampler[SeededBatch]):
         return self.n_items // self.batch_size if self.drop_last else -(-self.n_items // self.batch_size)
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.passes)
+        # SeedSequence mixes (seed, pass) into one 64-bit seed whatever their size
+        state = np.random.SeedSequence([self.seed % 2**64, self.passes]).generate_state(1, dtype=np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(state))
         self.passes += 1
         order = torch.randperm(self.n_items, generator=generator) if self.shuffle else torch.arange(self.n_items)
         seeds = torch.randint(0, 2**31 - 1, (len(self),), generator=generator).tolist()
