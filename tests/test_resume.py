@@ -97,7 +97,35 @@ def _saved_epoch(state):
         return 0
 
 
+@pytest.fixture(scope="module")
+def reference_with_workers(tmp_path_factory):
+    """The uninterrupted run with a DataLoader worker process (data.num_workers 1, no cache):
+    persistent workers, batches seeded by loaders.SeededBatchSampler."""
+    base = tmp_path_factory.mktemp("reference_workers")
+    dataset = make_tiny_dataset(base / "images")
+    experiment = {**LONG, "data": {**LONG["data"], "num_workers": 1, "cache": False}}
+    config = write_tiny_config(base / "work", dataset, experiments={"softmax": experiment})
+    result = run_snakemake(base / "work", TARGET, configfile=config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 worker process(es)" in (base / "work" / LOG).read_text()
+    return base / "work", dataset, experiment
+
+
 def test_sigkill_then_rerun_incomplete_resumes_and_matches(reference, workdir):
+    _kill_mid_stage2_then_resume(workdir, reference[0])
+
+
+def test_sigkill_with_worker_processes_resumes_and_matches(reference_with_workers, tmp_path):
+    """Exact resume also holds with persistent worker processes: a fresh loader seeded for the
+    resumed epoch replays the batches the killed run would have drawn."""
+    ref_workdir, dataset, experiment = reference_with_workers
+    work = tmp_path / "work"
+    shutil.copytree(ref_workdir, work, ignore=shutil.ignore_patterns("stage2*", "locks", "incomplete"))
+    write_tiny_config(work, dataset, experiments={"softmax": experiment})
+    _kill_mid_stage2_then_resume(work, ref_workdir)
+
+
+def _kill_mid_stage2_then_resume(workdir: Path, ref_workdir: Path) -> None:
     cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", TARGET,
            "--configfile", str(workdir / "config.yaml")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -121,7 +149,7 @@ def test_sigkill_then_rerun_incomplete_resumes_and_matches(reference, workdir):
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = [line for line in _log(workdir).splitlines() if "resuming stage stage2 at epoch" in line]
     assert resumed and int(resumed[-1].split("at epoch ")[1].split()[0]) > 1
-    _assert_matches_reference(workdir, reference[0])
+    _assert_matches_reference(workdir, ref_workdir)
 
 
 def test_retries_resume_after_a_failure_between_state_and_best_pt(reference, workdir, tmp_path):
