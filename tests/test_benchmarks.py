@@ -433,3 +433,12 @@ def test_cpu_precision_smoke(tmp_path):
     assert re.search(r"CPU bf16 units: ", out)
     assert re.search(r"bf16/fp32 speed-up: median \d+\.\d+ \(min \d+\.\d+, max \d+\.\d+, 2 rounds\)", out)
     _check_spread(json.loads((tmp_path / "precision.json").read_text())["figures"]["bf16_speedup"], rounds=2)
+
+
+def test_fork_memory_path_column_stays_shared_with_a_forked_worker():
+    """A forked child reading every path copies the list of str (reference counts) but not
+    PathColumn's buffer: at 200,000 paths about 18 MiB against almost nothing."""
+    out = _run("fork_memory.py", "--paths", "200000")
+    copied = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(list of str|PathColumn): 200,000 paths; .* copies ([\d.]+) MiB", out, re.M)}
+    assert set(copied) == {"list of str", "PathColumn"}
+    assert copied["list of str"] > 10 and copied["PathColumn"] < 0.1 * copied["list of str"]
