@@ -32,7 +32,8 @@ Installs nothing and needs no network. It writes --out/gpu_check.json (every fig
 3. Recipe: the digits softmax recipe (config/experiments/softmax.yaml, validated with the
    schema) trained by experiment.train_stage, stage1 then stage2, on the device and on the CPU
    in the same run, same data, folds (5, seed 42, valid fold 4, no calibration hold-out),
-   seed and loading (data.cache true, no worker process, so the same batches). Passes when |valid accuracy (device) - valid accuracy (CPU)| <= --tolerance (0.01).
+   seed and loading (data.cache true, no worker process, so the same batches). Passes when
+   |valid accuracy (device) - valid accuracy (CPU)| <= --tolerance (0.01).
    --recipe full is the recipe as configured (2 + 14 epochs); short is 1 + 3 epochs with
    min_steps 0 (a plumbing check; its accuracy is lower and noisier). --cpu-accuracy X skips
    the CPU run and compares with X instead (measured beforehand with the same --recipe,

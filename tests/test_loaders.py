@@ -266,6 +266,9 @@ def test_dataset_paths_are_one_bytes_array_and_odd_names_round_trip():
         column[5]
     dataset = ImageTableDataset("root", names, None, image_size=8, transform=build_transform(train=False))
     assert dataset.paths[2] == names[2]
+    assert PathColumn([Path("a") / "b.png"])[0] == "a/b.png"
+    with pytest.raises(TypeError, match=r"row 1 is nan \(float\).*missing or non-text"):
+        PathColumn(["a.png", float("nan")])
 
 
 def test_workers_persist_and_augmented_batches_depend_on_the_epoch_not_on_the_workers(tmp_path: Path):

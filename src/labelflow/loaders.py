@@ -74,10 +74,17 @@ class PathColumn(Sequence[str]):
     forked from the job and, with persistent workers, several loaders' workers live at once: a
     list of str would be copied into each of them page by page as reading it touches every
     object's reference count (pytorch/pytorch#13246); one buffer of bytes and an array of
-    offsets have no per-path objects and stay shared. Names that are not valid UTF-8 round-trip (surrogateescape)."""
+    offsets have no per-path objects and stay shared. Names that are not valid UTF-8
+    round-trip (surrogateescape). A row that is not a path (a missing value, a number) is
+    refused here, naming the row, rather than failing later inside a loader's worker."""
 
     def __init__(self, paths: Sequence[str]):
-        encoded = [str(path).encode("utf-8", "surrogateescape") for path in paths]
+        encoded = []
+        for row, path in enumerate(paths):
+            if not isinstance(path, (str, os.PathLike)):
+                raise TypeError(f"image path in row {row} is {path!r} ({type(path).__name__}), not a path; "
+                                "check the table's path column for missing or non-text values")
+            encoded.append(os.fspath(path).encode("utf-8", "surrogateescape"))
         # one buffer and the offsets into it: a fixed-width array would give every path the
         # length of the longest
         self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
