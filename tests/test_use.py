@@ -149,6 +149,26 @@ def test_predictor_streams_batch_by_batch(made, trained):
     assert sum(len(b.rows) for b in batches) == len(paths) - 4
 
 
+def test_predictor_searches_with_one_blas_thread(made, trained, monkeypatch):
+    """numpy's BLAS threads spin after a call and slow the next forward pass: the per-batch
+    search runs with one, and the caller's limit is back afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    if not blas_threads():
+        pytest.skip("numpy has no BLAS that threadpoolctl can see")
+    seen: list[list[int]] = []
+    search = trained.search.search
+    monkeypatch.setattr(trained.search, "search", lambda *a, **k: (seen.append(blas_threads()), search(*a, **k))[1])
+    paths = collect_inputs([made["images"]])["path"].tolist()
+    with threadpool_limits(limits=2, user_api="blas"):
+        batches = list(Predictor(trained, torch.device("cpu"), batch_size=4).batches(paths))
+        assert blas_threads() == [2] * len(blas_threads())
+    assert len(seen) == len(batches) > 1 and all(threads == [1] * len(threads) for threads in seen)
+
+
 def test_multilabel_answer_uses_the_decision_threshold(trained):
     batch = BatchPredictions(
         rows=np.arange(2), logits=np.array([[2.0, 0.5, -3.0], [-2.0, -1.0, -4.0]], dtype=np.float32),
