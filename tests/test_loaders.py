@@ -283,6 +283,11 @@ def test_workers_persist_and_augmented_batches_depend_on_the_epoch_not_on_the_wo
         return make_loader(dataset, batch_size=4, shuffle=True, seed=0, num_workers=workers, drop_last=True)
 
     one, two = loader(1), loader(2)
+    here = ImageTableDataset(root, paths, targets, image_size=16, transform=build_transform(AFFINE, train=True))
+    seeded_here = make_loader(here, batch_size=4, shuffle=True, seed=0, drop_last=True, seeded_batches=True)
+    assert _same_batches(_epoch(seeded_here, 0), _epoch(two, 0))  # no worker, seeded: the same batches
+    with pytest.raises(ValueError, match="worker processes need seeded batches"):
+        make_loader(here, batch_size=4, shuffle=True, seed=0, num_workers=1, seeded_batches=False)
     assert len(one) == 4 and one.persistent_workers
     epoch0, epoch0_two = _epoch(one, 0), _epoch(two, 0)
     assert _same_batches(epoch0, epoch0_two) and [len(b["index"]) for b in epoch0] == [4, 4, 4, 4]

@@ -44,6 +44,23 @@ def test_cache_auto_streams_over_a_tiny_budget_and_caches_under_a_big_one():
     assert gpu_no_workers.cache and gpu_no_workers.num_workers == 0
 
 
+def test_a_resumed_stage_keeps_the_batch_order_its_saved_epochs_had():
+    """training.saved_batch_order: 'sampler' (saved without workers) plans no workers, 'seeded'
+    (saved with workers) draws seeded batches even where no worker is planned now."""
+    streamed = {**DATA, "cache": False}
+    assert plan_loading(streamed, 10, threads=8).seeded_batches  # workers: seeded
+    assert not plan_loading(streamed, 10, threads=2).seeded_batches  # no workers: torch's sampler
+    saved_without = plan_loading(streamed, 10, threads=8, batch_order="sampler")
+    assert (saved_without.num_workers, saved_without.compute_threads, saved_without.seeded_batches) == (0, 8, False)
+    assert "saved epochs of the resumed stage had none" in saved_without.reason
+    saved_with = plan_loading(streamed, 10, threads=2, batch_order="seeded")
+    assert (saved_with.num_workers, saved_with.seeded_batches) == (0, True) and "seeded batches" in saved_with.reason
+    cached = plan_loading(DATA, 1000, threads=2, memory=10 * 2**30, batch_order="seeded")
+    assert cached.cache and cached.seeded_batches  # the cache does not change the batches
+    on_gpu = plan_loading(DATA, 1000, threads=2, device=torch.device("cuda"), batch_order="sampler")
+    assert on_gpu.num_workers == 0 and not on_gpu.seeded_batches
+
+
 def test_a_loading_plan_shares_the_job_budget_and_a_later_plan_sees_all_of_it(monkeypatch):
     from labelflow import device
 

@@ -930,3 +930,51 @@ def test_stage_fingerprint_has_named_parts_and_each_input_changes_its_own(run_in
     assert changed(dataset_csv=tmp_path / "dataset.csv") == ["data"]
     models.save_checkpoint(tmp_path / "init.pt", prepared.model)
     assert changed(init_checkpoint=tmp_path / "init.pt") == ["init"]
+
+
+def test_a_resumed_stage_draws_its_batches_as_the_saved_epochs_did(run_inputs, tmp_path, monkeypatch, caplog):
+    """data.num_workers: auto plans workers from the job's threads (and cache: auto from the
+    memory it finds), so a rerun can plan otherwise than the killed job did; the resumed epochs
+    still replay the uninterrupted run: the state records how batches were drawn."""
+    import cv2
+
+    from conftest import validated_experiment
+    from labelflow import device
+    from labelflow.experiment import StageSetup, train_stage
+    from workflow_helpers import TINY_EXPERIMENT
+
+    base, root = run_inputs
+    experiment = validated_experiment({**TINY_EXPERIMENT, "data": {**TINY_EXPERIMENT["data"], "cache": False},
+                                       "stages": {**TINY_EXPERIMENT["stages"], "stage2": {"epochs": 3, "lr": 0.003, "batch_size": 4}}})  # fmt: skip
+    assert experiment["data"]["num_workers"] == "auto"
+    setup = StageSetup(base / "dataset.csv", base / "tag2cls.json", root, experiment, "stage2", [0], SEED)
+    before, before_cv2 = torch.get_num_threads(), cv2.getNumThreads()
+    monkeypatch.setattr(device, "_job_threads", None)
+    caplog.set_level(logging.INFO)
+
+    def train(name: str, threads: int) -> dict:
+        device.set_job_threads(threads)  # 4 threads: 2 workers + 2 compute; 2 threads: no workers + 2
+        return train_stage(setup, out_dir=tmp_path / name / "out", state_dir=tmp_path / name / "state")
+
+    try:
+        full = train("full", 4)
+        assert "2 worker process(es), 2 compute thread(s)" in caplog.text
+        real_train = _crash_in_epoch(monkeypatch, 3)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train("killed", 4)
+        saved = torch.load(tmp_path / "killed/state/state.pt", weights_only=True)
+        assert saved["batch_order"] == "seeded"
+        assert training.saved_batch_order(tmp_path / "killed/state", saved["fingerprint"]) == "seeded"
+        assert training.saved_batch_order(tmp_path / "killed/state", {**saved["fingerprint"], "seed": SEED + 1}) is None
+        monkeypatch.setattr(training, "train_one_epoch", real_train)
+        caplog.clear()
+        resumed = train("killed", 2)  # planned afresh: no workers (2 threads)
+    finally:
+        torch.set_num_threads(before)
+        cv2.setNumThreads(before_cv2)
+    assert "resuming stage stage2 at epoch 3" in caplog.text
+    assert "0 worker process(es), 2 compute thread(s)" in caplog.text and "seeded batches as in the saved epochs" in caplog.text
+    assert _epochs_without_seconds(resumed) == _epochs_without_seconds(full)
+    full_last = models.load_checkpoint(tmp_path / "full/out/last.pt")["model"]
+    for key, value in models.load_checkpoint(tmp_path / "killed/out/last.pt")["model"].items():
+        assert torch.equal(full_last[key], value), key

@@ -30,7 +30,7 @@ from labelflow.models import HeadSpec, ModelSpec, create_model, load_model, load
 from labelflow import __version__
 from labelflow.io import file_digest
 from labelflow.manifest import modules_digest
-from labelflow.training import Fingerprint, StageLoaders, StageSpec, digest, run_stage
+from labelflow.training import Fingerprint, StageLoaders, StageSpec, digest, run_stage, saved_batch_order
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +127,17 @@ def stage_loaders(
     heads: Sequence[str],
     seed: int,
     device: torch.device,
+    batch_order: str | None = None,
 ) -> StageLoaders:
     """Only training augments. With a rotation head the train images get random rotations, the
-    valid ones a fixed seeded set, and the upright loader scores the class head on upright images."""
+    valid ones a fixed seeded set, and the upright loader scores the class head on upright images.
+    ``batch_order``: a resumed stage's (see :func:`labelflow.loaders.plan_loading`)."""
     norm = {"mean": data_cfg["mean"], "std": data_cfg["std"]}
     train_tf = build_transform(data_cfg["augmentations"], train=True, seed=seed, **norm)
     eval_tf = build_transform(train=False, **norm)
     rotation = uses_rotation(heads)
     paths = dataset["path"].to_numpy()
-    plan = plan_loading(data_cfg, len(paths), job_threads(), device)
+    plan = plan_loading(data_cfg, len(paths), job_threads(), device, batch_order=batch_order)
     plan.apply()
     log.info("loading: %s, %d worker process(es), %d compute thread(s) (%s)",
              "cache in memory" if plan.cache else "streaming", plan.num_workers, plan.compute_threads, plan.reason)  # fmt: skip
@@ -148,7 +150,8 @@ def stage_loaders(
         root, paths[is_valid], targets[is_valid], transform=eval_tf,
         rotation="seeded" if rotation else "none", rotation_seed=seed, rotation_p=data_cfg["rotation_p"], **common,
     )
-    options = {"num_workers": plan.num_workers, "pin_memory": device.type == "cuda", "seed": seed}
+    options = {"num_workers": plan.num_workers, "pin_memory": device.type == "cuda", "seed": seed,
+               "seeded_batches": plan.seeded_batches}
     # drop_last avoids a 1-image BatchNorm batch at the end of an epoch
     train = make_loader(train_ds, batch_size=batch_size, shuffle=True, drop_last=len(train_ds) > batch_size, **options)
     valid = make_loader(valid_ds, batch_size=batch_size, shuffle=False, **options)
@@ -169,8 +172,10 @@ def stage_model(spec: ModelSpec, weights: str, init_checkpoint: PathLike | None,
     return model
 
 
-def prepare_stage(setup: StageSetup, lr: float | None = None) -> PreparedStage:
-    """Model, loaders and spec of one stage: what both training and the LR finder start from."""
+def prepare_stage(setup: StageSetup, lr: float | None = None, state_dir: PathLike | None = None) -> PreparedStage:
+    """Model, loaders and spec of one stage: what both training and the LR finder start from.
+    With the ``state_dir`` of a stage to resume, the loaders draw their batches as its saved
+    epochs did (:func:`labelflow.training.saved_batch_order`)."""
     dataset = read_dataset_csv(setup.dataset_csv, setup.root)
     tag2cls = read_tag2cls(setup.tag2cls_json)
     experiment = setup.experiment
@@ -189,12 +194,14 @@ def prepare_stage(setup: StageSetup, lr: float | None = None) -> PreparedStage:
     data_cfg = experiment["data"]
     # calibration rows neither train nor choose the checkpoint: the temperature is fitted on them
     keep = roles != "calibration"
+    fingerprint = stage_fingerprint(setup, spec, stage_cfg)
     loaders = stage_loaders(
         setup.root, dataset[keep].reset_index(drop=True), class_targets(dataset, tag2cls)[keep], roles[keep] == "valid", data_cfg,
         batch_size=stage_spec.batch_size, heads=head_names(spec), seed=setup.seed, device=device,
+        batch_order=saved_batch_order(Path(state_dir), fingerprint) if state_dir is not None else None,
     )
     model = stage_model(spec, experiment["model"]["weights"], setup.init_checkpoint, setup.seed)
-    return PreparedStage(model, stage_spec, device, loaders, stage_fingerprint(setup, spec, stage_cfg))
+    return PreparedStage(model, stage_spec, device, loaders, fingerprint)
 
 
 def stage_fingerprint(setup: StageSetup, spec: ModelSpec, stage_cfg: dict[str, Any]) -> Fingerprint:
@@ -235,7 +242,7 @@ def train_stage(
     if lr_json is not None:
         lr = read_lr_suggestion(lr_json)
         log.info("lr %.3g from the LR finder (%s)", lr, lr_json)
-    prepared = prepare_stage(setup, lr=lr)
+    prepared = prepare_stage(setup, lr=lr, state_dir=state_dir)
     return run_stage(
         prepared.model, prepared.loaders, prepared.stage_spec,
         out_dir=out_dir, state_dir=state_dir, device=prepared.device, seed=setup.seed,

@@ -276,17 +276,25 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     drop_last: bool = False,
+    seeded_batches: bool | None = None,
 ) -> DataLoader:
     """Without workers: torch's sampler and the dataset's own augmentation stream (reseeded each
     epoch by training.seed_epoch). With workers: persistent worker processes and a
     :class:`SeededBatchSampler`, so the batches do not depend on the number of workers (they
-    differ from those of a loader without workers: another random stream)."""
+    differ from those of a loader without workers: another random stream). ``seeded_batches``
+    True draws the seeded batches without workers too (a resumed stage whose saved epochs had
+    workers: :func:`plan_loading`'s ``batch_order``); the default is ``num_workers > 0``."""
+    if seeded_batches is None:
+        seeded_batches = num_workers > 0
+    if num_workers > 0 and not seeded_batches:
+        raise ValueError("worker processes need seeded batches (each worker would draw its own augmentation stream)")
     generator = torch.Generator().manual_seed(seed)
     common = {"num_workers": num_workers, "pin_memory": pin_memory, "generator": generator, "collate_fn": collate_items}
-    if num_workers == 0:
+    if not seeded_batches:
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **common)
     batches = SeededBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
-    return DataLoader(dataset, batch_sampler=batches, worker_init_fn=_seed_worker, persistent_workers=True, **common)
+    workers = {"worker_init_fn": _seed_worker, "persistent_workers": True} if num_workers else {}
+    return DataLoader(dataset, batch_sampler=batches, **workers, **common)
 
 
 # Training keeps decoded images in memory only when they fit in this share of the memory
@@ -314,6 +322,7 @@ class LoadingPlan:
     num_workers: int
     reason: str
     compute_threads: int  # torch's pool beside the workers (on the CPU they share the job's threads)
+    seeded_batches: bool = False  # make_loader's: with workers, or to resume a stage saved with them
 
     def apply(self) -> None:
         """Size torch's pool for this plan, and run OpenCV sequentially; call before building
@@ -328,7 +337,7 @@ class LoadingPlan:
 
 
 def plan_loading(data_cfg: dict[str, Any], n_images: int, threads: int, device: torch.device | None = None,
-                 memory: int | None = None) -> LoadingPlan:
+                 memory: int | None = None, batch_order: str | None = None) -> LoadingPlan:
     """How a training job loads its images (config ``data.cache``, ``data.num_workers``).
 
     ``cache: auto`` keeps decoded images in memory when they fit in ``CACHE_MEMORY_SHARE`` of the
@@ -345,6 +354,10 @@ def plan_loading(data_cfg: dict[str, Any], n_images: int, threads: int, device: 
     a decoding worker stalls them all. Measured on 2 cores (README, predict_throughput): 2
     compute threads + 1 worker ran at 0.79 of the bare loop, 2 compute threads + no worker at
     0.89, and 2 training processes of 2 threads each took 3-4.5x longer per epoch.
+
+    ``batch_order`` (a resumed stage's, training.saved_batch_order) keeps the batches of the
+    saved epochs: ``sampler`` (saved without workers) runs without workers, ``seeded`` (saved
+    with workers) draws seeded batches with or without them. The other choices stay as planned.
     """
     size = data_cfg["image_size"]
     needed = n_images * size * size * 3
@@ -361,10 +374,15 @@ def plan_loading(data_cfg: dict[str, Any], n_images: int, threads: int, device: 
         reason = f"data.cache is {cache}"
     if workers == "auto":
         workers = 0 if cache else min(MAX_AUTO_WORKERS, os.cpu_count() or 1) if on_gpu else threads // 2 if threads > 2 else 0
+    if batch_order == "sampler" and workers:
+        workers, reason = 0, f"{reason}; no worker processes: the saved epochs of the resumed stage had none"
     if cache and workers:
         cache, reason = False, f"{reason}; no cache with {workers} worker processes (each would keep its own)"
+    seeded = workers > 0 or batch_order == "seeded"
+    if batch_order == "seeded" and not workers:
+        reason = f"{reason}; seeded batches as in the saved epochs of the resumed stage"
     compute = threads if on_gpu else max(1, threads - workers)
-    return LoadingPlan(bool(cache), int(workers), reason, compute)
+    return LoadingPlan(bool(cache), int(workers), reason, compute, seeded)
 
 
 def streaming_loader(dataset: Dataset, data_cfg: dict[str, Any], *, batch_size: int, device: torch.device | None = None) -> DataLoader:

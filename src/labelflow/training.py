@@ -97,9 +97,21 @@ def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     seed_everything(epoch_seed)
     loader.generator.manual_seed(epoch_seed)
     loader.dataset.reseed(epoch_seed)
-    set_seed = getattr(loader.batch_sampler, "set_seed", None)  # loaders.SeededBatchSampler (workers)
+    set_seed = getattr(loader.batch_sampler, "set_seed", None)  # loaders.SeededBatchSampler
     if set_seed is not None:
         set_seed(epoch_seed)
+
+
+BATCH_ORDERS = ("seeded", "sampler")
+
+
+def batch_order(loader: DataLoader) -> str:
+    """How ``loader`` draws its batches: ``seeded`` (loaders.SeededBatchSampler: each batch's
+    order and augmentation seed drawn in the job's process, the same for any number of worker
+    processes) or ``sampler`` (torch's sampler and the dataset's own augmentation stream, no
+    workers). The two give different batches from one seed, so a resumed stage draws its
+    batches the way its saved state did (:func:`saved_batch_order`)."""
+    return "seeded" if hasattr(loader.batch_sampler, "set_seed") else "sampler"
 
 
 def build_optimizer(model: torch.nn.Module, spec: StageSpec) -> torch.optim.Optimizer:
@@ -327,6 +339,7 @@ class EpochEnd:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     progress: StageProgress
+    batch_order: str | None = None  # how the train loader draws batches (:func:`batch_order`)
 
 
 EpochHook = Callable[[EpochEnd], None]
@@ -363,6 +376,7 @@ def save_state(path: Path, stage_fingerprint: Fingerprint, end: EpochEnd) -> Non
     atomic_torch_save(
         {
             "fingerprint": stage_fingerprint,
+            "batch_order": end.batch_order,
             "epoch": end.epoch,
             "model": end.model.state_dict(),
             "optimizer": end.optimizer.state_dict(),
@@ -465,13 +479,16 @@ class StateError(Exception):
 
 
 def resume(
-    state_dir: Path, stage_fingerprint: Fingerprint, name: str, model, optimizer, scheduler, main_metric: str = "accuracy"
+    state_dir: Path, stage_fingerprint: Fingerprint, name: str, model, optimizer, scheduler, main_metric: str = "accuracy",
+    batch_order: str | None = None,
 ) -> StageProgress:
     """The saved progress when ``state_dir`` holds this very stage, with the model, optimizer
     and scheduler loaded and best.pt / checkpoints/ reconciled with it; else a fresh start in an
     emptied ``state_dir``. A state of another config, input or code is removed and the log names
     the fingerprint parts that differ. An unusable state (see :func:`check_state`) is moved aside
-    (:func:`move_aside`) with a warning naming the problem; nothing is loaded from it."""
+    (:func:`move_aside`) with a warning naming the problem; nothing is loaded from it. A state
+    whose batches were drawn another way than ``batch_order`` is resumed with a warning (the
+    workflow's stages never do that: :func:`saved_batch_order`)."""
     state_path = state_dir / "state.pt"
     if not state_path.exists():
         shutil.rmtree(state_dir, ignore_errors=True)  # files of a run killed before its first save
@@ -497,7 +514,32 @@ def resume(
     scheduler.load_state_dict(state["scheduler"])
     reconcile_checkpoints(state_dir, progress, model, main_metric, best_source)
     log.info("resuming stage %s at epoch %d from %s", name, progress.next_epoch, state_path)
+    saved_order = state.get("batch_order")
+    if batch_order is not None and saved_order is not None and saved_order != batch_order:
+        log.warning(
+            "stage %s: the saved epochs drew their batches as '%s', the resumed ones draw them as '%s': "
+            "the result will differ from an uninterrupted run's", name, saved_order, batch_order,
+        )
     return progress
+
+
+def saved_batch_order(state_dir: Path, stage_fingerprint: Fingerprint) -> str | None:
+    """How the saved epochs of this very stage drew their batches (:func:`batch_order`), or None
+    (no state, another stage's, unreadable, or saved before the order was recorded). The loaders
+    of a resumed stage are built to draw them the same way, whatever the loading plan would
+    choose today (``data.cache``/``num_workers: auto`` depend on the memory and threads the job
+    finds), so the resumed run still replays the uninterrupted one exactly."""
+    path = Path(state_dir) / "state.pt"
+    if not path.is_file():
+        return None
+    try:  # mmap: only the small entries are read, not the weights
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - resume() reports an unreadable state and moves it aside
+        return None
+    if not isinstance(state, dict) or changed_parts(state.get("fingerprint"), stage_fingerprint):
+        return None
+    order = state.get("batch_order")
+    return order if order in BATCH_ORDERS else None
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -700,7 +742,8 @@ def run_stage(
     criteria = build_criteria(model)
     optimizer = build_optimizer(model, spec)
     scheduler = build_scheduler(optimizer, spec, len(loaders.train))
-    progress = resume(state_dir, stage_fingerprint, spec.name, model, optimizer, scheduler, main_metric)
+    order = batch_order(loaders.train)
+    progress = resume(state_dir, stage_fingerprint, spec.name, model, optimizer, scheduler, main_metric, batch_order=order)
     (state_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     tensorboard = TensorBoardScalars(state_dir / "tensorboard", spec.name, progress.history)
     saver = StateSaver(state_dir, stage_fingerprint, saved_epoch=progress.last_epoch, every_seconds=state_every_seconds)
@@ -720,7 +763,7 @@ def run_stage(
                 with sigterm.held():  # a SIGTERM never splits an epoch's state from its checkpoints
                     progress.add(record, main_metric, spec.top_k)
                     _log_epoch(spec, record)
-                    end = EpochEnd(spec, epoch, record, model, optimizer, scheduler, progress)
+                    end = EpochEnd(spec, epoch, record, model, optimizer, scheduler, progress, order)
                     for hook in hooks:
                         hook(end)
             tensorboard.close()
