@@ -27,8 +27,10 @@ Installs nothing and needs no network. It writes --out/gpu_check.json (every fig
    down by phase (benchmarks/train_phases.py), and our training is timed once more as
    data.cache/num_workers auto load on a GPU: no cache, --workers persistent loader processes
    (the first rows use the cache in one process, as on the CPU, so that they compare the
-   loops), and both training loaders are timed alone, without the model (is the loader the
-   bound, or handing its batches to the GPU?). --modes runs one mode only.
+   loops), and the training loaders are timed alone, without the model (is the loader the
+   bound, or handing its batches to the GPU?): the cached one, the streaming one, and three
+   diagnostic variants of the streaming one (diagnostic_loaders: + the copy to the device;
+   uint8 batches normalised on the device; no augmentation). --modes runs one mode only.
 3. Recipe: the digits softmax recipe (config/experiments/softmax.yaml, validated with the
    schema) trained by experiment.train_stage, stage1 then stage2, on the device and on the CPU
    in the same run, same data, folds (5, seed 42, valid fold 4, no calibration hold-out),
@@ -66,8 +68,10 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import albumentations as A
 import numpy as np
 import torch
+from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader
 
 import digits_loops
@@ -80,7 +84,7 @@ from labelflow.device import select_device, set_job_threads
 from labelflow.experiment import StageSetup, train_stage
 from labelflow.inference import predict
 from labelflow.io import DatasetError, write_csv_atomic, write_json_atomic
-from labelflow.loaders import ImageTableDataset, eval_loader, make_loader
+from labelflow.loaders import ImageTableDataset, build_augmentations, build_transform, eval_loader, make_loader
 from labelflow.models import load_model
 from spread import Comparison, Spread, machine_info, ratio_lines, run_interleaved
 from train_phases import INFER_PHASES, TRAIN_PHASES, measure_epochs, phase_table
@@ -201,13 +205,51 @@ def peak_memory(run_pass: Callable[[], int], device: torch.device) -> dict[str, 
     return {"held_gib": held / 2**30, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def workers_loader(bench: Bench, workers: int, device: torch.device) -> DataLoader:
+def workers_loader(bench: Bench, workers: int, device: torch.device, transform: A.Compose | None = None) -> DataLoader:
     """Our training loader as data.cache/num_workers auto make it on a GPU: no cache,
-    ``workers`` persistent loader processes."""
+    ``workers`` persistent loader processes (with another ``transform`` for the diagnostics)."""
     cached = bench.ours.train_loader.dataset
-    streamed = ImageTableDataset(cached.root, cached.paths, cached.targets, cached.image_size, cached.transform, cache=False)
+    streamed = ImageTableDataset(cached.root, cached.paths, cached.targets, cached.image_size,
+                                 cached.transform if transform is None else transform, cache=False)  # fmt: skip
     return make_loader(streamed, batch_size=bench.batch_size, shuffle=True, seed=0,
                        drop_last=True, pin_memory=device.type == "cuda", num_workers=workers)
+
+
+class DeviceHandOver:
+    """A loader whose batches are also copied to the device (and, for uint8 batches, turned
+    into normalised float there), synchronised at the end of each pass: the loader alone plus
+    the hand-over, still without a model."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, data_cfg: dict[str, Any]):
+        self.loader, self.device = loader, device
+        self.mean = torch.tensor(data_cfg["mean"], device=device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(data_cfg["std"], device=device).view(1, 3, 1, 1) * 255.0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            images = batch["image"].to(self.device, non_blocking=self.device.type == "cuda")
+            if images.dtype == torch.uint8:
+                images = (images.float() - self.mean) / self.std
+            yield {**batch, "image": images}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def diagnostic_loaders(bench: Bench, workers: int, device: torch.device) -> dict[str, Any]:
+    """What bounds the streaming loader on a GPU, one change at a time (no model; the first
+    GPU check found the data phase 85-92 % of our epoch and 8 workers only 1.4-2.2x one
+    process): handing float32 batches to the device; uint8 batches (augmented, not normalised:
+    4x fewer bytes through shared and pinned memory) normalised on the device; no augmentation
+    (decode, resize, normalise only)."""
+    data_cfg = bench.data_cfg
+    augment_uint8 = A.Compose([*build_augmentations(data_cfg["augmentations"]), ToTensorV2()], seed=0)
+    no_augmentation = build_transform(train=False, mean=data_cfg["mean"], std=data_cfg["std"])
+    return {
+        f"stream, {workers} workers, float32 to {device.type}": DeviceHandOver(workers_loader(bench, workers, device), device, data_cfg),
+        f"stream, {workers} workers, uint8 to {device.type}, normalised there": DeviceHandOver(
+            workers_loader(bench, workers, device, augment_uint8), device, data_cfg),
+        f"stream, {workers} workers, no augmentation": workers_loader(bench, workers, device, no_augmentation),
+    }
 
 
 def workers_comparison(bench: Bench, loader: DataLoader, workers: int) -> Comparison:
@@ -217,7 +259,7 @@ def workers_comparison(bench: Bench, loader: DataLoader, workers: int) -> Compar
     return Comparison(f"train_workers{workers}", with_workers.train_epoch, bench.reference.train_epoch)
 
 
-def loader_only_rates(loaders: dict[str, DataLoader], passes: int = 3) -> dict[str, Any]:
+def loader_only_rates(loaders: dict[str, Any], passes: int = 3) -> dict[str, Any]:
     """Images/s of each training loader alone, no model (decoding, augmentation, collation,
     pinned memory), over ``passes`` passes after a warm-up pass. Beside the training rows it
     tells where the bound is: a loader alone slower than the bare loop is the bound itself; one
@@ -253,6 +295,8 @@ def throughput_row(bench: Bench, args: argparse.Namespace, device: torch.device,
     if fast:
         row["phases"] = {side: {phase: Spread(tuple(v)).median for phase, v in phases.items()}
                          for side, phases in measure_epochs(bench, 1, sync).items()}
+        if args.workers > 0:
+            loaders.update(diagnostic_loaders(bench, args.workers, device))
         row["loader_only"] = loader_only_rates(loaders)
     return row
 

@@ -269,7 +269,8 @@ def test_gpu_check_pieces_on_cpu(tmp_path):
             _check_spread(values["ratio"], rounds=2)
     assert report["throughput"]["40px bf16+channels_last"]["phases"]["train_ours"]["data"] > 0
     loader_only = report["throughput"]["16px bf16+channels_last"]["loader_only"]
-    assert set(loader_only) == {"cache, no worker", "stream, 1 workers"}
+    assert set(loader_only) == {"cache, no worker", "stream, 1 workers", "stream, 1 workers, float32 to cpu",
+                                "stream, 1 workers, uint8 to cpu, normalised there", "stream, 1 workers, no augmentation"}
     for rate in loader_only.values():
         _check_spread(rate, rounds=3)
     _check_spread(report["figures"]["40px_fp32_train_ratio"], rounds=2)
@@ -282,6 +283,31 @@ def test_gpu_check_pieces_on_cpu(tmp_path):
     markdown = (out / "gpu_check.md").read_text()
     assert "## Throughput" in markdown and "**PASS**" in markdown
     assert "Training loader alone (no model), 16px bf16+channels_last: cache, no worker" in markdown
+
+
+def test_gpu_check_uint8_batches_normalised_on_the_device_equal_the_loaders_floats(tmp_path):
+    """gpu_check's uint8 diagnostic hands over the same values as our float32 loader."""
+    import albumentations as A
+    import torch
+    from albumentations.pytorch import ToTensorV2
+
+    from conftest import make_tiny_dataset
+    from gpu_check import DeviceHandOver
+    from labelflow.loaders import ImageTableDataset, build_transform, make_loader
+
+    root = make_tiny_dataset(tmp_path / "tiny", n_classes=2, per_class=5)
+    paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    data_cfg = {"mean": [0.2, 0.4, 0.6], "std": [0.3, 0.2, 0.1]}
+
+    def loader(transform):
+        return make_loader(ImageTableDataset(root, paths, [0] * len(paths), 16, transform), batch_size=4, shuffle=False, seed=0)
+
+    floats = list(loader(build_transform(train=False, **data_cfg)))
+    handed = list(DeviceHandOver(loader(A.Compose([ToTensorV2()])), torch.device("cpu"), data_cfg))
+    assert len(floats) == len(handed) == 3
+    for a, b in zip(floats, handed):
+        assert b["image"].dtype == torch.float32 and b["image"].shape == a["image"].shape
+        assert torch.allclose(a["image"], b["image"], atol=1e-5)
 
 
 def test_workflow_scale_smoke():
