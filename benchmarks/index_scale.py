@@ -17,12 +17,14 @@ threadpoolctl), so the speed-up is per core, not a thread-count artefact.
 
 recall@10 = mean over queries of |index top-10 ∩ exact top-10| / 10 (the usual ANN recall).
 
-Speed-ups with their spread (benchmarks/spread.py): after one untimed warm-up round, --rounds
-rounds each time hnswlib and brute force back to back on the same queries (hnswlib first in
-even rounds, brute force first in odd ones); a measurement repeats the query pass until it lasts
-at least --min-seconds. Each round gives one speed-up (hnsw q/s / brute-force q/s); the script
-prints every round's speed-up and their min / median / max, and --json OUT writes them for
-compare_runs.py. What varies between two runs of the same command:
+Speed-ups with their spread (benchmarks/spread.py): --rounds rounds, split across --processes
+fresh processes (default 15 rounds in 3 processes of 5; see measure_in_processes), each process
+after one untimed warm-up round of its own; in every round hnswlib and brute force run back to
+back on the same queries (hnswlib first in even rounds, brute force first in odd ones); a
+measurement repeats the query pass until it lasts at least --min-seconds. Each round gives one
+speed-up (hnsw q/s / brute-force q/s); the script prints every round's speed-up and their
+min / median / max over all processes, and --json OUT writes them for compare_runs.py. What
+varies between two runs of the same command:
   * the machine: CPU frequency (turbo, thermal state), other processes on the cores and on the
     memory bus; this moved the 100k single-query speed-up from 12x to 24x between two runs on a
     loaded 2-core machine;
@@ -30,6 +32,9 @@ compare_runs.py. What varies between two runs of the same command:
     between runs, both are reloaded into new memory before every timed round (the index from a
     file it saved, the vectors copied), untimed; the batch speed-up still moved 6 % between
     runs with it (hnswlib's rate, not numpy's: something between runs, not placement);
+  * the process: hnswlib's single-query rate is set per process (three processes of 5 rounds:
+    medians 42.7x, 48.0x, 45.4x, the rounds within each closer than that), so a run's rounds
+    come from several processes (--processes) and the process is sampled within a run;
   * the graph, only with --threads > 1: hnswlib inserts in parallel, so insertion order, graph,
     recall and speed change from run to run; with one thread and a fixed --seed the graph,
     recall and the results are the same in every run (only the timings vary);
@@ -46,6 +51,8 @@ Data (--data):
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,10 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # 7 rounds of >= 1 s left the 100k single-query speed-up 6 % apart between two quiet runs; 15 of >= 3 s, 2 %
     p.add_argument("--min-seconds", type=float, default=3.0,
                    help="repeat a query pass until one measurement lasts this long (default 3.0)")
+    p.add_argument("--processes", type=int, default=3,
+                   help="fresh processes the timed rounds are split across, each loading the saved index (default 3; "
+                        "1: every round in this process)")
     p.add_argument("--json", metavar="OUT", help="also write the figures as JSON (for compare_runs.py)")
+    p.add_argument("--measure-in", metavar="FOLDER", help=argparse.SUPPRESS)  # a child process's inputs (run_size)
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error("--rounds must be at least 1")
+    if args.rounds < 1 or args.processes < 1:
+        p.error("--rounds and --processes must be at least 1")
     if min(args.sizes) <= args.k:
         p.error(f"every size must exceed --k={args.k}")
     return args
@@ -183,9 +194,10 @@ class FreshCopies:
     second run of each pair while brute force agreed), so placement within a process is not
     the cause; the reload stays so that it is ruled out in every run."""
 
-    def __init__(self, index: hnswlib.Index, data: np.ndarray, args: argparse.Namespace, folder: Path):
+    def __init__(self, index: hnswlib.Index | None, data: np.ndarray, args: argparse.Namespace, folder: Path):
         self.path, self.args = folder / "index.bin", args
-        index.save_index(str(self.path))
+        if index is not None:  # else the index is already saved there (a child process's copy)
+            index.save_index(str(self.path))
         self.index, self.data, self.size = index, data, len(data)
 
     def reload(self, round_: int = 0) -> None:
@@ -195,6 +207,79 @@ class FreshCopies:
         self.index, self.data = index, self.data.copy()
 
 
+class Searches:
+    """Both methods over the same queries, on ``fresh``'s current copies."""
+
+    def __init__(self, fresh: FreshCopies, queries: np.ndarray, args: argparse.Namespace):
+        self.fresh, self.queries, self.args = fresh, queries, args
+        self.exact_queries = prepare(queries, args.space)
+
+    def exact(self, single: bool) -> np.ndarray:
+        return brute_force(self.exact_queries, self.fresh.data, self.args.space, self.args.k, self.args.batch, single)
+
+    def search(self, single: bool) -> np.ndarray:
+        return hnsw_query(self.fresh.index, self.queries, self.args.k, self.args.threads, single)
+
+    def comparisons(self) -> list[Comparison]:
+        q = len(self.queries)
+        return [
+            Comparison(mode, query_pass(self.search, count=q, single=mode == "single"),
+                       query_pass(self.exact, count=q, single=mode == "single"), ours_label="hnsw",
+                       reference_label="brute force")
+            for mode in ("single", "batch")
+        ]
+
+
+def rounds_per_process(rounds: int, processes: int) -> list[int]:
+    """``rounds`` split as evenly as possible over at most ``processes`` processes."""
+    return [r for r in (rounds // processes + (i < rounds % processes) for i in range(processes)) if r]
+
+
+def measure_in_processes(searches: Searches, folder: Path, args: argparse.Namespace) -> list[Comparison]:
+    """The timed rounds, split across fresh processes (``--processes``). Two runs of the same
+    command differed by 4-9 % in hnswlib's single-query rate while the rounds within each run
+    agreed more closely; three processes of 5 rounds each then gave medians of 42.7x, 48.0x
+    and 45.4x, every round of the second above every median of the first: the rate is set
+    per process (not by where the index lands in memory: FreshCopies rules that out). So a
+    run samples several processes, and its median is the median of all their rounds. Each
+    process runs its own warm-up round and alternates from ours-first; it loads the saved
+    index and the vectors from ``folder`` and writes its rates there as JSON."""
+    comparisons = searches.comparisons()
+    if args.processes == 1:
+        run_interleaved(comparisons, args.rounds, min_seconds=args.min_seconds, before_round=searches.fresh.reload)
+        return comparisons
+    np.save(folder / "data.npy", searches.fresh.data)
+    np.save(folder / "queries.npy", searches.queries)
+    plan = rounds_per_process(args.rounds, args.processes)
+    for number, rounds in enumerate(plan):
+        print(f"  process {number + 1}/{len(plan)}: {rounds} rounds", flush=True)
+        settings = {**vars(args), "rounds": rounds, "json": None, "measure_in": None}
+        (folder / "settings.json").write_text(json.dumps(settings))
+        subprocess.run([sys.executable, __file__, "--measure-in", str(folder)], check=True)
+        rates = json.loads((folder / "rates.json").read_text())
+        for comparison in comparisons:
+            comparison.ours_rates += rates[comparison.name]["ours"]
+            comparison.reference_rates += rates[comparison.name]["reference"]
+            comparison.ours_repeats, comparison.reference_repeats = rates[comparison.name]["repeats"]  # the last process's
+    return comparisons
+
+
+def measure_child(folder: Path) -> int:
+    """A child process of measure_in_processes: the rounds its settings ask for."""
+    args = argparse.Namespace(**json.loads((folder / "settings.json").read_text()))
+    data = np.load(folder / "data.npy")
+    fresh = FreshCopies(None, data, args, folder)
+    fresh.reload()
+    searches = Searches(fresh, np.load(folder / "queries.npy"), args)
+    comparisons = searches.comparisons()
+    with threadpool_limits(limits=args.threads):
+        run_interleaved(comparisons, args.rounds, min_seconds=args.min_seconds, before_round=fresh.reload)
+    rates = {c.name: {"ours": c.ours_rates, "reference": c.reference_rates, "repeats": [c.ours_repeats, c.reference_repeats]}
+             for c in comparisons}
+    (folder / "rates.json").write_text(json.dumps(rates))
+    return 0
+
+
 def run_size(n: int, args: argparse.Namespace) -> dict:
     """Build, check recall once, then time both methods in interleaved rounds (single, batch)."""
     rng = np.random.default_rng([args.seed, n])
@@ -202,26 +287,13 @@ def run_size(n: int, args: argparse.Namespace) -> dict:
     data = synthetic(n)
     queries = synthetic(args.queries)  # same distribution, not in the index
     index, build_s = build_index(data, args)
-    exact_queries = prepare(queries, args.space)
     with tempfile.TemporaryDirectory() as folder:
         fresh = FreshCopies(index, prepare(data, args.space), args, Path(folder))
         del index  # fresh holds it until the first reload
-
-        def exact(single: bool) -> np.ndarray:
-            return brute_force(exact_queries, fresh.data, args.space, args.k, args.batch, single)
-
-        def search(single: bool) -> np.ndarray:
-            return hnsw_query(fresh.index, queries, args.k, args.threads, single)
-
+        searches = Searches(fresh, queries, args)
+        exact, search = searches.exact, searches.search
         truth = exact(single=False)
-        q = len(queries)
-        comparisons = [
-            Comparison(mode, query_pass(search, count=q, single=mode == "single"),
-                       query_pass(exact, count=q, single=mode == "single"), ours_label="hnsw",
-                       reference_label="brute force")
-            for mode in ("single", "batch")
-        ]
-        run_interleaved(comparisons, args.rounds, min_seconds=args.min_seconds, before_round=fresh.reload)
+        comparisons = measure_in_processes(searches, Path(folder), args)
         return {
             "n": n,
             "build_s": build_s,
@@ -267,6 +339,8 @@ def print_table(rows: list[dict], k: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.measure_in:
+        return measure_child(Path(args.measure_in))
     machine = machine_info()
     print(
         f"data {args.data}"
@@ -277,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         + f" | dim {args.dim} | space {args.space} | M {args.M} | ef_construction {args.ef_construction}"
         f" | ef {args.ef} | k {args.k} | {args.queries} queries | threads {args.threads}"
-        f" | {args.rounds} interleaved rounds, >= {args.min_seconds:g} s per measurement",
+        f" | {args.rounds} interleaved rounds in {len(rounds_per_process(args.rounds, args.processes))} process(es),"
+        f" >= {args.min_seconds:g} s per measurement",
         flush=True,
     )
     if warning := load_warning(machine):

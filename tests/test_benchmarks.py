@@ -208,8 +208,14 @@ def test_train_throughput_smoke(tmp_path):
 
 
 def test_index_scale_smoke(tmp_path):
+    import index_scale
+
+    assert index_scale.rounds_per_process(15, 3) == [5, 5, 5] and index_scale.rounds_per_process(3, 2) == [2, 1]
+    assert index_scale.rounds_per_process(2, 3) == [1, 1]
     out = _run("index_scale.py", "--sizes", "2000", "--queries", "50", "--rounds", "3", "--min-seconds", "0",
-               "--json", str(tmp_path / "index.json"))
+               "--processes", "2", "--json", str(tmp_path / "index.json"))
+    # the rounds of both processes, merged
+    assert "process 1/2: 2 rounds" in out and "process 2/2: 1 rounds" in out and "3 interleaved rounds in 2 process(es)" in out
     assert re.search(r"n=2000 single speed-up: median \d+\.\d+ \(min \d+\.\d+, max \d+\.\d+, 3 rounds\)", out)
     figures = json.loads((tmp_path / "index.json").read_text())["figures"]
     for mode in ("single", "batch"):
