@@ -77,8 +77,8 @@ class _ImagesOrErrors(Dataset):
     for each file that cannot be read (the reason in the words tag2label uses)."""
 
     def __init__(self, images: ImageTableDataset):
-        if not images.per_pixel:
-            raise ValueError("prediction batches need an un-augmented, un-rotated dataset")
+        if not images.per_pixel or images.images is not None:
+            raise ValueError("prediction batches need an un-cached, un-augmented, un-rotated dataset")
         self.images = images
 
     def __len__(self) -> int:
@@ -86,12 +86,12 @@ class _ImagesOrErrors(Dataset):
 
     def _decoded(self, index: int) -> np.ndarray | str:
         """The decoded image, or why it cannot be read."""
-        path = self.images.root / self.images.paths[index]
+        path = self.images.file(index)
         try:
             # a FIFO or device would block the decoder forever; a folder is a common mistake
             if not stat.S_ISREG(os.stat(path).st_mode):
                 return "not a regular file"
-            return self.images.decoded(index)
+            return self.images.decode_file(path)  # never cached (see __init__)
         except Exception as err:  # noqa: BLE001 - decoders raise many types on garbage
             return check_image(path) or f"{type(err).__name__}: {err}"
 
