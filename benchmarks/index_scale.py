@@ -239,7 +239,7 @@ def measure_in_processes(searches: Searches, folder: Path, args: argparse.Namesp
     """The timed rounds, split across fresh processes (``--processes``). Two runs of the same
     command differed by 4-9 % in hnswlib's single-query rate while the rounds within each run
     agreed more closely; three processes of 5 rounds each then gave medians of 42.7x, 48.0x
-    and 45.4x, every round of the second above every median of the first: the rate is set
+    and 45.4x, every round of the second above the first's median: the rate is set
     per process (not by where the index lands in memory: FreshCopies rules that out). So a
     run samples several processes, and its median is the median of all their rounds. Each
     process runs its own warm-up round and alternates from ours-first; it loads the saved
@@ -255,6 +255,7 @@ def measure_in_processes(searches: Searches, folder: Path, args: argparse.Namesp
         print(f"  process {number + 1}/{len(plan)}: {rounds} rounds", flush=True)
         settings = {**vars(args), "rounds": rounds, "json": None, "measure_in": None}
         (folder / "settings.json").write_text(json.dumps(settings))
+        (folder / "rates.json").unlink(missing_ok=True)  # never read a previous process's rates
         subprocess.run([sys.executable, __file__, "--measure-in", str(folder)], check=True)
         rates = json.loads((folder / "rates.json").read_text())
         for comparison in comparisons:
