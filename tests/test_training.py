@@ -223,6 +223,7 @@ def _run(
     state_every_seconds: float = 0.0,
     precision: str = "auto",
     on_model=None,
+    tie_break: str = "first",
 ) -> dict:
     root, paths, targets, train, valid = tiny_table
     torch.manual_seed(SEED)
@@ -239,7 +240,7 @@ def _run(
     if on_model is not None:
         on_model(model)
     spec = stage_spec("stage1", epochs=epochs, lr=1e-3, batch_size=8, top_k=top_k, min_steps=min_steps,
-                      precision=precision)
+                      precision=precision, tie_break=tie_break)
     return run_stage(
         model,
         StageLoaders(
@@ -470,6 +471,43 @@ def _script_epochs(monkeypatch, accuracies=ACCS, *, sigterm_at: int | None = Non
         }
 
     monkeypatch.setattr(training, "run_epoch", run_epoch)
+
+
+def test_ties_at_the_best_metric_go_to_the_first_epoch_or_the_lowest_valid_loss():
+    def record(epoch: int, accuracy: float, loss: float) -> dict:
+        return {"epoch": epoch, "valid": {"accuracy": accuracy, "loss": loss}}
+
+    epochs = [(1, 0.9, 0.5), (2, 1.0, 0.40), (3, 1.0, 0.20), (4, 0.95, 0.1), (5, 1.0, 0.30), (6, 1.0, 0.20)]
+    first, by_loss = training.StageProgress(), training.StageProgress()
+    for epoch in epochs:
+        first.add(record(*epoch), "accuracy", top_k=3)
+        by_loss.add(record(*epoch), "accuracy", top_k=3, tie_break="valid_loss")
+    assert (first.best_epoch, [t["epoch"] for t in first.topk]) == (2, [2, 3, 5])
+    # lowest loss among the tied epochs 2, 3, 5, 6: 3 and 6 tie again, the first of them wins
+    assert (by_loss.best_epoch, [t["epoch"] for t in by_loss.topk]) == (3, [3, 6, 5])
+    assert by_loss.best_value == 1.0
+    with pytest.raises(ValueError, match="tie_break='last'"):
+        training.StageProgress().add(record(1, 1.0, 0.1), "accuracy", top_k=1, tie_break="last")
+
+
+def test_run_stage_breaks_ties_by_valid_loss_when_asked(tiny_table, tmp_path, monkeypatch):
+    """Epochs 2-4 tie on accuracy with valid losses 0.6, 0.3, 0.4: valid_loss makes epoch 3
+    best.pt and keeps 3 and 4 as the top 2; first keeps epoch 2 and 2, 3."""
+    _script_epochs(monkeypatch, (0.5, 0.9, 0.9, 0.9))
+    scripted = training.run_epoch
+
+    def with_losses(*args, epoch, **kwargs):
+        record = scripted(*args, epoch=epoch, **kwargs)
+        return {**record, "valid": {**record["valid"], "loss": (0.1, 0.6, 0.3, 0.4)[epoch - 1]}}
+
+    monkeypatch.setattr(training, "run_epoch", with_losses)
+    first = _srun(tiny_table, tmp_path, epochs=4, top_k=2, name="first")
+    by_loss = _srun(tiny_table, tmp_path, epochs=4, top_k=2, name="by_loss", tie_break="valid_loss")
+    assert first["best"]["epoch"] == 2 and by_loss["best"]["epoch"] == 3
+    assert _mark(models.load_checkpoint(tmp_path / "first" / "out" / "best.pt")) == 2
+    assert _mark(models.load_checkpoint(tmp_path / "by_loss" / "out" / "best.pt")) == 3
+    assert sorted(p.name[:9] for p in (tmp_path / "by_loss" / "out" / "checkpoints").iterdir()) == ["epoch=003", "epoch=004"]
+    assert sorted(p.name[:9] for p in (tmp_path / "first" / "out" / "checkpoints").iterdir()) == ["epoch=002", "epoch=003"]
 
 
 def _mark(checkpoint: dict) -> int:

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("constant", "cosine", "step", "onecycle")
+TIE_BREAKS = ("first", "valid_loss")
 
 
 @dataclass
@@ -65,6 +66,7 @@ class StageSpec:
     top_k: int
     min_steps: int
     precision: str
+    tie_break: str
 
     @classmethod
     def from_dict(cls, name: str, data: dict[str, Any]) -> StageSpec:
@@ -315,17 +317,30 @@ class StageProgress:
     def next_epoch(self) -> int:
         return self.last_epoch + 1
 
-    def add(self, record: dict[str, Any], main_metric: str, top_k: int) -> None:
-        """Record an epoch and rank it: the best so far (the first epoch of the highest valid
-        ``main_metric``) and the top ``top_k`` epochs. Files are written later, by the hooks."""
+    def add(self, record: dict[str, Any], main_metric: str, top_k: int, tie_break: str = "first") -> None:
+        """Record an epoch and rank it: the best so far (the highest valid ``main_metric``;
+        among tied epochs the first, or with ``tie_break`` valid_loss the lowest valid loss,
+        then the first) and the top ``top_k`` epochs in that order. Files are written later,
+        by the hooks."""
+        if tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break={tie_break!r}; choose one of {TIE_BREAKS}")
         self.history.append(record)
         epoch, value = record["epoch"], record["valid"][main_metric]
-        if self.best_value is None or value > self.best_value:
+
+        def rank(entry_epoch: int, entry_value: float) -> tuple:  # smaller is better
+            loss = self._valid_loss(entry_epoch) if tie_break == "valid_loss" else 0.0
+            return (-entry_value, loss, entry_epoch)
+
+        if self.best_value is None or rank(epoch, value) < rank(self.best_epoch, self.best_value):
             self.best_value, self.best_epoch = value, epoch
-        if top_k > 0 and (len(self.topk) < top_k or value > self.topk[-1]["value"]):
+        if top_k > 0 and (len(self.topk) < top_k or rank(epoch, value) < rank(self.topk[-1]["epoch"], self.topk[-1]["value"])):
             self.topk.append({"epoch": epoch, "value": value, "file": f"epoch={epoch:03d}-{main_metric}={value:.4f}.pt"})
-            self.topk.sort(key=lambda t: (-t["value"], t["epoch"]))
+            self.topk.sort(key=lambda t: rank(t["epoch"], t["value"]))
             del self.topk[top_k:]
+
+    def _valid_loss(self, epoch: int) -> float:
+        loss = next(r for r in self.history if r["epoch"] == epoch)["valid"].get("loss")
+        return math.inf if loss is None or math.isnan(loss) else float(loss)
 
 
 @dataclass
@@ -761,7 +776,7 @@ def run_stage(
                     precision=spec.precision,
                 )
                 with sigterm.held():  # a SIGTERM never splits an epoch's state from its checkpoints
-                    progress.add(record, main_metric, spec.top_k)
+                    progress.add(record, main_metric, spec.top_k, spec.tie_break)
                     _log_epoch(spec, record)
                     end = EpochEnd(spec, epoch, record, model, optimizer, scheduler, progress, order)
                     for hook in hooks:
