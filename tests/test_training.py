@@ -1016,3 +1016,22 @@ def test_a_resumed_stage_draws_its_batches_as_the_saved_epochs_did(run_inputs, t
     full_last = models.load_checkpoint(tmp_path / "full/out/last.pt")["model"]
     for key, value in models.load_checkpoint(tmp_path / "killed/out/last.pt")["model"].items():
         assert torch.equal(full_last[key], value), key
+
+
+def test_resuming_a_state_whose_batches_were_drawn_otherwise_warns(tiny_table, tmp_path, monkeypatch, caplog):
+    """run_stage called directly with a loader that draws its batches otherwise than the saved
+    epochs did (the workflow never does: prepare_stage reads the saved order first) resumes,
+    and the log says the result will differ from an uninterrupted run's."""
+    _script_epochs(monkeypatch, (0.5, 0.6, 0.7), kill_at=3)
+    with pytest.raises(Kill):
+        _srun(tiny_table, tmp_path, epochs=3, top_k=1, name="killed")
+    state_path = tmp_path / "killed" / "state" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    assert state["batch_order"] == "sampler"  # _run's loaders have no workers
+    torch.save({**state, "batch_order": "seeded"}, state_path)
+    _script_epochs(monkeypatch, (0.5, 0.6, 0.7))
+    caplog.set_level(logging.INFO, logger="labelflow.training")
+    resumed = _srun(tiny_table, tmp_path, epochs=3, top_k=1, name="killed")
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2, 3]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("drew their batches as 'seeded', the resumed ones draw them as 'sampler'" in w for w in warnings)
