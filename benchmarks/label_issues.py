@@ -33,6 +33,7 @@ of the accuracy lost to the noise. Prints mean [min, max] over seeds.
     python benchmarks/label_issues.py --out /tmp/li --cores 4 --seeds 0 1 2 3 4
     python benchmarks/label_issues.py --report seed0.log seed1.log   # one table from saved outputs
     python benchmarks/label_issues.py --dataset fashion --out /tmp/li_fashion --seeds 0
+    python benchmarks/label_issues.py --tie-break valid_loss --out /tmp/li_loss   # best.pt by valid loss among ties
 
 The scoring rule and its parameters were chosen in label_issues_synthetic.py, partly on digits
 images (other models, other noise draws); Fashion-MNIST chose nothing, so its figures are the
@@ -146,6 +147,24 @@ def split_fashion(out: Path, n_images: int) -> tuple[pd.DataFrame, pd.DataFrame]
         return pd.DataFrame({"file": [str(f) for f in files], "label": [f.parent.name for f in files]})
 
     return table("train"), table("test")
+
+
+def write_recipe(out: Path, quick: bool, tie_break: str) -> Path | None:
+    """The experiments folder for the run: None for the repository's softmax recipe as it is;
+    otherwise ``out/experiments`` with softmax.yaml shrunk (--quick) and/or with ``tie_break``
+    on every stage. A folder holding another recipe is refused: its runs would all retrain."""
+    if not quick and tie_break == "first":
+        return None
+    experiment = quick_experiment(stage2_epochs=2) if quick else yaml.safe_load((REPO / "config/experiments/softmax.yaml").read_text())
+    for stage in experiment["stages"].values():
+        stage["tie_break"] = tie_break
+    folder = out / "experiments"
+    text = yaml.safe_dump(experiment)
+    if (folder / "softmax.yaml").exists() and (folder / "softmax.yaml").read_text() != text:
+        sys.exit(f"{folder / 'softmax.yaml'} holds another recipe (--quick / --tie-break); give another --out")
+    folder.mkdir(exist_ok=True)
+    (folder / "softmax.yaml").write_text(text)
+    return folder
 
 
 def load_split(args, out: Path, quick: bool) -> Split:
@@ -266,7 +285,7 @@ def run_noisy(args, base: Path, split: Split, noise: float, seed: int, config: d
     minutes += snakemake(work, {**config, "label_issues": {"action": "relabel"}}, targets, args.cores)
     accuracy["relabel"] = test_accuracy(final_checkpoint(work, "cleaned/softmax", config), test, data_cfg, tag2cls)
     result = {"flags": flags(work, truth), "accuracy": accuracy, "minutes": minutes, "flipped": int((truth["given"] != truth["true"]).sum())}
-    print(json.dumps({"noise": noise, "seed": seed, **result}), flush=True)
+    print(json.dumps({"noise": noise, "seed": seed, "tie_break": args.tie_break, **result}), flush=True)
     return result
 
 
@@ -321,6 +340,7 @@ def read_outputs(logs: list[Path]) -> tuple[dict[float, list[dict]], float]:
     from different data or recipes and must not be averaged together."""
     runs: dict[tuple[float, int], dict] = {}
     clean: set[float] = set()
+    tie_breaks: set[str] = set()
     for log in logs:
         if not log.is_file():
             sys.exit(f"--report: {log} does not exist; give the saved outputs of earlier runs (e.g. `... | tee {log.name}`)")
@@ -332,6 +352,7 @@ def read_outputs(logs: list[Path]) -> tuple[dict[float, list[dict]], float]:
             except json.JSONDecodeError:  # e.g. the last line of a run killed while printing it
                 print(f"--report: {log}:{number} is not a whole JSON line; skipped", file=sys.stderr)
                 continue
+            tie_breaks.add(record.get("tie_break", "first"))  # lines from before the option: first
             if "clean_test_accuracy" in record:
                 clean.add(record["clean_test_accuracy"])
             elif "noise" in record:
@@ -339,6 +360,9 @@ def read_outputs(logs: list[Path]) -> tuple[dict[float, list[dict]], float]:
                 if key in runs:
                     sys.exit(f"{log}: noise {key[0]} seed {key[1]} is in more than one of the outputs given; give each once")
                 runs[key] = record
+    if len(tie_breaks) > 1:
+        sys.exit(f"--report: the outputs mix tie_break {' and '.join(sorted(tie_breaks))} (different best.pt); "
+                 "give the outputs of one recipe")
     if len(clean) != 1 or not runs:
         found = f"clean accuracies {sorted(clean)}" if len(clean) > 1 else "no clean accuracy" if not clean else "no noisy run"
         sys.exit(f"--report: {found} in {', '.join(map(str, logs))}; give the outputs of one benchmark folder "
@@ -364,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="images given to the workflow (default: all digits, 1,500 Fashion; --quick: 600)")
     parser.add_argument("--test-fraction", type=float,
                         help=f"digits only (default {DIGITS_TEST_FRACTION}); fashion holds out the official test images")
+    parser.add_argument("--tie-break", choices=("first", "valid_loss"), default="first",
+                        help="stages.<stage>.tie_break of every model (default first, the recipe's default)")
     parser.add_argument("--report", type=Path, nargs="+", metavar="LOG",
                         help="print the table from saved outputs of earlier runs (runs nothing)")
     args = parser.parse_args(argv)
@@ -379,10 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = {"experiments": ["softmax"], "kfold": {"experiments": ["softmax"]}, "n_folds": args.folds or (3 if quick else 5),
               "test_fraction": 0.0}  # the benchmark holds out its own clean test images
-    if quick:
-        (out / "experiments").mkdir(exist_ok=True)
-        (out / "experiments/softmax.yaml").write_text(yaml.safe_dump(quick_experiment(stage2_epochs=2)))
-        config["experiments_dir"] = str(out / "experiments")
+    recipe = write_recipe(out, quick, args.tie_break)
+    if recipe:
+        config["experiments_dir"] = str(recipe)
     split = load_split(args, out, quick)
     print(f"{args.dataset}: {len(split.pool)} images to the workflow, {len(split.test)} held out for test; folder {out}", flush=True)
     started = time.perf_counter()
@@ -404,7 +429,7 @@ def clean_model(args, out: Path, pool: pd.DataFrame, test: pd.DataFrame, config:
         return float("nan")
     tag2cls = json.loads((work / "results/data/tag2cls.json").read_text())
     accuracy = test_accuracy(final_checkpoint(work, "softmax", config), test, experiment_data(config), tag2cls)
-    print(json.dumps({"clean_test_accuracy": accuracy}), flush=True)
+    print(json.dumps({"clean_test_accuracy": accuracy, "tie_break": args.tie_break}), flush=True)
     return accuracy
 
 
