@@ -446,6 +446,28 @@ def test_label_issues_report_refuses_outputs_that_do_not_belong_together(tmp_pat
         main(["--report", str(log), str(other)])
     with pytest.raises(SystemExit, match=r"no_such.log does not exist"):
         main(["--report", str(tmp_path / "no_such.log")])
+    # Lines from before --tie-break count as "first"; valid_loss lines are another recipe.
+    loss = tmp_path / "c.log"
+    loss.write_text(_label_issues_line(0.2, 0, 0.9, 0.9, 0.96).replace('{"noise"', '{"tie_break": "valid_loss", "noise"') + "\n")
+    with pytest.raises(SystemExit, match=r"mix tie_break first and valid_loss"):
+        main(["--report", str(log), str(loss)])
+
+
+def test_label_issues_recipe_sets_the_tie_break_of_every_stage(tmp_path):
+    """--tie-break valid_loss writes the softmax recipe with it on every stage (the rest as the
+    repository has it); the default recipe needs no copy; a folder with another recipe is refused."""
+    import yaml
+    from label_issues import REPO, write_recipe
+
+    assert write_recipe(tmp_path, quick=False, tie_break="first") is None
+    folder = write_recipe(tmp_path, quick=False, tie_break="valid_loss")
+    written = yaml.safe_load((folder / "softmax.yaml").read_text())
+    original = yaml.safe_load((REPO / "config/experiments/softmax.yaml").read_text())
+    assert [stage.pop("tie_break") for stage in written["stages"].values()] == ["valid_loss"] * len(original["stages"])
+    assert written == original
+    assert write_recipe(tmp_path, quick=False, tie_break="valid_loss") == folder  # the same recipe again: reused
+    with pytest.raises(SystemExit, match=r"holds another recipe .*give another --out"):
+        write_recipe(tmp_path, quick=True, tie_break="valid_loss")
 
 
 def test_label_issues_report_skips_a_cut_json_line(tmp_path, capsys):
