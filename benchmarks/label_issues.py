@@ -32,6 +32,7 @@ of the accuracy lost to the noise. Prints mean [min, max] over seeds.
     python benchmarks/label_issues.py --dry-only      # data + `snakemake -n` only (smoke test)
     python benchmarks/label_issues.py --out /tmp/li --cores 4 --seeds 0 1 2 3 4
     python benchmarks/label_issues.py --report seed0.log seed1.log   # one table from saved outputs
+    python benchmarks/label_issues.py --out DIR --inspect   # best.pt vs last.pt of every final model in DIR
     python benchmarks/label_issues.py --dataset fashion --out /tmp/li_fashion --seeds 0
     python benchmarks/label_issues.py --tie-break valid_loss --out /tmp/li_loss   # best.pt by valid loss among ties
 
@@ -149,19 +150,24 @@ def split_fashion(out: Path, n_images: int) -> tuple[pd.DataFrame, pd.DataFrame]
     return table("train"), table("test")
 
 
-def write_recipe(out: Path, quick: bool, tie_break: str) -> Path | None:
+def write_recipe(out: Path, quick: bool, tie_break: str, write: bool = True) -> Path | None:
     """The experiments folder for the run: None for the repository's softmax recipe as it is;
     otherwise ``out/experiments`` with softmax.yaml shrunk (--quick) and/or with ``tie_break``
-    on every stage. A folder holding another recipe is refused: its runs would all retrain."""
+    on every stage. A folder holding another recipe is refused: its runs would all retrain.
+    ``write=False`` (--inspect) only checks that the folder holds this recipe."""
+    folder = out / "experiments"
     if not quick and tie_break == "first":
+        if (folder / "softmax.yaml").exists():
+            sys.exit(f"{folder / 'softmax.yaml'} holds another recipe (--quick / --tie-break); give another --out")
         return None
     experiment = quick_experiment(stage2_epochs=2) if quick else yaml.safe_load((REPO / "config/experiments/softmax.yaml").read_text())
     for stage in experiment["stages"].values():
         stage["tie_break"] = tie_break
-    folder = out / "experiments"
     text = yaml.safe_dump(experiment)
     if (folder / "softmax.yaml").exists() and (folder / "softmax.yaml").read_text() != text:
         sys.exit(f"{folder / 'softmax.yaml'} holds another recipe (--quick / --tie-break); give another --out")
+    if not write and not (folder / "softmax.yaml").exists():
+        sys.exit(f"{out} holds no run of this recipe (--quick / --tie-break as the run had them)")
     folder.mkdir(exist_ok=True)
     (folder / "softmax.yaml").write_text(text)
     return folder
@@ -294,10 +300,45 @@ def experiment_data(config: dict) -> dict:
     return yaml.safe_load((folder / "softmax.yaml").read_text())["data"]
 
 
-def final_checkpoint(work: Path, run: str, config: dict) -> Path:
+def final_checkpoint(work: Path, run: str, config: dict, name: str = "best.pt") -> Path:
     folder = Path(config.get("experiments_dir", REPO / "config/experiments"))
     final = list(yaml.safe_load((folder / "softmax.yaml").read_text())["stages"])[-1]
-    return work / "results" / run / final / "best.pt"
+    return work / "results" / run / final / name
+
+
+def epoch_ranges(epochs: list[int]) -> str:
+    """[6, 7, 12, 13, 14] -> '6, 7, 12-14'."""
+    parts: list[str] = []
+    for epoch in epochs:
+        if parts and epoch == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{epoch}"
+        else:
+            parts.append(str(epoch))
+    return ", ".join(parts)
+
+
+def inspect(out: Path, split: Split, config: dict) -> None:
+    """For every final model on disk under ``out``: the epoch best.pt holds, the epochs tied with
+    it on the valid main metric, and the test accuracy of best.pt and of last.pt (the last epoch).
+    ``cleaned/softmax`` holds the model of the last action run in that folder (relabel after a
+    full run). The figures behind the README's checkpoint-rule paragraph, by command."""
+    data_cfg = experiment_data(config)
+    for work in sorted(p for p in out.iterdir() if (p / "benchmark.yaml").is_file()):
+        action = (yaml.safe_load((work / "benchmark.yaml").read_text()).get("label_issues") or {}).get("action")
+        tag2cls = json.loads((work / "results/data/tag2cls.json").read_text())
+        runs = {"noisy" if work.name != "clean" else "clean": "softmax", str(action): "cleaned/softmax"}
+        for model, run in runs.items():
+            best, last = final_checkpoint(work, run, config), final_checkpoint(work, run, config, "last.pt")
+            if not (best.is_file() and last.is_file()):
+                continue
+            metrics = json.loads(best.with_name("metrics.json").read_text())
+            value = metrics["best"]["value"]
+            key = metrics["main_metric"].split("/", 1)[1]
+            tied = [e["epoch"] for e in metrics["epochs"] if e["valid"][key] == value]
+            print(f"{work.name:<14} {model:<8} best.pt epoch {metrics['best']['epoch']} of {metrics['epochs'][-1]['epoch']} "
+                  f"(tie_break {metrics['spec'].get('tie_break', 'first')}; epochs at valid {key} {value:.4f}: "
+                  f"{epoch_ranges(tied)})  test accuracy best.pt {test_accuracy(best, split.test, data_cfg, tag2cls):.4f}"
+                  f"  last.pt {test_accuracy(last, split.test, data_cfg, tag2cls):.4f}", flush=True)
 
 
 # --------------------------------------------------------------------------- report
@@ -390,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"digits only (default {DIGITS_TEST_FRACTION}); fashion holds out the official test images")
     parser.add_argument("--tie-break", choices=("first", "valid_loss"), default="first",
                         help="stages.<stage>.tie_break of every model (default first, the recipe's default)")
+    parser.add_argument("--inspect", action="store_true",
+                        help="with the run's --out and options: best.pt vs last.pt of every final model there (trains nothing)")
     parser.add_argument("--report", type=Path, nargs="+", metavar="LOG",
                         help="print the table from saved outputs of earlier runs (runs nothing)")
     args = parser.parse_args(argv)
@@ -401,14 +444,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     quick = args.quick or args.dry_only
     seeds = args.seeds or ([0] if quick else [0, 1, 2])
+    if args.inspect and not (args.out and args.out.is_dir()):
+        parser.error("--inspect needs the --out folder of an earlier run")
     out = args.out or Path(tempfile.mkdtemp(prefix="label_issues_"))
     out.mkdir(parents=True, exist_ok=True)
     config = {"experiments": ["softmax"], "kfold": {"experiments": ["softmax"]}, "n_folds": args.folds or (3 if quick else 5),
               "test_fraction": 0.0}  # the benchmark holds out its own clean test images
-    recipe = write_recipe(out, quick, args.tie_break)
+    recipe = write_recipe(out, quick, args.tie_break, write=not args.inspect)
     if recipe:
         config["experiments_dir"] = str(recipe)
     split = load_split(args, out, quick)
+    if args.inspect:
+        inspect(out, split, config)
+        return 0
     print(f"{args.dataset}: {len(split.pool)} images to the workflow, {len(split.test)} held out for test; folder {out}", flush=True)
     started = time.perf_counter()
     clean_accuracy = clean_model(args, out, split.pool, split.test, config)

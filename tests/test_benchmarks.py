@@ -468,6 +468,49 @@ def test_label_issues_recipe_sets_the_tie_break_of_every_stage(tmp_path):
     assert write_recipe(tmp_path, quick=False, tie_break="valid_loss") == folder  # the same recipe again: reused
     with pytest.raises(SystemExit, match=r"holds another recipe .*give another --out"):
         write_recipe(tmp_path, quick=True, tie_break="valid_loss")
+    with pytest.raises(SystemExit, match=r"holds another recipe"):
+        write_recipe(tmp_path, quick=False, tie_break="first")
+    with pytest.raises(SystemExit, match=r"holds no run of this recipe"):
+        write_recipe(tmp_path / "empty", quick=True, tie_break="first", write=False)
+    assert not (tmp_path / "empty").exists()
+
+
+def test_label_issues_inspect_reports_best_and_last_of_every_final_model(tmp_path, monkeypatch, capsys):
+    """--inspect names the epoch best.pt holds, the epochs tied with it on valid accuracy and
+    the test accuracy of best.pt and last.pt, for the noisy model and the last action's model."""
+    import label_issues
+    import yaml
+
+    monkeypatch.setattr(label_issues, "split_digits", lambda *a: (None, None))
+    scores = {"noise20_seed0/results/softmax": (0.917, 0.994), "noise20_seed0/results/cleaned/softmax": (0.981, 1.0),
+              "clean/results/softmax": (0.997, 0.997)}
+
+    def fake_accuracy(checkpoint, test, data_cfg, tag2cls):
+        run = checkpoint.parent.parent.relative_to(tmp_path).as_posix()
+        return scores[run][checkpoint.name == "last.pt"]
+
+    monkeypatch.setattr(label_issues, "test_accuracy", fake_accuracy)
+    valid = {6: 1.0, 7: 1.0, 8: 0.99, 12: 1.0, 13: 1.0, 14: 1.0, 18: 1.0}
+    for run, action in (("noise20_seed0", "relabel"), ("clean", None)):
+        work = tmp_path / run
+        (work / "results/data").mkdir(parents=True)
+        (work / "results/data/tag2cls.json").write_text("{}")
+        (work / "benchmark.yaml").write_text(yaml.safe_dump({"label_issues": {"action": action}} if action else {}))
+        for model in ("softmax", "cleaned/softmax") if action else ("softmax",):
+            stage = work / "results" / model / "stage2"
+            stage.mkdir(parents=True)
+            (stage / "best.pt").write_bytes(b"")
+            (stage / "last.pt").write_bytes(b"")
+            epochs = [{"epoch": e, "valid": {"accuracy": v}} for e, v in valid.items()]
+            (stage / "metrics.json").write_text(json.dumps({"main_metric": "valid/accuracy", "spec": {"tie_break": "first"},
+                                                            "best": {"epoch": 6, "value": 1.0}, "epochs": epochs}))
+    assert label_issues.main(["--out", str(tmp_path), "--inspect"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["clean", "clean"]
+    assert re.search(r"^noise20_seed0\s+noisy\s+best.pt epoch 6 of 18 \(tie_break first; epochs at valid accuracy 1.0000: "
+                     r"6-7, 12-14, 18\)\s+test accuracy best.pt 0.9170\s+last.pt 0.9940$", lines[1])
+    assert re.search(r"^noise20_seed0\s+relabel .* best.pt 0.9810\s+last.pt 1.0000$", lines[2])
+    assert len(lines) == 3
 
 
 def test_label_issues_report_skips_a_cut_json_line(tmp_path, capsys):
