@@ -319,7 +319,8 @@ def epoch_ranges(epochs: list[int]) -> str:
 
 def inspect(out: Path, split: Split, config: dict) -> None:
     """For every final model on disk under ``out``: the epoch best.pt holds, the epochs tied with
-    it on the valid main metric, and the test accuracy of best.pt and of last.pt (the last epoch).
+    it on the valid main metric, and the test accuracy of best.pt, of last.pt (the last epoch) and
+    of every top-k checkpoint kept (so the other tie rule's choice can be read where it was kept).
     ``cleaned/softmax`` holds the model of the last action run in that folder (relabel after a
     full run). The figures behind the README's checkpoint-rule paragraph, by command."""
     data_cfg = experiment_data(config)
@@ -339,6 +340,10 @@ def inspect(out: Path, split: Split, config: dict) -> None:
                   f"(tie_break {metrics['spec'].get('tie_break', 'first')}; epochs at valid {key} {value:.4f}: "
                   f"{epoch_ranges(tied)})  test accuracy best.pt {test_accuracy(best, split.test, data_cfg, tag2cls):.4f}"
                   f"  last.pt {test_accuracy(last, split.test, data_cfg, tag2cls):.4f}", flush=True)
+            kept = sorted(best.parent.joinpath("checkpoints").glob("epoch=*.pt"))
+            print(f"{'':<24}top-k kept: " + ", ".join(
+                f"epoch {int(c.name.split('-')[0].split('=')[1])} {test_accuracy(c, split.test, data_cfg, tag2cls):.4f}"
+                for c in kept), flush=True)
 
 
 # --------------------------------------------------------------------------- report

@@ -487,6 +487,8 @@ def test_label_issues_inspect_reports_best_and_last_of_every_final_model(tmp_pat
 
     def fake_accuracy(checkpoint, test, data_cfg, tag2cls):
         run = checkpoint.parent.parent.relative_to(tmp_path).as_posix()
+        if checkpoint.parent.name == "checkpoints":  # top-k copies: 0.9 + epoch / 1000
+            return 0.9 + int(checkpoint.name[6:9]) / 1000
         return scores[run][checkpoint.name == "last.pt"]
 
     monkeypatch.setattr(label_issues, "test_accuracy", fake_accuracy)
@@ -501,16 +503,20 @@ def test_label_issues_inspect_reports_best_and_last_of_every_final_model(tmp_pat
             stage.mkdir(parents=True)
             (stage / "best.pt").write_bytes(b"")
             (stage / "last.pt").write_bytes(b"")
+            (stage / "checkpoints").mkdir()
+            for epoch in (6, 12):
+                (stage / "checkpoints" / f"epoch={epoch:03d}-accuracy=1.0000.pt").write_bytes(b"")
             epochs = [{"epoch": e, "valid": {"accuracy": v}} for e, v in valid.items()]
             (stage / "metrics.json").write_text(json.dumps({"main_metric": "valid/accuracy", "spec": {"tie_break": "first"},
                                                             "best": {"epoch": 6, "value": 1.0}, "epochs": epochs}))
     assert label_issues.main(["--out", str(tmp_path), "--inspect"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["clean", "clean"]
+    assert re.search(r"^\s+top-k kept: epoch 6 0.9060, epoch 12 0.9120$", lines[1])
     assert re.search(r"^noise20_seed0\s+noisy\s+best.pt epoch 6 of 18 \(tie_break first; epochs at valid accuracy 1.0000: "
-                     r"6-7, 12-14, 18\)\s+test accuracy best.pt 0.9170\s+last.pt 0.9940$", lines[1])
-    assert re.search(r"^noise20_seed0\s+relabel .* best.pt 0.9810\s+last.pt 1.0000$", lines[2])
-    assert len(lines) == 3
+                     r"6-7, 12-14, 18\)\s+test accuracy best.pt 0.9170\s+last.pt 0.9940$", lines[2])
+    assert re.search(r"^noise20_seed0\s+relabel .* best.pt 0.9810\s+last.pt 1.0000$", lines[4])
+    assert len(lines) == 6
 
 
 def test_label_issues_report_skips_a_cut_json_line(tmp_path, capsys):
