@@ -303,6 +303,10 @@ def test_run_stage_writes_outputs(two_epoch_run):
     assert metrics["main_metric"] == "valid/accuracy"
     assert metrics["spec"]["epochs"] == 2
     assert [r["epoch"] for r in metrics["epochs"]] == [1, 2]
+    # the platform whose rounding the numbers carry: this CPU's kernels, this torch
+    assert metrics["platform"] == {"torch": torch.__version__, "device": "cpu",
+                                   "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    assert metrics["platform"]["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16", "AMX", "NEON", "SVE256", "ZVECTOR")
     for record in metrics["epochs"]:
         for split in ("train", "valid"):
             values = record[split]
@@ -1035,3 +1039,34 @@ def test_resuming_a_state_whose_batches_were_drawn_otherwise_warns(tiny_table, t
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2, 3]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("drew their batches as 'seeded', the resumed ones draw them as 'sampler'" in w for w in warnings)
+
+
+def test_resuming_a_state_saved_on_another_platform_warns(tiny_table, tmp_path, monkeypatch, caplog):
+    """A state saved on another CPU kind (or torch) resumes, and the log names what differs:
+    the resumed epochs round differently, so no uninterrupted run gives the same result."""
+    _script_epochs(monkeypatch, (0.5, 0.6, 0.7), kill_at=3)
+    with pytest.raises(Kill):
+        _srun(tiny_table, tmp_path, epochs=3, top_k=1, name="killed")
+    state_path = tmp_path / "killed" / "state" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    here = state["platform"]
+    assert here["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    torch.save({**state, "platform": {**here, "cpu_capability": "OTHER"}}, state_path)
+    _script_epochs(monkeypatch, (0.5, 0.6, 0.7))
+    caplog.set_level(logging.INFO, logger="labelflow.training")
+    resumed = _srun(tiny_table, tmp_path, epochs=3, top_k=1, name="killed")
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2, 3] and resumed["platform"] == here
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"saved epochs ran on another platform (cpu_capability OTHER -> {here['cpu_capability']})" in w
+               for w in warnings), warnings
+    # the same platform (or a state from before platforms were saved) resumes without it
+    caplog.clear()
+    _script_epochs(monkeypatch, (0.5, 0.6, 0.7), kill_at=3)
+    with pytest.raises(Kill):
+        _srun(tiny_table, tmp_path, epochs=3, top_k=1, name="again")
+    state_path = tmp_path / "again" / "state" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "platform"}, state_path)
+    _script_epochs(monkeypatch, (0.5, 0.6, 0.7))
+    _srun(tiny_table, tmp_path, epochs=3, top_k=1, name="again")
+    assert not any("another platform" in r.getMessage() for r in caplog.records)

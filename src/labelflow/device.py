@@ -41,8 +41,21 @@ def select_device(want_gpu: bool) -> torch.device:
     else:
         device = torch.device("cpu")
         why = "no GPU requested (resources gpu=0)" if not want_gpu else "CUDA is not available"
-        log.info("device: cpu (%s), %d threads", why, torch.get_num_threads())
+        log.info("device: cpu (%s), %d threads, CPU kernels %s", why, torch.get_num_threads(),
+                 torch.backends.cpu.get_cpu_capability())
     return device
+
+
+def compute_platform(device: torch.device) -> dict[str, str]:
+    """What a run's numbers depend on beyond its config, data, code and seed: torch's version
+    and the kernels it picks. On the CPU torch dispatches by the vector units it finds (AVX2,
+    AVX512, ...), and these round differently, so the same seed trains to other weights on
+    another kind of CPU (README, Reproducibility); on a GPU, the GPU and CUDA too."""
+    found = {"torch": str(torch.__version__), "device": device.type,  # str: TorchVersion is not a plain str
+             "cpu_capability": str(torch.backends.cpu.get_cpu_capability())}
+    if device.type == "cuda":
+        found.update(gpu=torch.cuda.get_device_name(device), cuda=str(torch.version.cuda))
+    return found
 
 
 PRECISIONS = ("auto", "bf16", "fp32")

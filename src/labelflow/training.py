@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from labelflow.device import autocast, describe_precision, images_for, place_model, to_device
+from labelflow.device import autocast, compute_platform, describe_precision, images_for, place_model, to_device
 from labelflow.io import atomic_directory, atomic_output, write_json_atomic
 from labelflow.losses import get_loss
 from labelflow.metrics import HeadMetrics
@@ -355,6 +355,7 @@ class EpochEnd:
     scheduler: Any
     progress: StageProgress
     batch_order: str | None = None  # how the train loader draws batches (:func:`batch_order`)
+    platform: dict[str, str] | None = None  # torch and the kernels it runs (device.compute_platform)
 
 
 EpochHook = Callable[[EpochEnd], None]
@@ -392,6 +393,7 @@ def save_state(path: Path, stage_fingerprint: Fingerprint, end: EpochEnd) -> Non
         {
             "fingerprint": stage_fingerprint,
             "batch_order": end.batch_order,
+            "platform": end.platform,
             "epoch": end.epoch,
             "model": end.model.state_dict(),
             "optimizer": end.optimizer.state_dict(),
@@ -495,7 +497,7 @@ class StateError(Exception):
 
 def resume(
     state_dir: Path, stage_fingerprint: Fingerprint, name: str, model, optimizer, scheduler, main_metric: str = "accuracy",
-    batch_order: str | None = None,
+    batch_order: str | None = None, platform: dict[str, str] | None = None,
 ) -> StageProgress:
     """The saved progress when ``state_dir`` holds this very stage, with the model, optimizer
     and scheduler loaded and best.pt / checkpoints/ reconciled with it; else a fresh start in an
@@ -503,7 +505,8 @@ def resume(
     the fingerprint parts that differ. An unusable state (see :func:`check_state`) is moved aside
     (:func:`move_aside`) with a warning naming the problem; nothing is loaded from it. A state
     whose batches were drawn another way than ``batch_order`` is resumed with a warning (the
-    workflow's stages never do that: :func:`saved_batch_order`)."""
+    workflow's stages never do that: :func:`saved_batch_order`), and so is a state saved on
+    another ``platform`` (another CPU kind or torch: other rounding, so other numbers)."""
     state_path = state_dir / "state.pt"
     if not state_path.exists():
         shutil.rmtree(state_dir, ignore_errors=True)  # files of a run killed before its first save
@@ -534,6 +537,14 @@ def resume(
         log.warning(
             "stage %s: the saved epochs drew their batches as '%s', the resumed ones draw them as '%s': "
             "the result will differ from an uninterrupted run's", name, saved_order, batch_order,
+        )
+    saved_platform = state.get("platform")
+    if platform is not None and isinstance(saved_platform, dict) and saved_platform != platform:
+        differ = ", ".join(f"{key} {saved_platform.get(key)} -> {platform.get(key)}"
+                           for key in sorted(saved_platform.keys() | platform.keys()) if saved_platform.get(key) != platform.get(key))
+        log.warning(
+            "stage %s: the saved epochs ran on another platform (%s): the resumed epochs round differently, "
+            "so the result will differ from an uninterrupted run's on either", name, differ,
         )
     return progress
 
@@ -757,8 +768,9 @@ def run_stage(
     criteria = build_criteria(model)
     optimizer = build_optimizer(model, spec)
     scheduler = build_scheduler(optimizer, spec, len(loaders.train))
-    order = batch_order(loaders.train)
-    progress = resume(state_dir, stage_fingerprint, spec.name, model, optimizer, scheduler, main_metric, batch_order=order)
+    order, platform = batch_order(loaders.train), compute_platform(device)
+    progress = resume(state_dir, stage_fingerprint, spec.name, model, optimizer, scheduler, main_metric, batch_order=order,
+                      platform=platform)
     (state_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     tensorboard = TensorBoardScalars(state_dir / "tensorboard", spec.name, progress.history)
     saver = StateSaver(state_dir, stage_fingerprint, saved_epoch=progress.last_epoch, every_seconds=state_every_seconds)
@@ -778,12 +790,12 @@ def run_stage(
                 with sigterm.held():  # a SIGTERM never splits an epoch's state from its checkpoints
                     progress.add(record, main_metric, spec.top_k, spec.tie_break)
                     _log_epoch(spec, record)
-                    end = EpochEnd(spec, epoch, record, model, optimizer, scheduler, progress, order)
+                    end = EpochEnd(spec, epoch, record, model, optimizer, scheduler, progress, order, platform)
                     for hook in hooks:
                         hook(end)
             tensorboard.close()
             with sigterm.held(then_stop=False):  # finishing takes seconds: better than losing it
-                metrics = finish_stage(out_dir, state_dir, model, spec, progress, main_metric)
+                metrics = finish_stage(out_dir, state_dir, model, spec, progress, main_metric, platform)
             if sigterm.pending:
                 log.warning("SIGTERM arrived while stage %s was publishing its outputs; finished them first", spec.name)
     except Terminated:
@@ -805,10 +817,11 @@ def _log_terminated(name: str, saved_epoch: int, state_dir: Path) -> None:
 
 
 def finish_stage(
-    out_dir: Path, state_dir: Path, model: MultiHeadNet, spec: StageSpec, progress: StageProgress, main_metric: str
+    out_dir: Path, state_dir: Path, model: MultiHeadNet, spec: StageSpec, progress: StageProgress, main_metric: str,
+    platform: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Publish the finished stage and remove its state; returns the metrics."""
-    metrics = stage_metrics(spec, progress, main_metric)
+    metrics = stage_metrics(spec, progress, main_metric, platform)
     publish(out_dir, state_dir, model, metrics, [entry["file"] for entry in progress.topk])
     # The state is there to resume an interrupted stage; once the outputs are published it
     # would only double the disk (model + optimizer moments + copies of every checkpoint).
@@ -836,15 +849,18 @@ def _log_epoch(spec: StageSpec, record: dict[str, Any]) -> None:
     )
 
 
-def stage_metrics(spec: StageSpec, progress: StageProgress, main_metric: str) -> dict[str, Any]:
+def stage_metrics(
+    spec: StageSpec, progress: StageProgress, main_metric: str, platform: dict[str, str] | None = None
+) -> dict[str, Any]:
     """metrics.json of a finished stage: the spec as trained, every epoch, the best one (the
-    epoch best.pt holds)."""
+    epoch best.pt holds), and the platform of the job that finished it."""
     return {
         "stage": spec.name,
         "spec": asdict(spec),
         "main_metric": f"valid/{main_metric}",
         "best": {"epoch": progress.best_epoch, "value": progress.best_value},
         "epochs": progress.history,
+        "platform": platform,
     }
 
 
