@@ -544,7 +544,7 @@ def resume(
                            for key in sorted(saved_platform.keys() | platform.keys()) if saved_platform.get(key) != platform.get(key))
         log.warning(
             "stage %s: the saved epochs ran on another platform (%s): the resumed epochs round differently, "
-            "so the result will differ from an uninterrupted run's on either", name, differ,
+            "so the result will match an uninterrupted run on neither platform", name, differ,
         )
     return progress
 
