@@ -325,6 +325,9 @@ def inspect(out: Path, split: Split, config: dict) -> None:
     full run). The figures behind the README's checkpoint-rule paragraph, by command."""
     data_cfg = experiment_data(config)
     for work in sorted(p for p in out.iterdir() if (p / "benchmark.yaml").is_file()):
+        if not (work / "results/data/tag2cls.json").is_file():  # a run stopped before its first job finished
+            print(f"{work.name:<14} no trained model yet", flush=True)
+            continue
         action = (yaml.safe_load((work / "benchmark.yaml").read_text()).get("label_issues") or {}).get("action")
         tag2cls = json.loads((work / "results/data/tag2cls.json").read_text())
         runs = {"noisy" if work.name != "clean" else "clean": "softmax", str(action): "cleaned/softmax"}

@@ -509,8 +509,11 @@ def test_label_issues_inspect_reports_best_and_last_of_every_final_model(tmp_pat
             epochs = [{"epoch": e, "valid": {"accuracy": v}} for e, v in valid.items()]
             (stage / "metrics.json").write_text(json.dumps({"main_metric": "valid/accuracy", "spec": {"tie_break": "first"},
                                                             "best": {"epoch": 6, "value": 1.0}, "epochs": epochs}))
+    (tmp_path / "noise20_seed1").mkdir()  # a run stopped before tag2label finished
+    (tmp_path / "noise20_seed1" / "benchmark.yaml").write_text("{}")
     assert label_issues.main(["--out", str(tmp_path), "--inspect"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines.pop() == "noise20_seed1  no trained model yet"
     assert lines[0].split()[:2] == ["clean", "clean"]
     assert re.search(r"^\s+top-k kept: epoch 6 0.9060, epoch 12 0.9120$", lines[1])
     assert re.search(r"^noise20_seed0\s+noisy\s+best.pt epoch 6 of 18 \(tie_break first; epochs at valid accuracy 1.0000: "
