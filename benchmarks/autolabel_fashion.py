@@ -46,6 +46,7 @@ easy classes alone; this table shows how much of the gap that choice explains.
     python benchmarks/autolabel_fashion.py --epochs 4          # a shorter recipe: stage2 trains 4 epochs
     python benchmarks/autolabel_fashion.py --out /tmp/alf --json alf.json   # keep results (a rerun reuses them)
     python benchmarks/autolabel_fashion.py --quick             # 10 per class, 200 raw, 2 short rounds: smoke test
+    python benchmarks/autolabel_fashion.py --seeds 103 --max-new-per-class none   # a policy variant (own folders)
 
 With several seeds the summary gives the mean, min and max over seeds of the final precision
 and coverage, of every peer's precision at the workflow's final coverage, and of the smallest
@@ -76,6 +77,7 @@ SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 RAW_FOLDERS = 7  # raw/<source index % 7>/: nesting that carries no label
 PCA_COMPONENTS = 50
 QUICK_MIN_STEPS = 40
+DEFAULT = object()  # an option left at the config's value
 PEERS = ("LabelSpreading pixels", "SelfTraining pixels", "LabelSpreading embeddings", "SelfTraining embeddings")
 PEER_COLUMNS = dict(zip(PEERS, ("LS pix", "ST pix", "LS emb", "ST emb"), strict=True))
 
@@ -141,12 +143,37 @@ def recipe_file(out: Path, args: argparse.Namespace) -> tuple[str, Path]:
 # --------------------------------------------------------------------------- workflow
 
 
-def run_autolabel(out: Path, clean: Path, raw: Path, truth: Path, recipe: tuple[str, Path],
-                  args: argparse.Namespace) -> float:
-    name, experiments = recipe
+def autolabel_section(clean: Path, raw: Path, truth: Path, name: str, args: argparse.Namespace) -> dict:
+    """Config section ``autolabel`` of the run: the split, the recipe, and the settings given on
+    the command line (the config's defaults for the rest)."""
     autolabel = {"clean": str(clean), "raw": str(raw), "truth_csv": str(truth), "experiment": name}
     if args.max_rounds:
         autolabel["max_rounds"] = args.max_rounds
+    if args.max_new_per_class is not DEFAULT:
+        autolabel["max_new_per_class"] = args.max_new_per_class
+    return autolabel
+
+
+def class_cap(text: str) -> float | None:
+    """--max-new-per-class: a number >= 0, or `none` (no class cap)."""
+    if text.lower() in ("none", "null"):
+        return None
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 or none, got {text}")
+    return value
+
+
+def seed_folder(split: Path, seed: int, args: argparse.Namespace) -> Path:
+    """A split seed's folder; a policy other than the default gets its own (a rerun never mixes them)."""
+    suffix = "" if args.max_new_per_class is DEFAULT else f"_cap{args.max_new_per_class}".lower()
+    return split / f"seed_{seed}{suffix}"
+
+
+def run_autolabel(out: Path, clean: Path, raw: Path, truth: Path, recipe: tuple[str, Path],
+                  args: argparse.Namespace) -> float:
+    name, experiments = recipe
+    autolabel = autolabel_section(clean, raw, truth, name, args)
     config = out / "autolabel.yaml"
     config.write_text(yaml.safe_dump({
         "experiments": [name], "experiments_dir": str(experiments), "autolabel": autolabel,
@@ -418,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="fashion", help="recipe of every round: a name in config/experiments or a .yaml")
     parser.add_argument("--epochs", type=int, help="the recipe's last stage trains this many epochs (a shorter recipe)")
     parser.add_argument("--max-rounds", type=int, help="autolabel.max_rounds (default: the config's 10; --quick 2)")
+    parser.add_argument("--max-new-per-class", type=class_cap, default=DEFAULT,
+                        help="autolabel.max_new_per_class: a number, or none for no class cap (default: the config's, 1.0); "
+                        "its runs get their own folders (seed_<s>_cap<value>)")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--gpu", type=int, default=0, help="config key gpu (default 0: CPU)")
     parser.add_argument("--quick", action="store_true", help="10 per class, 200 raw, 2 rounds of a short recipe: the smoke test")
@@ -431,11 +461,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="autolabel_fashion_"))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
     split = out / f"clean{args.per_class}_raw{args.raw}"  # a rerun with other sizes does not reuse the piles
-    finals = [run_one(split / f"seed_{seed}", seed, args) for seed in args.seeds]
+    finals = [run_one(seed_folder(split, seed, args), seed, args) for seed in args.seeds]
     print("\n" + "\n".join(summarise(finals)))
     if args.json:
         args.json.write_text(json.dumps({"per_class": args.per_class, "raw": args.raw, "experiment": args.experiment,
-                                         "epochs": args.epochs, "max_rounds": args.max_rounds, "seeds": finals}, indent=2))
+                                         "epochs": args.epochs, "max_rounds": args.max_rounds,
+                                         "max_new_per_class": "config" if args.max_new_per_class is DEFAULT else args.max_new_per_class,
+                                         "seeds": finals}, indent=2))
     print(f"results: {out}")
     return 0
 

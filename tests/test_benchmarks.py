@@ -8,6 +8,7 @@ that wait for each other made a tiny epoch more than 10x slower than one thread.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import statistics
@@ -131,6 +132,25 @@ def test_autolabel_peers_judged_at_the_workflows_class_mix(tmp_path):
     assert row["judged_class_mix"] == {"peer": 4} and row["peers_class_mix"] == {"peer": 0.5}
     with pytest.raises(SystemExit, match="round 0: .*dataset.csv holds 2 labelled raw images, evaluation.json 3"):
         alf.compare({"rounds": rounds[:1]}, peers, truth, {0: {0: 1, 1: 1}})
+
+
+def test_autolabel_fashion_class_cap_option_reaches_the_config_and_gets_its_own_folder(tmp_path):
+    import autolabel_fashion as alf
+
+    def parsed(*argv):
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--max-new-per-class", type=alf.class_cap, default=alf.DEFAULT)
+        return argparse.Namespace(max_rounds=None, **vars(parser.parse_args(list(argv))))
+
+    default, none, three = parsed(), parsed("--max-new-per-class", "none"), parsed("--max-new-per-class", "3")
+    section = alf.autolabel_section(Path("c"), Path("r"), Path("t.csv"), "fashion", default)
+    assert "max_new_per_class" not in section  # the config's default applies
+    assert alf.autolabel_section(Path("c"), Path("r"), Path("t.csv"), "fashion", none)["max_new_per_class"] is None
+    assert alf.autolabel_section(Path("c"), Path("r"), Path("t.csv"), "fashion", three)["max_new_per_class"] == 3.0
+    folders = {alf.seed_folder(tmp_path, 103, a).name for a in (default, none, three)}
+    assert folders == {"seed_103", "seed_103_capnone", "seed_103_cap3.0"}
+    with pytest.raises(SystemExit):
+        parsed("--max-new-per-class", "-1")
 
 
 def test_spread_summary():
