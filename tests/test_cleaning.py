@@ -86,6 +86,23 @@ def test_corrections_digest_per_table_changes_only_with_its_own_rows(tmp_path):
     assert applying_rows_digest(csv, tmp_path / "data") != main
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"path,label\nb/1.png,a,x\nb/2.png,b,y\n", "line 2 has 3 fields"),  # pandas read path=a, label=x
+        (b'path,label\n"b/1.png,a\n', "not a readable CSV"),
+        (b"", "not a readable CSV"),
+        (b"path,label\nb/caf\xe9.png,a\n", "not a readable CSV"),
+    ],
+)
+def test_a_malformed_corrections_file_is_a_dataset_error_naming_it(tmp_path, content, message):
+    # the digest runs while Snakemake builds the DAG, which reports a DatasetError but no other error
+    csv = tmp_path / "corrections.csv"
+    csv.write_bytes(content)
+    with pytest.raises(DatasetError, match=rf"corrections\.csv.*{message}"):
+        applying_rows_digest(csv, tmp_path)
+
+
 def test_corrections_relabel_drop_and_report_without_moving_other_rows():
     fixes = corrections([("cat/b.png", "dog"), ("dog/c.png", "dog"), ("dog/d.png", "drop"), ("raw/x.png", "fox")])
     out, report = apply_corrections(table(), fixes, TAG2CLS)
@@ -268,6 +285,16 @@ def test_score_oof_flags_the_injected_flips_and_says_which_signals_fired():
         score_oof(oof.assign(label="1;2"), problem.probs, classes, None)
 
 
+def test_score_oof_tells_several_labels_from_a_class_name():
+    problem, oof, classes = oof_problem()
+    classes = ["a;b" if c == "1" else c for c in classes]  # not a pair of labels: one class's name
+    oof = oof.assign(label=np.asarray(classes)[problem.labels])
+    scores, _, _ = score_oof(oof, problem.probs, classes, None)
+    assert len(scores) == 600
+    with pytest.raises(DatasetError, match="single-label"):
+        score_oof(oof.assign(label="0;2"), problem.probs, classes, None)
+
+
 def test_signals_fired_joins_the_names():
     frame = pd.DataFrame(
         {"model_disagrees": [True, False], "neighbours_disagree": [True, False], "confident_joint": [False, False], "noise_rate_pruned": [True, False]}
@@ -298,6 +325,9 @@ def test_cleaned_dataset_drops_or_relabels_flagged_images_but_never_a_human_corr
     assert relabelled.loc["dog/d.png", "tag"] == "dog"
     assert cleaned_dataset(data, scores, TAG2CLS, **settings("relabel", 0.45)).set_index("path").loc["dog/c.png", "tag"] == "fox"
     assert data["tag"].tolist() == ["cat", "cat", "dog", "dog", "fox"]  # the input is not edited
+    # a labels-CSV dataset (one label per row) keeps `labels` in step with `tag`
+    with_labels = cleaned_dataset(data.assign(labels=data["tag"]), scores, TAG2CLS, **settings("relabel"))
+    assert with_labels["labels"].tolist() == with_labels["tag"].tolist() == ["cat", "dog", "dog", "fox"]
     with pytest.raises(DatasetError, match="report"):
         cleaned_dataset(data, scores, TAG2CLS, **settings("report"))
     with pytest.raises(DatasetError, match="action"):

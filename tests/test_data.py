@@ -19,10 +19,12 @@ from labelflow.dataset import (
     duplicate_folds,
     read_dataset_csv,
     read_duplicates,
+    read_image_list,
     read_tag2cls,
     resolve_valid_folds,
     split,
     tag2label,
+    tag2label_csv,
     valid_mask,
 )
 from labelflow.demo import write_digits_dataset
@@ -251,6 +253,15 @@ def test_tag2label_unicode_and_spaces(tmp_path: Path) -> None:
         ["chat noir/é 1.png", "chat noir"],
         ["日本/画像 2.png", "日本"],
     ]
+
+
+def test_tag2label_refuses_the_label_separator_in_a_class_folder(tmp_path: Path) -> None:
+    # `;` joins several labels: corrections, label issues and group reports would split the name
+    root = tmp_path / "data"
+    _noise_png(root / "cat;dog" / "1.png", size=8, seed=1)
+    _noise_png(root / "fox" / "2.png", size=8, seed=2)
+    with pytest.raises(DatasetError, match="class folder 'cat;dog' has `;` in its name.*rename the folder"):
+        tag2label(root)
 
 
 def test_tag2label_groups_identical_files_and_drops_label_conflicts(tiny_dataset: Path) -> None:
@@ -517,6 +528,50 @@ def test_read_dataset_csv_checks_columns_and_file(tmp_path: Path) -> None:
     write_csv_atomic(pd.DataFrame({"file": ["x.png"]}), tmp_path / "d.csv")
     with pytest.raises(DatasetError, match="lacks column\\(s\\) 'path', 'tag'"):
         read_dataset_csv(tmp_path / "d.csv", None)
+
+
+def _labels_dataset(tmp_path: Path, rows: str) -> tuple[Path, Path]:
+    for i, name in enumerate(["im0.png", "a/b.png", "c.png"]):
+        _noise_png(tmp_path / "images" / name, size=8, seed=i)
+    csv = tmp_path / "labels.csv"
+    csv.write_text(rows)
+    return csv, tmp_path / "images"
+
+
+def test_tag2label_csv_compares_paths_after_normalising_them(tmp_path: Path) -> None:
+    csv, images = _labels_dataset(tmp_path, "path,labels\n./im0.png,x\na//b.png,y\nc.png,x\n")
+    assert tag2label_csv(csv, images).dataset["path"].tolist() == ["a/b.png", "c.png", "im0.png"]
+    for twice in ("im0.png,x\n./im0.png,y\n", "a//b.png,x\na/b.png,y\n"):
+        csv.write_text("path,labels\nc.png,x\n" + twice)
+        with pytest.raises(DatasetError, match=r"labels\.csv lists '(im0|a/b)\.png' more than once"):
+            tag2label_csv(csv, images)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"path,labels\nim0.png,x,y\nc.png,x,z\n", "line 2 has 3 fields"),  # an unquoted comma
+        (b"path,labels\nim0.png,x\nc.png,x,\n", "line 3, saw 3"),
+        (b'path,labels\n"im0.png,x\n', "not a readable CSV"),
+        (b"", "not a readable CSV"),
+        (b"path,labels\nim\xe9.png,x\n", "not a readable CSV"),  # Latin-1
+    ],
+)
+def test_malformed_labels_table_or_image_list_is_an_error_naming_it(tmp_path: Path, content: bytes, message: str) -> None:
+    csv, images = _labels_dataset(tmp_path, "")
+    csv.write_bytes(content)
+    with pytest.raises(DatasetError, match=rf"labels table .*labels\.csv.*{message}"):
+        tag2label_csv(csv, images)
+    with pytest.raises(DatasetError, match=rf"image table .*labels\.csv.*{message}"):
+        read_image_list(csv)
+
+
+def test_read_image_list_names_lines_as_plain_numbers(tmp_path: Path) -> None:
+    csv = tmp_path / "images.csv"
+    csv.write_text('path,label\n"a,b.png",x\nc.png,\n')
+    assert read_image_list(csv).to_dict("list") == {"path": ["a,b.png", "c.png"], "label": ["x", ""]}
+    with pytest.raises(DatasetError, match=r"line\(s\) \[3\] have no label"):
+        read_image_list(csv, require_labels=True)
 
 
 def test_atomic_writers_round_trip(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""labelflow.io.atomic_directory: the target folder is never missing, whatever step a crash hits.
+"""labelflow.io.atomic_directory: the target folder is never missing, whatever step a crash hits;
+and read_table / read_csv: a malformed CSV is a DatasetError naming the file, never shifted columns.
 
 A crash is simulated by making os.rename or shutil.rmtree raise at one chosen call. Where the
 process would have died there (SIGKILL), the in-process clean-up is made to fail too, so the
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from labelflow.io import atomic_directory, recover_directory
+from labelflow.io import DatasetError, atomic_directory, read_table, recover_directory
 
 
 class Crash(BaseException):
@@ -165,3 +166,47 @@ def test_recovery_ignores_other_folders_and_a_missing_parent(tmp_path: Path) -> 
 
 def _raise_crash(*args, **kwargs):
     raise Crash("killed")
+
+
+# --------------------------------------------------------------------------- CSV readers
+
+
+def test_read_table_keeps_a_valid_table_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text('path,label,confidence\n"a,b.png",0,0.5\n\nc.png,NA,\n', encoding="utf-8")
+    table = read_table(path)
+    assert table["path"].tolist() == ["a,b.png", "c.png"] and table["label"].tolist() == ["0", "NA"]
+    assert table.index.tolist() == [0, 1] and table["confidence"].isna().tolist() == [False, True]
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("path,label\nb/1.png,a,x\nb/2.png,b,y\n", 2),  # every row: pandas would make `path` the index
+        ("path,label\nb/1.png,a,\nb/2.png,b,\n", 2),  # trailing commas
+        ("path,label\n\nb/1.png,a,x\nb/2.png,b\n", 3),  # the first row only, after a blank line
+        ("path,label\nb/1.png,a\nb/2.png,b,y\n", 3),  # a later row
+    ],
+)
+def test_read_table_refuses_rows_longer_than_the_header(tmp_path: Path, text: str, line: int) -> None:
+    path = tmp_path / "corrections.csv"
+    path.write_text(text)
+    with pytest.raises(DatasetError, match=rf"corrections\.csv.*line {line}.*quotes"):
+        read_table(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b'path,label\n"b/1.png,a\n', "EOF inside string"),
+        (b"", "No columns"),
+        (b"path,label\nb/caf\xe9.png,a\n", "'utf-8' codec"),  # Latin-1
+    ],
+)
+def test_read_table_names_the_file_of_a_malformed_csv(tmp_path: Path, content: bytes, problem: str) -> None:
+    path = tmp_path / "corrections.csv"
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match=rf"corrections\.csv is not a readable CSV \(.*{problem}.*UTF-8"):
+        read_table(path)
+    with pytest.raises(FileNotFoundError):  # callers name their config key for a missing file
+        read_table(tmp_path / "missing.csv")

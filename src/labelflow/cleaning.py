@@ -139,7 +139,9 @@ def score_oof(
             f"out-of-fold probabilities {probabilities.shape} do not match {len(oof)} rows x {len(classes)} classes; "
             "rerun kfold_summary"
         )
-    if oof["label"].astype(str).str.contains(";").any():
+    # An image's label is one class name, or class names joined by `;` (multilabel data)
+    given = oof["label"].astype(str)
+    if (given.str.contains(";") & ~given.isin(list(classes))).any():
         raise DatasetError("label issues need single-label data; this dataset has images with several labels")
     result = find_label_issues(
         probabilities, oof["class"].to_numpy(), neighbour_labels, classes=classes, paths=oof["path"].tolist()
@@ -230,6 +232,8 @@ def cleaned_dataset(
         new = flagged["suggested_label"].to_numpy(dtype=object)[relabel]
         out.loc[relabel, "tag"] = new
         out.loc[relabel, "class"] = np.array([tag2cls[t] for t in new], dtype=np.int64)
+        if "labels" in out.columns:  # a labels-CSV dataset (one label per row: score_oof refuses several)
+            out.loc[relabel, "labels"] = new
         out.loc[relabel, "source"] = RELABELLED
     kept = ~(is_flagged & ~relabel)
     log.info("%s: %d flagged images, %d relabelled, %d dropped", action, int(is_flagged.sum()), int(relabel.sum()), int((~kept).sum()))

@@ -37,6 +37,7 @@ from labelflow.io import (
     DatasetError,
     PathLike,
     quote,
+    read_csv,
     read_table,
     require_columns,
 )
@@ -192,11 +193,11 @@ def tag2label(dataset_dir: PathLike, duplicates: DuplicateSettings = DEFAULT_DUP
     Each immediate sub-folder is a class (its name is the tag); files anywhere below it
     belong to it. Symlinks are followed, with a guard against loops. Hidden entries,
     names that are not valid UTF-8, non-image files and unreadable images are skipped and
-    reported, never fatal; a class left without images, or fewer than two classes, is a
-    :class:`DatasetError`. Copies of one picture (byte-identical, or near-identical: pHash
-    within ``duplicates.max_distance`` and pixels correlating at ``duplicates.min_correlation``)
-    share a ``group``; see :func:`group_duplicates` for groups
-    whose members sit in different classes.
+    reported, never fatal; a class left without images, fewer than two classes, or a class
+    folder name with ``;`` (the separator of multilabel labels) is a :class:`DatasetError`.
+    Copies of one picture (byte-identical, or near-identical: pHash within
+    ``duplicates.max_distance`` and pixels correlating at ``duplicates.min_correlation``) share
+    a ``group``; see :func:`group_duplicates` for groups whose members sit in different classes.
     """
     root = Path(dataset_dir)
     if not root.exists():
@@ -215,6 +216,13 @@ def tag2label(dataset_dir: PathLike, duplicates: DuplicateSettings = DEFAULT_DUP
         return Path(os.path.relpath(path, root)).as_posix()
 
     tags, candidates, skipped = _class_folder_files(root, rel)
+    # `;` separates the labels of multilabel data (labels, corrections, group reports).
+    with_separator = [t for t in tags if ";" in t]
+    if with_separator:
+        raise DatasetError(
+            f"class folder {quote(with_separator)} has `;` in its name (dataset folder {root}); `;` separates "
+            "the labels of an image, so rename the folder without it"
+        )
     images, unusable = _inspected([path for _, path in candidates], [rel(p) for _, p in candidates])
     images.insert(1, "tag", [tag for (tag, _), usable in zip(candidates, unusable["usable"]) if usable])
     skipped += unusable.loc[~unusable["usable"], ["path", "reason"]].itertuples(index=False, name=None)
@@ -285,10 +293,12 @@ def tag2label_csv(
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist; set config key `dataset` to the root of labels_csv paths")
     try:
-        table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+        table = read_csv(labels_csv, "labels table", dtype=str, keep_default_na=False)
     except FileNotFoundError as err:
         raise DatasetError(f"labels table {labels_csv} does not exist; check config key `labels_csv`") from err
     require_columns(table, ["path", "labels"], f"labels table {labels_csv}")
+    # Normalised before the check, so `./a.png` and `a.png` (or `a//b.png`, `a/b.png`) are one image.
+    table["path"] = [Path(p).as_posix() if p else p for p in table["path"]]
     repeated = table["path"][table["path"].duplicated()].tolist()
     if repeated:
         raise DatasetError(f"labels table {labels_csv} lists {quote(repeated[:5])} more than once; keep one row per image")
@@ -308,7 +318,6 @@ def tag2label_csv(
     images, status = _inspected([os.path.join(base, p) for p, _ in listed], [p for p, _ in listed])
     skipped += status.loc[~status["usable"], ["path", "reason"]].itertuples(index=False, name=None)
     usable_labels = [labels for (_, labels), usable in zip(listed, status["usable"]) if usable]
-    images["path"] = [Path(p).as_posix() for p in images["path"]]
     images.insert(1, "tag", [labels[0] for labels in usable_labels])
     images.insert(2, "labels", [";".join(labels) for labels in usable_labels])
     images = images.sort_values("path", ignore_index=True)
@@ -636,10 +645,7 @@ def read_image_list(csv_path: PathLike, require_labels: bool = False) -> pd.Data
     when it has none). The one reader of the image lists users give to embed, predict and
     evaluate. Empty paths are an error naming the lines; with ``require_labels`` so are a
     missing label column and empty labels."""
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DatasetError(f"image table {csv_path} is not a readable CSV ({err})") from err
+    table = read_csv(csv_path, "image table", dtype=str, keep_default_na=False)
     column = next((c for c in IMAGE_LIST_LABELS if c in table.columns), None)
     if "path" not in table.columns or (require_labels and column is None):
         wanted = "path,label" if require_labels else "a `path` column"
@@ -647,5 +653,5 @@ def read_image_list(csv_path: PathLike, require_labels: bool = False) -> pd.Data
     labels = table[column] if column else pd.Series([""] * len(table), dtype=str)
     for what, empty in (("an empty path", table["path"].str.strip() == ""), ("no label", labels.str.strip() == "")):
         if empty.any() and (what != "no label" or require_labels):
-            raise DatasetError(f"image table {csv_path}: line(s) {list(np.flatnonzero(empty) + 2)[:5]} have {what}")
+            raise DatasetError(f"image table {csv_path}: line(s) {(np.flatnonzero(empty) + 2)[:5].tolist()} have {what}")
     return pd.DataFrame({"path": table["path"].tolist(), "label": labels.tolist()})

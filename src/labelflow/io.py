@@ -7,6 +7,7 @@ Nothing here pickles: tables are CSV, small facts JSON, arrays ``.npy``/``.npz``
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -174,12 +175,53 @@ def read_json(path: PathLike) -> Any:
 
 
 def read_table(path: PathLike, text_columns: Sequence[str] = ()) -> pd.DataFrame:
-    """Read one of our CSVs: name columns stay text ("0", "NA" are real tags), empty = missing."""
-    header = pd.read_csv(path, nrows=0).columns
+    """Read one of our CSVs: name columns stay text ("0", "NA" are real tags), empty = missing.
+    A malformed file is a :class:`DatasetError` (:func:`read_csv`); a missing one FileNotFoundError."""
+    header = read_csv(path, "table", nrows=0).columns
     text = TEXT_COLUMNS | set(text_columns)
-    return pd.read_csv(
-        path, dtype={c: str for c in header if c in text}, keep_default_na=False, na_values=[""]
-    )
+    return read_csv(path, "table", dtype={c: str for c in header if c in text}, keep_default_na=False, na_values=[""])
+
+
+# What pandas and the csv module raise on a malformed file (an unclosed quote, a row longer than
+# the rows before it, no header at all, bytes that are not UTF-8).
+CSV_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error)
+CSV_FIX = "close every quote, put a field that holds a comma in quotes, and save the file as UTF-8 with a header line"
+
+
+def read_csv(path: PathLike, what: str, **kwargs: Any) -> pd.DataFrame:
+    """``pandas.read_csv`` of a CSV a person may have written or edited; a malformed file is a
+    :class:`DatasetError` naming ``what`` (say "labels table") and the file, a missing file still
+    FileNotFoundError, for the caller to name its config key.
+
+    ``index_col=False``: rows with one field more than the header (an unquoted comma in a file
+    name, a trailing comma) must not make the first column the index, shifting every column.
+    pandas then drops the extra fields of the first data row silently, and refuses a later row
+    longer than that one, so a first row longer than the header is checked here.
+    """
+    try:
+        _check_first_row(path, what)
+        return pd.read_csv(path, index_col=False, **kwargs)
+    except CSV_ERRORS as err:
+        raise DatasetError(f"{what} {path} is not a readable CSV ({str(err).strip()}); {CSV_FIX}") from err
+
+
+def _check_first_row(path: PathLike, what: str) -> None:
+    """The first data row has no more fields than the header (blank lines skipped, as pandas does)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        rows, start = [], 1
+        for row in reader:
+            if row:
+                rows.append((start, row))
+                if len(rows) == 2:
+                    break
+            start = reader.line_num + 1
+    if len(rows) == 2 and len(rows[1][1]) > len(rows[0][1]):
+        (_, header), (line, row) = rows
+        raise DatasetError(
+            f"{what} {path}: line {line} has {len(row)} fields but the header has {len(header)} "
+            f"({quote(header)}); put a field that holds a comma in quotes (\"a,b.png\") and remove trailing commas"
+        )
 
 
 def require_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
