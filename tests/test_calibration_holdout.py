@@ -81,7 +81,7 @@ def test_calibrate_run_fits_on_the_calibration_rows_only(tmp_path):
     write_csv_atomic(predictions, tmp_path / "predictions.csv")
     save_npy_atomic(tmp_path / "logits.npy", logits.astype(np.float32))
     write_json_atomic({"x": 0, "y": 1}, tmp_path / "tag2cls.json")
-    experiment = {"heads": [{"name": "class", "loss": "cross_entropy"}]}
+    experiment = {"heads": [{"name": "class", "loss": "cross_entropy", "decision_threshold": 0.5}]}
     kwargs = dict(predictions_csv=tmp_path / "predictions.csv", logits_npy=tmp_path / "logits.npy",
                   tag2cls_json=tmp_path / "tag2cls.json", experiment=experiment, seed=0)  # fmt: skip
     result = calibrate_run(**kwargs, settings=CalibrationSettings(holdout=0.5, min_temperature=0.05, sharpen_min_errors=None), out_json=tmp_path / "c.json")
@@ -133,7 +133,7 @@ def test_calibrate_run_reports_the_floor_it_applied(tmp_path):
     save_npy_atomic(tmp_path / "logits.npy", (logits * 0.3).astype(np.float32))  # under-confident
     write_json_atomic({"x": 0, "y": 1}, tmp_path / "tag2cls.json")
     kwargs = dict(predictions_csv=tmp_path / "predictions.csv", logits_npy=tmp_path / "logits.npy",
-                  tag2cls_json=tmp_path / "tag2cls.json", experiment={"heads": [{"name": "class", "loss": "cross_entropy"}]},
+                  tag2cls_json=tmp_path / "tag2cls.json", experiment={"heads": [{"name": "class", "loss": "cross_entropy", "decision_threshold": 0.5}]},
                   seed=0)  # fmt: skip
     result = calibrate_run(**kwargs, settings=CalibrationSettings(0.5, 1.0, 30), out_json=tmp_path / "c.json")
     written = json.loads((tmp_path / "c.json").read_text())
@@ -141,3 +141,42 @@ def test_calibrate_run_reports_the_floor_it_applied(tmp_path):
     assert result["temperature"] < 0.6
     never = calibrate_run(**kwargs, settings=CalibrationSettings(0.5, 1.0, None), out_json=tmp_path / "d.json")
     assert never["temperature"] == 1.0 and never["temperature_floor"] == 1.0
+
+
+def test_multilabel_calibration_decides_at_the_heads_decision_threshold(tmp_path):
+    """right, errors and accuracy of multi-hot rows are the model's answers: every class whose
+    uncalibrated sigmoid reaches the class head's decision_threshold (as rule infer, predict and
+    summary.json decide), not a fixed 0.5."""
+    from labelflow.calibration import confidence_and_correct
+    from labelflow.losses import probabilities
+    from labelflow.metrics import head_metrics
+
+    rng = np.random.default_rng(3)
+    n = 200
+    targets = (rng.random((n, 3)) < 0.4).astype(np.float32)
+    targets[targets.sum(axis=1) == 0, 0] = 1.0  # every image has a label
+    # true classes at sigmoid 0.31..0.5: right at threshold 0.25, wrong at 0.5
+    logits = np.where(targets > 0, rng.uniform(-0.8, 0.0, (n, 3)), rng.uniform(-4.0, -1.5, (n, 3))).astype(np.float32)
+    predictions = pd.DataFrame(
+        {"path": [f"{i}.png" for i in range(n)], "split": "calibration", "class": targets.argmax(1),
+         "label": [";".join("xyz"[c] for c in np.flatnonzero(row)) for row in targets], "predicted": "", "confidence": 0.5}
+    )  # fmt: skip
+    assert predictions["label"].str.contains(";").any()
+    write_csv_atomic(predictions, tmp_path / "predictions.csv")
+    save_npy_atomic(tmp_path / "logits.npy", logits)
+    write_json_atomic({"x": 0, "y": 1, "z": 2}, tmp_path / "tag2cls.json")
+    for threshold in (0.25, 0.5):
+        result = calibrate_run(
+            predictions_csv=tmp_path / "predictions.csv", logits_npy=tmp_path / "logits.npy",
+            tag2cls_json=tmp_path / "tag2cls.json", experiment={"heads": [{"name": "class", "loss": "bce", "decision_threshold": threshold}]},
+            settings=CalibrationSettings(0.5, 1.0, 10), seed=0, out_json=tmp_path / "c.json",
+        )  # fmt: skip
+        wrong = ((probabilities(logits, "sigmoid") >= threshold) != (targets > 0.5)).any(axis=1)
+        assert result["errors"] == int(wrong.sum())
+        assert result["accuracy"] == pytest.approx(head_metrics(logits, targets, "sigmoid", threshold)["accuracy"])
+        if threshold == 0.25:
+            assert result["accuracy"] == 1.0 and result["errors"] == 0 and result["temperature_floor"] == 1.0
+        else:
+            assert result["accuracy"] < 0.5 and result["errors"] >= 10 and result["temperature_floor"] == 0.05
+    # ECE bins the same decisions: at 0.25 every (image, class) decision is right
+    assert confidence_and_correct(logits, targets, "sigmoid", 2.0, 0.25)[1].all()

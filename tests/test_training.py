@@ -127,6 +127,9 @@ def test_build_optimizer_kinds_and_unknown():
     sgd = build_optimizer(model, stage_spec("s", epochs=1, lr=0.1, optimizer="sgd", momentum=0.8))
     assert isinstance(sgd, torch.optim.SGD)
     assert sgd.param_groups[0]["momentum"] == 0.8 and sgd.param_groups[0]["nesterov"] is True
+    # momentum 0 passes the schema; torch refuses Nesterov without momentum, so it is plain SGD
+    plain = build_optimizer(model, stage_spec("s", epochs=1, lr=0.1, optimizer="sgd", momentum=0.0))
+    assert plain.param_groups[0]["momentum"] == 0.0 and plain.param_groups[0]["nesterov"] is False
     with pytest.raises(ValueError, match=r"stages\.s\.optimizer='lamb'"):
         build_optimizer(model, replace(stage_spec("s", epochs=1, lr=0.1), optimizer="lamb"))
 
@@ -972,6 +975,33 @@ def test_stage_fingerprint_has_named_parts_and_each_input_changes_its_own(run_in
     assert changed(dataset_csv=tmp_path / "dataset.csv") == ["data"]
     models.save_checkpoint(tmp_path / "init.pt", prepared.model)
     assert changed(init_checkpoint=tmp_path / "init.pt") == ["init"]
+
+
+def test_infer_scores_the_rotation_heads_on_the_validation_images_and_codes_of_training(run_inputs, tmp_path):
+    """With images held out for calibration, heads.csv still holds the valid images alone, each
+    under the rotation code training validation gave it (codes are seeded by position)."""
+    import pandas as pd
+
+    from conftest import validated_experiment
+    from labelflow.experiment import StageSetup, infer, prepare_stage
+    from workflow_helpers import tiny_experiment
+
+    base, root = run_inputs
+    experiment = validated_experiment(tiny_experiment({"name": "class"}, {"name": "rotation"}))
+    setup = StageSetup(base / "dataset.csv", base / "tag2cls.json", root, experiment, "stage1", [0], SEED,
+                       calibration_share=0.5)  # fmt: skip
+    prepared = prepare_stage(setup)
+    valid = prepared.loaders.valid.dataset
+    expected = [(str(valid.paths[i]), int(valid[i]["rotation"])) for i in range(len(valid))]
+    models.save_checkpoint(tmp_path / "best.pt", prepared.model)
+    infer(
+        checkpoint=tmp_path / "best.pt", dataset_csv=base / "dataset.csv", tag2cls_json=base / "tag2cls.json", root=root,
+        experiment=experiment, valid_folds=[0], seed=SEED, out_dir=tmp_path / "predictions", calibration_share=0.5,
+    )
+    predictions = pd.read_csv(tmp_path / "predictions/predictions.csv")
+    assert (predictions["split"] == "calibration").any()
+    heads = pd.read_csv(tmp_path / "predictions/heads.csv")
+    assert list(zip(heads["path"], heads["true"])) == expected
 
 
 def test_a_resumed_stage_draws_its_batches_as_the_saved_epochs_did(run_inputs, tmp_path, monkeypatch, caplog):

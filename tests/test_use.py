@@ -236,6 +236,8 @@ def test_evaluate_folder_writes_metrics_errors_and_contact_sheet(made, trained, 
     for name in ("class_00", "class_02"):
         shutil.copytree(made["images"] / name, held / name)
     (held / "class_02/broken.png").write_bytes(b"\x89PNG not really")
+    (held / "class_00/notes.txt").write_text("not an image")  # not an input: only image files are
+    (held / "class_02/Thumbs.db").write_bytes(b"\0" * 16)
     metrics = evaluate_images(held, trained, tmp_path / "eval", batch_size=5)
     assert metrics["n_images"] == 24 and metrics["n_unreadable"] == 1
     assert metrics["classes_present"] == ["class_00", "class_02"] and set(metrics["per_class"]) == {"class_00", "class_02"}
@@ -251,6 +253,7 @@ def test_evaluate_folder_writes_metrics_errors_and_contact_sheet(made, trained, 
     assert (tmp_path / "eval/confusion.png").read_bytes()[:4] == b"\x89PNG"
     rows = pd.read_csv(tmp_path / "eval/predictions.csv", keep_default_na=False)
     assert len(rows) == 25 and rows.loc[rows["path"].str.endswith("broken.png"), "error"].item() != ""
+    assert not rows["path"].str.endswith((".txt", ".db")).any()
 
 
 def test_evaluate_rejects_unknown_class_names(made, trained, tmp_path):

@@ -140,18 +140,24 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bi
     return float(ece)
 
 
+def multilabel_decisions(logits: np.ndarray, activation: str, decision_threshold: float) -> np.ndarray:
+    """The classes a multilabel head answers: its uncalibrated probability reaches the head's
+    ``decision_threshold``, as rule infer and labelflow.predict decide."""
+    return probabilities(logits, activation) >= decision_threshold
+
+
 def confidence_and_correct(
-    logits: np.ndarray, targets: np.ndarray, activation: str, temperature: float
+    logits: np.ndarray, targets: np.ndarray, activation: str, temperature: float, decision_threshold: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray]:
     """What ECE bins: for class indices, the top class's calibrated probability and whether it is
-    the label; for multi-hot targets, every (image, class) decision's probability (p or 1-p) and
-    whether it is right."""
+    the label; for multi-hot targets, every (image, class) decision (:func:`multilabel_decisions`)
+    with the calibrated probability that it is right (p or 1-p) and whether it is."""
     targets = np.asarray(targets)
     if targets.ndim == 1:
         predicted, confidence = top_confidence(logits, temperature, activation)
         return confidence, predicted == targets
     probs = probabilities(logits, activation, temperature)
-    decided = probs >= 0.5
+    decided = multilabel_decisions(logits, activation, decision_threshold)
     return np.where(decided, probs, 1 - probs).ravel(), (decided == (targets > 0.5)).ravel()
 
 
@@ -174,20 +180,22 @@ class Calibration:
         return asdict(self)
 
 
-def _cross_fitted(logits, targets, activation, bounds, n_bins, seed) -> tuple[float, float, str]:
+def _cross_fitted(logits, targets, activation, bounds, n_bins, seed, decision_threshold) -> tuple[float, float, str]:
     """ECE and NLL after scaling, each half scored with the temperature fitted on the other:
     a figure measured on data that did not fit the temperature it is scored with."""
     n = len(targets)
     if n < 4:
         temperature = fit_temperature(logits, targets, activation, bounds=bounds)
-        confidence, correct = confidence_and_correct(logits, targets, activation, temperature)
+        confidence, correct = confidence_and_correct(logits, targets, activation, temperature, decision_threshold)
         return expected_calibration_error(confidence, correct, n_bins), nll(logits, targets, activation, temperature), "in-sample (fewer than 4 images)"
     half = np.zeros(n, dtype=bool)
     half[np.random.default_rng(seed).permutation(n)[: n // 2]] = True
     confidences, corrects, losses = [], [], []
     for scored in (half, ~half):
         temperature = fit_temperature(logits[~scored], targets[~scored], activation, bounds=bounds)
-        confidence, correct = confidence_and_correct(logits[scored], targets[scored], activation, temperature)
+        confidence, correct = confidence_and_correct(
+            logits[scored], targets[scored], activation, temperature, decision_threshold
+        )
         confidences.append(confidence)
         corrects.append(correct)
         losses.append(nll(logits[scored], targets[scored], activation, temperature) * scored.sum())
@@ -203,6 +211,7 @@ def calibrate(
     min_temperature: float = MIN_TEMPERATURE,
     seed: int = 0,
     sharpen_min_errors: int | None = None,
+    decision_threshold: float = 0.5,
 ) -> Calibration:
     """Fit the temperature (floor .. MAX_TEMPERATURE) on held-out ``logits`` and their targets
     (class indices, or multi-hot rows for sigmoid heads); report accuracy, ECE and NLL before
@@ -212,7 +221,8 @@ def calibrate(
     The floor is ``min_temperature``, or :data:`MIN_TEMPERATURE` when ``sharpen_min_errors`` is
     set and the rows hold at least that many misclassified images (enough errors to tell how
     sure the model should be; none is the case that drives a free fit to T -> 0). The
-    cross-fitted halves keep the floor decided on all the rows."""
+    cross-fitted halves keep the floor decided on all the rows. Multi-hot rows are right when
+    every class is decided right at the head's ``decision_threshold`` (:func:`multilabel_decisions`)."""
     if not MIN_TEMPERATURE <= min_temperature <= MAX_TEMPERATURE:
         raise ValueError(f"min_temperature must be within [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {min_temperature}")
     if sharpen_min_errors is not None and sharpen_min_errors < 1:
@@ -221,13 +231,13 @@ def calibrate(
     if targets.ndim == 1:
         right = logits.argmax(axis=1) == targets if len(targets) else np.zeros(0, dtype=bool)
     else:
-        right = ((probabilities(logits, activation) >= 0.5) == (targets > 0.5)).all(axis=1)
+        right = (multilabel_decisions(logits, activation, decision_threshold) == (targets > 0.5)).all(axis=1)
     errors = int((~right).sum())
     floor = MIN_TEMPERATURE if sharpen_min_errors is not None and errors >= sharpen_min_errors else min_temperature
     bounds = (floor, MAX_TEMPERATURE)
     temperature = fit_temperature(logits, targets, activation, bounds=bounds)
-    before, correct = confidence_and_correct(logits, targets, activation, 1.0)
-    ece_after, nll_after, method = _cross_fitted(logits, targets, activation, bounds, n_bins, seed)
+    before, correct = confidence_and_correct(logits, targets, activation, 1.0, decision_threshold)
+    ece_after, nll_after, method = _cross_fitted(logits, targets, activation, bounds, n_bins, seed, decision_threshold)
     return Calibration(
         activation=activation,
         temperature=temperature,
@@ -301,7 +311,7 @@ def calibrate_run(
     targets = calibration_targets(predictions[rows], read_tag2cls(tag2cls_json), multilabel)
     calibration = calibrate(
         logits[rows], targets, activation, min_temperature=settings.min_temperature, seed=seed,
-        sharpen_min_errors=settings.sharpen_min_errors,
+        sharpen_min_errors=settings.sharpen_min_errors, decision_threshold=head["decision_threshold"],
     )
     result = {**calibration.to_dict(), "fitted_on": fitted_on, "ece_bins": ECE_BINS}
     write_json_atomic(result, out_json)

@@ -30,7 +30,7 @@ import torch
 
 from labelflow.calibration import ECE_BINS, expected_calibration_error
 from labelflow.dataset import read_image_list
-from labelflow.images import walk_images
+from labelflow.images import IMAGE_EXTENSIONS, walk_images
 from labelflow.io import DatasetError, PathLike, atomic_directory, write_csv_atomic, write_json_atomic
 from labelflow.losses import get_loss, probabilities
 from labelflow.predict import ERROR, BatchPredictions, Predictor
@@ -47,15 +47,18 @@ ERRORS_SHOWN = 500  # rows of the contact sheet; errors.csv has them all
 
 def labelled_images(source: PathLike, root: PathLike | None = None) -> pd.DataFrame:
     """A folder of class folders, or a CSV with ``path`` and ``label`` (or ``tag``) → table
-    path,label. Folder: every file below a sub-folder has that sub-folder's name as label
-    (hidden entries are left out; loose files in the folder itself are left out with a
-    warning). CSV: relative paths start at ``root``, by default the CSV's folder."""
+    path,label. Folder: every image file below a sub-folder has that sub-folder's name as label
+    (hidden entries and other extensions are left out, as embeddings' folders do; loose files
+    in the folder itself are left out with a warning). CSV: relative paths start at ``root``, by
+    default the CSV's folder."""
     source = Path(source)
     if source.is_dir():
         rows = []
         for entry in sorted(p for p in source.iterdir() if not p.name.startswith(".")):
             if entry.is_dir():
-                rows += [(Path(p).as_posix(), entry.name) for p in sorted(walk_images(str(entry), str, skipped=[]))]
+                # image extensions only: notes.txt or Thumbs.db beside the images are no input rows
+                found = (p for p in walk_images(str(entry), str, skipped=[]) if Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+                rows += [(Path(p).as_posix(), entry.name) for p in sorted(found)]
             else:
                 log.warning("left out %s: not inside a class folder", entry)
         table = pd.DataFrame(rows, columns=["path", "label"])

@@ -341,7 +341,9 @@ def infer(
         save_npy_atomic(out_dir / f"{name}.npy", array.astype(np.float32))
     roles = split_names(dataset, valid_folds, seed, calibration_share)
     predictions = prediction_rows(dataset, class_names(tag2cls), outputs["probabilities"], roles, model.spec.heads[0])
-    is_valid = roles != "train"
+    # the valid rows alone, in table order: training validation drew each image's rotation code
+    # from its position among them (calibration rows shift those positions)
+    is_valid = roles == "valid"
     write_csv_atomic(predictions, out_dir / "predictions.csv")
     targets = class_targets(dataset, tag2cls)[is_valid]
     heads = rotated_head_predictions(model, root, paths[is_valid], targets, data_cfg, seed, batch_size, device)

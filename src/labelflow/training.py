@@ -123,8 +123,10 @@ def build_optimizer(model: torch.nn.Module, spec: StageSpec) -> torch.optim.Opti
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     if spec.optimizer == "sgd":
+        # Nesterov needs momentum; the schema allows momentum 0 (plain SGD)
         return torch.optim.SGD(
-            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=True
+            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
+            nesterov=spec.momentum > 0,
         )
     raise ValueError(f"stages.{spec.name}.optimizer={spec.optimizer!r}; choose one of {OPTIMIZERS}")
 
