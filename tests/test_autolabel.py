@@ -414,15 +414,21 @@ def test_round_dataset_pseudo_rows_never_validate(tmp_path, piles):
     acc0 = _write_accepted(tmp_path / "acc0.csv", [("raw/box0/img_000.png", "class_00", 0.99)], 0, tag2cls)
     acc1 = _write_accepted(tmp_path / "acc1.csv", [("raw/box1/img_001.png", "class_01", 0.97)], 1, tag2cls)
     table = rnd.round_dataset(
-        human_csv=paths["human_csv"], accepted_csvs=[acc0, acc1], tag2cls_json=paths["tag2cls_json"],
-        out_csv=tmp_path / "round.csv",
+        human_csv=paths["human_csv"], raw_csv=paths["raw_csv"], accepted_csvs=[acc0, acc1],
+        tag2cls_json=paths["tag2cls_json"], out_csv=tmp_path / "round.csv",
     )
-    assert list(table.columns) == ["path", "tag", "class", "fold"] and len(table) == 20
+    assert list(table.columns) == ["path", "tag", "class", "fold", "sha1", "group", "source"] and len(table) == 20
     pseudo = table[table["path"].str.startswith("raw/")]
-    assert (pseudo["fold"] == -1).all() and list(pseudo["class"]) == [0, 1]
+    assert (pseudo["fold"] == -1).all() and list(pseudo["class"]) == [0, 1] and (pseudo["source"] == "pseudo").all()
+    raw_sha1 = io.read_table(paths["raw_csv"]).set_index("path")["sha1"]
+    assert list(pseudo["sha1"]) == list(raw_sha1[pseudo["path"]])
+    human = io.read_table(paths["human_csv"])
+    assert table.iloc[:18][["path", "sha1", "group"]].equals(human[["path", "sha1", "group"]])
+    assert (table.iloc[:18]["source"] == "human").all()
+    assert not set(pseudo["group"]) & set(human["group"]) and pseudo["group"].is_unique  # a group of their own
     for folds in ([0], [2], [0, 1]):
         assert table[valid_mask(table, folds)]["path"].str.startswith("clean/").all()
-    assert pd.read_csv(tmp_path / "round.csv").equals(table)
+    assert io.read_table(tmp_path / "round.csv").equals(table)
 
     candidates = policy.remaining_candidates(io.read_table(paths["raw_csv"]), table)
     # neither the accepted rows nor the human duplicate are candidates
@@ -432,9 +438,158 @@ def test_round_dataset_pseudo_rows_never_validate(tmp_path, piles):
     clash = _write_accepted(tmp_path / "clash.csv", [("clean/class_00/img_000.png", "class_01", 0.99)], 0, tag2cls)
     with pytest.raises(DatasetError, match="relabel human"):
         rnd.round_dataset(
-            human_csv=paths["human_csv"], accepted_csvs=[clash], tag2cls_json=paths["tag2cls_json"],
-            out_csv=tmp_path / "bad.csv",
+            human_csv=paths["human_csv"], raw_csv=paths["raw_csv"], accepted_csvs=[clash],
+            tag2cls_json=paths["tag2cls_json"], out_csv=tmp_path / "bad.csv",
         )
+
+
+def test_round_dataset_keeps_duplicate_groups_whole_between_selection_and_calibration(tmp_path):
+    """Copies of one picture (clean/: conftest.DUPLICATE_GROUPS) all choose the checkpoint or all
+    calibrate, in every round's table, as in the main runs."""
+    from labelflow.dataset import split_names
+
+    clean = make_duplicates_dataset(tmp_path / "clean")
+    raw = make_tiny_dataset(tmp_path / "raw", per_class=1, seed=3)
+    _, paths = _prepare(tmp_path, clean, raw)
+    table = rnd.round_dataset(
+        human_csv=paths["human_csv"], raw_csv=paths["raw_csv"], accepted_csvs=[], tag2cls_json=paths["tag2cls_json"],
+        out_csv=tmp_path / "round.csv",
+    )
+    table = io.read_table(tmp_path / "round.csv")  # as the round's run reads it
+    groups = table["path"].map(io.read_table(paths["human_csv"]).set_index("path")["group"])
+    split_somewhere = False
+    for fold in range(3):
+        for seed in range(5):
+            roles = pd.Series(split_names(table, [fold], seed, 0.5))
+            valid = roles != "train"
+            assert (roles[valid].groupby(groups[valid]).nunique() == 1).all()
+            # a table without groups would split a copy group (so the data can catch the bug)
+            alone = pd.Series(split_names(table[["path", "tag", "class", "fold"]], [fold], seed, 0.5))
+            split_somewhere |= bool((alone[valid].groupby(groups[valid]).nunique() > 1).any())
+    assert split_somewhere
+
+
+def test_round_dataset_changes_when_an_image_is_replaced_under_its_name(tmp_path, piles):
+    """The round's run resumes by a fingerprint of the table's bytes: a new sha1 of a human or a
+    pseudo-labelled image must change them."""
+    clean, raw = piles
+    _, paths = _prepare(tmp_path, clean, raw)
+    tag2cls = json.loads(paths["tag2cls_json"].read_text())
+    acc = _write_accepted(tmp_path / "acc0.csv", [("raw/box0/img_000.png", "class_00", 0.99)], 0, tag2cls)
+
+    def table_bytes(human_csv, raw_csv, name):
+        out = tmp_path / name
+        rnd.round_dataset(human_csv=human_csv, raw_csv=raw_csv, accepted_csvs=[acc], tag2cls_json=paths["tag2cls_json"], out_csv=out)
+        return out.read_bytes()
+
+    before = table_bytes(paths["human_csv"], paths["raw_csv"], "before.csv")
+    human = io.read_table(paths["human_csv"])
+    human.loc[0, "sha1"] = "0" * 40
+    human.to_csv(tmp_path / "human_new.csv", index=False)
+    raw_table = io.read_table(paths["raw_csv"])
+    raw_table.loc[raw_table["path"] == "raw/box0/img_000.png", "sha1"] = "f" * 40
+    raw_table.to_csv(tmp_path / "raw_new.csv", index=False)
+    assert table_bytes(tmp_path / "human_new.csv", paths["raw_csv"], "human_changed.csv") != before
+    assert table_bytes(paths["human_csv"], tmp_path / "raw_new.csv", "raw_changed.csv") != before
+    assert table_bytes(paths["human_csv"], paths["raw_csv"], "again.csv") == before
+
+
+def test_raw_copies_of_disagreeing_clean_images_are_never_candidates(tmp_path, piles):
+    """A raw image whose duplicate group holds clean images of different labels has no tag but a
+    duplicate_of: pseudo-labelled it would train while its clean copies validate. It stays
+    unlabelled (unlabelled.csv, and so the review queue)."""
+    clean, raw = piles
+    _, paths = _prepare(tmp_path, clean, raw)
+    raw_table = io.read_table(paths["raw_csv"])
+    conflict = "raw/box0/img_003.png"
+    raw_table.loc[raw_table["path"] == conflict, "duplicate_of"] = "clean/class_00/img_000.png;clean/class_01/img_000.png"
+    raw_table.to_csv(paths["raw_csv"], index=False)
+    raw_table = io.read_table(paths["raw_csv"])  # empty duplicate_of reads as NaN
+    assert raw_table["duplicate_of"].isna().sum() == 11
+    candidates = policy.remaining_candidates(raw_table, pd.DataFrame({"path": []}))
+    assert conflict not in set(candidates["path"]) and "raw/copy_of_clean.png" not in set(candidates["path"])
+    assert len(candidates) == 13 - 2
+    as_text = raw_table.fillna("")  # empty strings instead of NaN: the same
+    assert policy.remaining_candidates(as_text, pd.DataFrame({"path": []})).equals(candidates)
+
+    status, metrics = tmp_path / "s0.json", tmp_path / "m0.json"
+    status.write_text(json.dumps(policy.round_status(0, 0, len(candidates), True)))
+    calibration = {"temperature": 1.0, "ece_before": 0.1, "ece_after": 0.1}
+    metrics.write_text(json.dumps({"candidates": len(candidates), "valid_accuracy": 0.9, "calibration": calibration,
+                                   "below_min_confidence": len(candidates), "neighbours_disagree": 0, "over_cap": 0}))  # fmt: skip
+    predictions = tmp_path / "pred.csv"
+    pd.DataFrame({"path": candidates["path"], "tag": "class_00", "confidence": 0.5}).to_csv(predictions, index=False)
+    out = tmp_path / "final"
+    results.assemble(
+        human_csv=paths["human_csv"], raw_csv=paths["raw_csv"], accepted_csvs=[], status_jsons=[status],
+        metrics_jsons=[metrics], predictions_csv=predictions, dataset_csv=out / "dataset.csv",
+        unlabelled_csv=out / "unlabelled.csv", rounds_csv=out / "rounds.csv",
+    )
+    unlabelled = io.read_table(out / "unlabelled.csv").set_index("path")
+    assert conflict in unlabelled.index and pd.isna(unlabelled.loc[conflict, "confidence"])
+    from labelflow.autolabel.review import review_pool
+
+    pool = review_pool(io.read_table(out / "dataset.csv"), unlabelled.reset_index(), pool=3)
+    assert conflict in set(pool["path"])  # never predicted: counts as least confident
+
+
+def test_answered_raw_images_count_as_human_not_as_pseudo_labels(tmp_path, piles):
+    """A review answer makes a raw image a human row with fold -1 (labelflow.corrections): the
+    round tells it from a pseudo-label by its source, not its fold (class counts, the class cap,
+    the guard's references), and rounds.csv counts it as labelled raw, as evaluation.json does."""
+    from labelflow.corrections import apply_autolabel_corrections
+
+    clean, raw = piles
+    _, paths = _prepare(tmp_path, clean, raw)
+    tag2cls = json.loads(paths["tag2cls_json"].read_text())
+    answered = "raw/box1/img_001.png"
+    human, raw_table, _ = apply_autolabel_corrections(
+        io.read_table(paths["human_csv"]), io.read_table(paths["raw_csv"]),
+        pd.DataFrame({"path": [answered], "label": ["class_02"]}), tag2cls,
+    )
+    human.to_csv(paths["human_csv"], index=False)
+    raw_table.to_csv(paths["raw_csv"], index=False)
+    acc0 = _write_accepted(tmp_path / "acc0.csv", [("raw/box0/img_000.png", "class_00", 0.99)], 0, tag2cls)
+    rnd.round_dataset(
+        human_csv=paths["human_csv"], raw_csv=paths["raw_csv"], accepted_csvs=[acc0],
+        tag2cls_json=paths["tag2cls_json"], out_csv=tmp_path / "round.csv",
+    )
+    inputs = rnd.RoundInputs("unused.pt", tmp_path / "round.csv", paths["raw_csv"], paths["tag2cls_json"], paths["root_dir"])
+    tables = rnd.RoundTables.read(inputs, [0], seed=0, share=0.5)
+    row = tables.dataset.index[tables.dataset["path"] == answered][0]
+    assert tables.dataset.loc[row, "fold"] == -1 and row in tables.human.index and len(tables.human) == 19
+    assert tables.human_counts == {"class_00": 6, "class_01": 6, "class_02": 7}  # the class cap counts it
+    assert tables.reference_rows(per_class=0, seed=0)[row]  # a human training row, never sampled away
+    decided = pd.DataFrame({"path": [], "tag": [], "decision": []})
+    counts = rnd.class_counts(tables, decided).set_index("tag")
+    assert counts["human"].to_dict() == {"class_00": 6, "class_01": 6, "class_02": 7}
+    assert counts["pseudo_before"].to_dict() == {"class_00": 1, "class_01": 0, "class_02": 0}
+    assert answered not in set(tables.candidates["path"])
+
+    status, metrics = tmp_path / "s0.json", tmp_path / "m0.json"
+    status.write_text(json.dumps(policy.round_status(0, 1, 9, True)))
+    calibration = {"temperature": 1.0, "ece_before": 0.1, "ece_after": 0.1}
+    metrics.write_text(json.dumps({"candidates": 10, "valid_accuracy": 0.9, "calibration": calibration,
+                                   "below_min_confidence": 9, "neighbours_disagree": 0, "over_cap": 0}))  # fmt: skip
+    predictions = tmp_path / "pred.csv"
+    pd.DataFrame({"path": raw_table["path"], "tag": "class_00", "confidence": 0.5}).to_csv(predictions, index=False)
+    out = tmp_path / "final"
+    table = results.assemble(
+        human_csv=paths["human_csv"], raw_csv=paths["raw_csv"], accepted_csvs=[acc0], status_jsons=[status],
+        metrics_jsons=[metrics], predictions_csv=predictions, dataset_csv=out / "dataset.csv",
+        unlabelled_csv=out / "unlabelled.csv", rounds_csv=out / "rounds.csv",
+    )
+    assert table.set_index("path").loc[answered, "source"] == "human-corrected"
+    rounds = pd.read_csv(out / "rounds.csv")
+    # the human duplicate, the answer and the pseudo-label
+    assert list(rounds["labelled_raw"]) == [3] and rounds["coverage"].iloc[0] == pytest.approx(3 / 13)
+    truth = tmp_path / "truth.csv"  # every raw image: evaluation's coverage is rounds.csv's
+    pd.DataFrame({"path": [p.removeprefix("raw/") for p in raw_table["path"]], "label": "class_00"}).to_csv(truth, index=False)
+    result = results.evaluate(
+        dataset_csv=out / "dataset.csv", raw_csv=paths["raw_csv"], rounds_csv=out / "rounds.csv", truth_csv=truth,
+        out_json=out / "evaluation.json",
+    )
+    assert result["final"]["coverage"] == pytest.approx(rounds["coverage"].iloc[0])
 
 
 def test_assemble_evaluate_materialize(tmp_path, piles):

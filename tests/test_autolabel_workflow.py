@@ -148,6 +148,9 @@ def test_round_outputs_and_policy(autolabel_run):
     acc0 = pd.read_csv(out / "round_0/accepted.csv")
     pseudo = round1[round1["path"].str.startswith("raw/")]
     assert sorted(pseudo["path"]) == sorted(acc0["path"]) and (pseudo["fold"] == -1).all()
+    # sha1 (the resume fingerprint sees a replaced image) and group (copies stay on one side) as in human.csv
+    assert list(round1.columns) == ["path", "tag", "class", "fold", "sha1", "group", "source"]
+    assert (pseudo["source"] == "pseudo").all() and round1["group"].is_unique and round1["sha1"].notna().all()
     assert round1.loc[round1["fold"] == 2, "path"].str.startswith("clean/").all()
     # warm start: round 1's first stage starts from round 0's final model
     log = (workdir / "results/logs/autolabel/round_1/stage1.log").read_text()

@@ -46,9 +46,10 @@ def is_last_round(wildcards):
 
 
 def autolabel_round_dataset_inputs(wildcards):
-    """Human rows and the pseudo-labels accepted by every earlier round."""
+    """Human rows, the pseudo-labels accepted by every earlier round, and raw.csv (their sha1)."""
     return {
         "human": autolabel_human_table(),
+        "raw": autolabel_raw_table(),
         "tag2cls": AUTOLABEL_TAG2CLS,
         "accepted": [
             f"results/autolabel/round_{r}/accepted.csv"

@@ -63,10 +63,16 @@ def check_class_min_confidence(class_min_confidence: Mapping[str, float], classe
 
 
 def remaining_candidates(raw: pd.DataFrame, dataset: pd.DataFrame) -> pd.DataFrame:
-    """Raw images still to label: not a human duplicate and not in the round's table."""
+    """Raw images still to label: not a human duplicate, not a copy of clean images at all, and
+    not in the round's table.
+
+    A raw image whose clean copies disagree (empty ``tag``, non-empty ``duplicate_of``) stays
+    unlabelled (unlabelled.csv, the review queue): as a pseudo-label it would train while its
+    clean copies validate."""
     has_human_label = raw["tag"].fillna("").astype(str) != ""
+    copies_clean = raw["duplicate_of"].fillna("").astype(str) != ""
     taken = raw["path"].isin(set(dataset["path"]))
-    return raw.loc[~has_human_label & ~taken, ["path"]].reset_index(drop=True)
+    return raw.loc[~has_human_label & ~copies_clean & ~taken, ["path"]].reset_index(drop=True)
 
 
 def nearest_references(references: np.ndarray, queries: np.ndarray, k: int, exact: bool = False) -> np.ndarray:

@@ -50,9 +50,10 @@ def labelled_table(human: pd.DataFrame, duplicates: pd.DataFrame, pseudo: pd.Dat
     return table
 
 
-def rounds_table(statuses: Sequence[dict], metrics: Sequence[dict], n_raw: int, n_duplicates: int) -> pd.DataFrame:
-    """rounds.csv: one row per round with its decisions, cumulative coverage and calibration."""
-    cumulative = n_duplicates
+def rounds_table(statuses: Sequence[dict], metrics: Sequence[dict], n_raw: int, n_human_raw: int) -> pd.DataFrame:
+    """rounds.csv: one row per round with its decisions, cumulative coverage and calibration.
+    ``n_human_raw``: the raw images labelled before round 0 (human duplicates, review answers)."""
+    cumulative = n_human_raw
     rows = []
     for status, m in zip(statuses, metrics, strict=True):
         cumulative += status["accepted"]
@@ -99,7 +100,10 @@ def assemble(
     raw["tag"] = raw["tag"].fillna("")
     pseudo = read_accepted(accepted_csvs)
     duplicates = raw[raw["tag"] != ""]
-    table = labelled_table(read_table(human_csv), duplicates, pseudo)
+    human = read_table(human_csv)
+    # review answers are human rows of raw images (labelflow.corrections): labelled raw too
+    answered = int(human["path"].str.startswith(f"{RAW}/").sum())
+    table = labelled_table(human, duplicates, pseudo)
     last = read_table(predictions_csv)
     left = raw[~raw["path"].isin(set(table["path"]))][["path"]]
     unlabelled = left.merge(
@@ -107,7 +111,7 @@ def assemble(
     )
     unlabelled.insert(1, "label", "")
     statuses = [read_json(p) for p in status_jsons]
-    rounds = rounds_table(statuses, [read_json(p) for p in metrics_jsons], len(raw), len(duplicates))
+    rounds = rounds_table(statuses, [read_json(p) for p in metrics_jsons], len(raw), len(duplicates) + answered)
     write_csv_atomic(table, dataset_csv)
     write_csv_atomic(unlabelled, unlabelled_csv)
     write_csv_atomic(rounds, rounds_csv)
@@ -152,7 +156,7 @@ def evaluate(
 
     Only raw images that the truth table knows are counted. ``precision`` is the share of
     pseudo-labels (accepted up to that round) that match the truth, ``coverage`` the share
-    of raw images that have a label (pseudo-labels and human duplicates);
+    of raw images that have a label (pseudo-labels, human duplicates and review answers);
     ``new_precision`` is the precision of that round's pseudo-labels alone.
     """
     labelled = read_table(dataset_csv)

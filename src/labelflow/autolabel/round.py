@@ -33,6 +33,7 @@ from labelflow.io import DatasetError, PathLike, read_table, write_csv_atomic, w
 log = logging.getLogger(__name__)
 
 ACCEPTED_COLUMNS = ["path", "tag", "class", "confidence", "round"]
+HUMAN, PSEUDO = "human", "pseudo"  # the round table's sources (plus human-corrected: labelflow.corrections)
 
 
 def read_accepted(paths: Sequence[PathLike]) -> pd.DataFrame:
@@ -42,11 +43,19 @@ def read_accepted(paths: Sequence[PathLike]) -> pd.DataFrame:
 
 
 def round_dataset(
-    *, human_csv: PathLike, accepted_csvs: Sequence[PathLike], tag2cls_json: PathLike, out_csv: PathLike
+    *, human_csv: PathLike, raw_csv: PathLike, accepted_csvs: Sequence[PathLike], tag2cls_json: PathLike,
+    out_csv: PathLike,
 ) -> pd.DataFrame:
-    """Round r's training table ``path,tag,class,fold``: human rows (their folds) and the
-    pseudo-labels accepted in earlier rounds (fold -1: never validation)."""
+    """Round r's training table ``path,tag,class,fold,sha1,group,source``: human rows (their
+    folds, groups and source) and the pseudo-labels accepted in earlier rounds (fold -1: never
+    validation; source ``pseudo``; sha1 from raw.csv, a group of their own each).
+
+    ``group`` keeps copies of one picture on one side of the checkpoint-selection/calibration
+    split (:func:`labelflow.dataset.pick_groups`), ``sha1`` makes the table change when an image
+    is replaced under the same name (the training fingerprint hashes the table), ``source``
+    tells human rows (answered raw images have fold -1 too) from pseudo-labels."""
     human = read_table(human_csv)
+    raw = read_table(raw_csv)
     tag2cls = read_tag2cls(tag2cls_json)
     pseudo = read_accepted(accepted_csvs)
     clash = sorted(set(pseudo["path"]) & set(human["path"]))
@@ -55,12 +64,22 @@ def round_dataset(
     twice = pseudo["path"][pseudo["path"].duplicated()].tolist()
     if twice:
         raise DatasetError(f"images {twice[:5]} were accepted in two rounds; this is a bug")
+    sha1 = pseudo["path"].map(raw.set_index("path")["sha1"])
+    if sha1.isna().any():
+        raise DatasetError(f"pseudo-labelled images {pseudo['path'][sha1.isna()].tolist()[:5]} are not in {raw_csv}; this is a bug")
+    first = int(human["group"].max()) + 1 if len(human) else 0  # no clean image is a copy of a pseudo-label
     pseudo_rows = pd.DataFrame(
-        {"path": pseudo["path"], "tag": pseudo["tag"], "class": pseudo["tag"].map(tag2cls).astype("Int64"), "fold": -1}
+        {
+            "path": pseudo["path"], "tag": pseudo["tag"], "class": pseudo["tag"].map(tag2cls).astype("Int64"), "fold": -1,
+            "sha1": sha1, "group": np.arange(first, first + len(pseudo), dtype=np.int64), "source": PSEUDO,
+        }
+    )  # fmt: skip
+    human_rows = human[["path", "tag", "class", "fold", "sha1", "group"]].assign(
+        source=human["source"] if "source" in human.columns else HUMAN
     )
-    table = pd.concat([human[["path", "tag", "class", "fold"]], pseudo_rows], ignore_index=True)
-    table["class"] = table["class"].astype(np.int64)
-    table["fold"] = table["fold"].astype(np.int64)
+    table = pd.concat([human_rows, pseudo_rows], ignore_index=True)
+    for column in ("class", "fold", "group"):
+        table[column] = table[column].astype(np.int64)
     write_csv_atomic(table, out_csv)
     log.info("round table: %d human + %d pseudo-labelled images", len(human), len(pseudo_rows))
     return table
@@ -102,7 +121,8 @@ class RoundTables:
         dataset = read_dataset_csv(inputs.dataset_csv, inputs.root)
         tag2cls = read_tag2cls(inputs.tag2cls_json)
         classes = class_names(tag2cls)
-        human = dataset[dataset["fold"] >= 0]
+        # by source, not fold: an answered raw image is a human row with fold -1
+        human = dataset[dataset["source"] != PSEUDO]
         candidates = remaining_candidates(read_table(inputs.raw_csv), dataset)
         return cls(
             dataset=dataset,
@@ -121,16 +141,21 @@ class RoundTables:
         held = self.roles == "calibration"
         return held if held.any() else self.roles != "train"
 
+    @property
+    def is_human(self) -> np.ndarray:
+        """The rows of ``human`` in the table (human-labelled, whatever their fold)."""
+        return self.dataset.index.isin(self.human.index)
+
     def reference_rows(self, per_class: int, seed: int) -> np.ndarray:
         """The neighbour guard's references: the human training rows and, per class, up to
         ``per_class`` earlier pseudo-labels (a seeded sample, so a round's work does not grow
         with everything labelled before); never validation rows, so validation labels do not
         decide which pseudo-labels train next."""
         train = self.roles == "train"
-        pseudo = np.flatnonzero(train & (self.dataset["fold"] < 0).to_numpy())
+        pseudo = np.flatnonzero(train & ~self.is_human)
         rng = np.random.default_rng(seed)
         keep = np.zeros(len(self.dataset), dtype=bool)
-        keep[train & (self.dataset["fold"] >= 0).to_numpy()] = True
+        keep[train & self.is_human] = True
         tags = self.dataset["tag"].to_numpy()[pseudo]
         for tag in np.unique(tags):
             rows = pseudo[tags == tag]
@@ -189,7 +214,7 @@ def score_candidates(
 def class_counts(tables: RoundTables, decided: pd.DataFrame) -> pd.DataFrame:
     """counts.csv: per class the human count, earlier pseudo-labels, and this round's decisions."""
     dataset = tables.dataset
-    pseudo_before = dataset[dataset["fold"] < 0].groupby("tag").size()
+    pseudo_before = dataset[~tables.is_human].groupby("tag").size()
     counts = pd.DataFrame({"tag": tables.classes})
     counts["human"] = counts["tag"].map(tables.human_counts).astype(int)
     counts["pseudo_before"] = counts["tag"].map(pseudo_before).fillna(0).astype(int)
