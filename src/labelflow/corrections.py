@@ -8,7 +8,7 @@ the main dataset (as in ``results/data/dataset.csv``, ``results/label_issues/iss
 relative to the autolabel root for the autolabel piles (``clean/<class>/x.png``,
 ``raw/a/x.png``, as in ``results/autolabel/review/queue.csv``). One file can hold both; each
 table takes the rows whose paths it has, and :func:`apply_corrections` reports the others as
-``not found``.
+``not found`` (or ``in the test set`` for the held-out images, which the test table takes).
 
 A corrected (or confirmed) row carries ``source`` = ``human-corrected``, so its provenance
 stays visible downstream, and automatic cleaning never overrides it
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import pandas as pd
@@ -31,12 +31,15 @@ HUMAN_CORRECTED = "human-corrected"
 GIVEN = "given"  # source of a row nobody corrected (main dataset)
 REPORT_COLUMNS = ["path", "given", "correction", "action"]
 RELABELLED, CONFIRMED, DROPPED, NOT_FOUND = "relabelled", "confirmed", "dropped", "not found"
+IN_TEST_SET = "in the test set"  # a held-out image: the test table applies it (labelflow.heldout)
+LEFT_OUT = "left out"  # a raw answer whose clean copies sit in several folds (apply_autolabel_corrections)
 
 
 def read_corrections(path: PathLike) -> pd.DataFrame:
     """``path,label`` of a corrections file, checked: both columns filled, each path once,
     relative paths that stay inside their root. Labels are stripped; for multilabel data
-    ``a; b`` becomes ``a;b`` (sorted)."""
+    ``a; b`` becomes ``a;b`` (sorted). Paths are not: a file or class folder may start or end
+    with a space (tag2label takes such names)."""
     try:
         table = read_table(path)
     except FileNotFoundError:
@@ -47,7 +50,7 @@ def read_corrections(path: PathLike) -> pd.DataFrame:
     if empty.any():
         lines = (np.flatnonzero(empty.to_numpy()) + 2).tolist()
         raise DatasetError(f"corrections table {path}: line(s) {lines[:5]} lack a path or a label (use `{DROP}` to drop)")
-    table["path"] = table["path"].str.strip().str.removeprefix("./")
+    table["path"] = table["path"].str.removeprefix("./")
     bad = table["path"][table["path"].str.startswith("/") | table["path"].str.split("/").apply(lambda p: ".." in p)]
     if len(bad):
         raise DatasetError(f"corrections table {path}: paths must be relative and stay inside their folder: {quote(bad[:5].tolist())}")
@@ -58,17 +61,31 @@ def read_corrections(path: PathLike) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def applying_rows_digest(path: PathLike, dataset_root: PathLike | None = None) -> str:
+def applying_rows_digest(
+    path: PathLike, dataset_root: PathLike | None = None, held_out: PathLike | None = None, *, test: bool = False
+) -> str:
     """Digest of the corrections rows that apply to one table: with ``dataset_root`` the main
     dataset's (paths naming a file below it), else the autolabel piles' (``clean/...`` and
     ``raw/...`` paths). A rule passes it as a param, so a review answer for the autolabel pile
-    does not retrain the main dataset's runs, nor the reverse."""
+    does not retrain the main dataset's runs, nor the reverse. ``held_out`` (split's
+    ``held_out.csv``, when it exists) parts the main dataset's rows: those of held-out images
+    apply to the test table (``test``), the others to the training table, so a test-set
+    correction reruns the test table and not the training."""
     rows = read_corrections(path)
     if dataset_root is not None:
-        keep = [os.path.isfile(os.path.join(dataset_root, p)) for p in rows["path"]]
+        keep = np.array([os.path.isfile(os.path.join(dataset_root, p)) for p in rows["path"]], dtype=bool)
+        held = rows["path"].isin(held_out_paths(held_out)).to_numpy()
+        keep &= held if test else ~held
     else:
-        keep = rows["path"].str.startswith(("clean/", "raw/")).tolist()
+        keep = rows["path"].str.startswith(("clean/", "raw/")).to_numpy()
     return hashlib.sha256(rows[keep].to_csv(index=False).encode()).hexdigest()[:16]
+
+
+def held_out_paths(held_out: PathLike | None) -> set[str]:
+    """Paths of split's held-out (test) images; none when there is no such table yet."""
+    if held_out is None or not os.path.isfile(held_out):
+        return set()
+    return set(read_table(held_out)["path"])
 
 
 def _normalise_label(label: str) -> str:
@@ -82,6 +99,7 @@ def apply_corrections(
     tag2cls: Mapping[str, int],
     *,
     default_source: str = GIVEN,
+    test_paths: Collection[str] = (),
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(corrected table, report) for a label table with ``path,tag`` (and optionally ``class``,
     ``labels``, ``source``; other columns such as ``fold`` are kept as they are).
@@ -91,11 +109,12 @@ def apply_corrections(
     their ``source`` (``default_source`` when the table has none). Row order is kept, so folds
     and every other column stay put. A label that is not a class is an error naming it.
     The report has one row per correction: ``path,given,correction,action`` with action
-    ``relabelled``, ``confirmed`` (the label was already right), ``dropped`` or ``not found``.
+    ``relabelled``, ``confirmed`` (the label was already right), ``dropped``, ``in the test
+    set`` (not in the table but in ``test_paths``) or ``not found``. Only the rows found in the
+    table are checked against ``tag2cls``: one file may hold another table's rows, of its classes.
     """
     require_columns(table, ["path", "tag"], "label table")
     multilabel = "labels" in table.columns
-    _check_labels(corrections, tag2cls, multilabel)
     out = table.copy()
     if "source" not in out.columns:
         out["source"] = default_source
@@ -103,6 +122,7 @@ def apply_corrections(
     current = pd.Series(given.to_numpy(), index=out["path"].to_numpy())
     row = pd.Index(out["path"]).get_indexer(corrections["path"])
     found = row >= 0
+    _check_labels(corrections[found], tag2cls, multilabel)
     report = pd.DataFrame(
         {
             "path": corrections["path"],
@@ -110,9 +130,10 @@ def apply_corrections(
             "correction": corrections["label"],
         }
     )
+    in_test = ~found & corrections["path"].isin(set(test_paths)).to_numpy()
     report["action"] = np.select(
-        [~found, report["correction"] == DROP, report["given"] == report["correction"]],
-        [NOT_FOUND, DROPPED, CONFIRMED],
+        [in_test, ~found, report["correction"] == DROP, report["given"] == report["correction"]],
+        [IN_TEST_SET, NOT_FOUND, DROPPED, CONFIRMED],
         RELABELLED,
     )
     relabel = row[found & (corrections["label"] != DROP).to_numpy()]
@@ -154,43 +175,89 @@ def apply_autolabel_corrections(
     """(human, raw, report) of the autolabel piles after a person's corrections.
 
     ``clean/`` rows of ``human`` (``path,tag,class,fold``) are corrected or dropped as in
-    :func:`apply_corrections`; untouched rows get source ``human``. A raw image with an
-    answer (the review queue's images) becomes a human row with fold -1: it trains from round 0
-    but never validates, since the queue picked it for being hard and would bias checkpoint
-    selection and calibration; its raw row stays (the pile's size and the evaluation count it)
-    with its ``tag`` cleared, so it is labelled once. A raw image answered ``drop`` leaves the
-    pile. The report lists every correction once (``not found`` for paths in neither pile).
+    :func:`apply_corrections`; untouched rows get source ``human``. A raw copy of clean images
+    (``duplicate_of``) then follows their corrected labels: the clean images it names that are
+    still there (``duplicate_of`` keeps only those) give its ``tag`` when they agree, else it
+    is unlabelled. A raw image with an answer (the review queue's images) becomes a human row
+    with fold -1: it trains from round 0 but never validates, since the queue picked it for
+    being hard and would bias checkpoint selection and calibration. An answered copy of clean
+    images takes their fold and group instead, so it never trains while its copy validates; if
+    they sit in several folds it is ``left out`` (its raw row stays a copy). An answered raw row
+    stays (the pile's size and the evaluation count it) with its ``tag`` cleared, so it is
+    labelled once. A raw image answered ``drop`` leaves the pile. The report lists every
+    correction once (``not found`` for paths in neither pile).
     """
     human_out, human_report = apply_corrections(human, corrections, tag2cls, default_source="human")
     answered = corrections[corrections["path"].isin(set(raw["path"]))]
     raw_out = raw[~raw["path"].isin(set(answered.loc[answered["label"] == DROP, "path"]))].copy()
+    copies = _clean_copies(raw_out, human_out)
+    # a corrected or dropped clean image must not leave its old label on its raw copies
+    if "duplicate_of" in raw_out.columns:
+        listed = raw_out["duplicate_of"].fillna("").astype(str) != ""
+        of_row = copies.reindex(raw_out.index[listed])
+        raw_out.loc[listed, "duplicate_of"] = of_row["duplicate_of"].fillna("").to_numpy(dtype=object)
+        raw_out.loc[listed, "tag"] = np.where(of_row["n_tags"].eq(1), of_row["tag"], "").astype(object)
     labelled = answered[answered["label"] != DROP]
-    raw_out.loc[raw_out["path"].isin(set(labelled["path"])), "tag"] = ""
     _check_labels(labelled, tag2cls, multilabel=False)
+    # an answered copy of clean images validates and trains with them (else a leak); fold -1 otherwise
+    of_answer = copies.set_axis(raw_out.loc[copies.index, "path"].to_numpy()).reindex(labelled["path"])
+    has_copies = of_answer["n_folds"].notna().to_numpy()
+    left_out = (of_answer["n_folds"] > 1).to_numpy()
+    left_out_paths = set(labelled["path"][left_out])
+    labelled, of_answer, has_copies = labelled[~left_out], of_answer[~left_out], has_copies[~left_out]
+    raw_out.loc[raw_out["path"].isin(set(labelled["path"])), "tag"] = ""
     new_rows = pd.DataFrame(
         {
             "path": labelled["path"],
             "tag": labelled["label"],
             "class": labelled["label"].map(tag2cls).astype(np.int64),
-            "fold": np.int64(-1),
+            "fold": np.where(has_copies, of_answer["fold"].fillna(-1), -1).astype(np.int64),
             "source": HUMAN_CORRECTED,
         }
     )
     if "sha1" in human_out.columns and "sha1" in raw.columns:  # provenance travels with the image
         new_rows["sha1"] = labelled["path"].map(raw.set_index("path")["sha1"]).to_numpy()
-    if "group" in human_out.columns:  # a group of its own: no clean image is a copy of it
+    if "group" in human_out.columns:  # a group of its own when no clean image is a copy of it
         first = int(human_out["group"].max()) + 1 if len(human_out) else 0
-        new_rows["group"] = np.arange(first, first + len(new_rows), dtype=np.int64)
+        fresh = np.full(len(new_rows), -1, dtype=np.int64)
+        fresh[~has_copies] = np.arange(first, first + int((~has_copies).sum()), dtype=np.int64)
+        new_rows["group"] = np.where(has_copies, of_answer["group"].fillna(-1), fresh).astype(np.int64)
     human_out = pd.concat([human_out, new_rows], ignore_index=True)
     in_raw = human_report["path"].isin(set(answered["path"]))
     given = raw.set_index("path")["tag"].fillna("").reindex(answered["path"]).to_numpy(dtype=object)
+    is_left_out = answered["path"].isin(left_out_paths).to_numpy()
     raw_report = pd.DataFrame(
         {
             "path": answered["path"].to_numpy(),
             "given": given,
             "correction": answered["label"].to_numpy(),
-            "action": np.where(answered["label"].to_numpy() == DROP, DROPPED, RELABELLED),
+            "action": np.select([answered["label"].to_numpy() == DROP, is_left_out], [DROPPED, LEFT_OUT], RELABELLED),
         }
     )
     report = pd.concat([human_report[~in_raw], raw_report], ignore_index=True).sort_values("path", kind="stable")
     return human_out, raw_out.reset_index(drop=True), report.reset_index(drop=True)[REPORT_COLUMNS]
+
+
+def _clean_copies(raw: pd.DataFrame, human: pd.DataFrame) -> pd.DataFrame:
+    """Per raw row (its index) that names clean images still in ``human`` in ``duplicate_of``:
+    those (``;``-joined, in order), how many tags and folds they have, the first tag and fold,
+    the smallest group."""
+    columns = ["duplicate_of", "n_tags", "tag", "n_folds", "fold", "group"]
+    if "duplicate_of" not in raw.columns or human.empty:
+        return pd.DataFrame(columns=columns, index=pd.Index([], dtype=raw.index.dtype))
+    named = raw["duplicate_of"].fillna("").astype(str).str.split(";").explode()
+    named = named[named.isin(set(human["path"]))]
+    clean = human.drop_duplicates("path").set_index("path")
+    pairs = pd.DataFrame(
+        {
+            "path": named.to_numpy(),
+            "tag": named.map(clean["tag"]).to_numpy(),
+            "fold": named.map(clean["fold"]).to_numpy() if "fold" in clean.columns else -1,
+            "group": named.map(clean["group"]).to_numpy() if "group" in clean.columns else -1,
+        },
+        index=named.index,
+    )
+    return pairs.groupby(level=0, sort=False).agg(
+        duplicate_of=("path", ";".join), n_tags=("tag", "nunique"), tag=("tag", "first"),
+        n_folds=("fold", "nunique"), fold=("fold", "first"), group=("group", "min"),
+    )[columns]  # fmt: skip

@@ -4,7 +4,9 @@ temperature or a threshold, and only ever report. Either a share of the dataset 
 
 ``results/data/test.csv`` (``path,tag,class,sha1,group``, paths relative to its root) is what
 the test evaluation reads; ``results/data/test_skipped.csv`` lists test images left out and why
-(e.g. a copy of a training image, which would make the test a memory test).
+(e.g. a copy of a training image, which would make the test a memory test). Human corrections
+(config key ``corrections``) of held-out images apply here too: a corrected label is the truth
+the test measures against (``source`` ``human-corrected``), a ``drop`` leaves the test set.
 """
 
 from __future__ import annotations
@@ -94,9 +96,14 @@ def held_out_from_folder(
 
 def write_held_out_table(*, settings: HeldOutSettings, held_out: PathLike, raw_csv: PathLike, tag2cls: dict[str, int],
                      duplicates: DuplicateSettings, train_root: PathLike, out_csv: PathLike,
-                     out_skipped: PathLike) -> pd.DataFrame:  # fmt: skip
+                     out_skipped: PathLike, corrections: pd.DataFrame | None = None) -> pd.DataFrame:  # fmt: skip
     """results/data/test.csv from the split's held-out rows, or from ``settings.folder``
-    (``train_root``: the training images' folder, for the pixel check of near copies)."""
+    (``train_root``: the training images' folder, for the pixel check of near copies).
+
+    ``corrections`` (:func:`labelflow.corrections.read_corrections`) relabel or drop held-out
+    rows, whose paths are relative to the dataset as the corrections' are; test.csv then has
+    ``source``. A separate ``settings.folder`` takes none: its paths are relative to another
+    folder, so a dataset path would name a different image."""
     from labelflow.dataset import read_dataset_csv
     from labelflow.io import write_csv_atomic
 
@@ -107,10 +114,32 @@ def write_held_out_table(*, settings: HeldOutSettings, held_out: PathLike, raw_c
     else:
         test = read_dataset_csv(held_out, root=None, required=("path", "tag"))
         test["class"] = test["tag"].map(tag2cls).astype(np.int64)
-    write_csv_atomic(test[[c for c in TEST_COLUMNS if c in test.columns]], out_csv)
+    columns = TEST_COLUMNS
+    if corrections is not None and not settings.folder:
+        test, skipped = _corrected(test, corrections, tag2cls, skipped)
+        columns = TEST_COLUMNS + ["source"]  # provenance, as in the corrected training table
+    write_csv_atomic(test[[c for c in columns if c in test.columns]], out_csv)
     write_csv_atomic(skipped, out_skipped)
     log.info("test set: %d images (%s); %d left out", len(test), Path(settings.folder) if settings.folder else f"{settings.fraction:.0%} of the dataset", len(skipped))
     return test
+
+
+def _corrected(
+    test: pd.DataFrame, corrections: pd.DataFrame, tag2cls: dict[str, int], skipped: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(test rows, skipped rows) after the corrections of held-out images (the other rows of
+    the file are not in the table, and say nothing about it)."""
+    from labelflow.corrections import DROPPED, NOT_FOUND, apply_corrections
+
+    corrected, report = apply_corrections(test, corrections, tag2cls)
+    applied = report[report["action"] != NOT_FOUND]
+    if len(applied):
+        log.info("corrections applied to the test set: %s; e.g. %s", applied["action"].value_counts().to_dict(),
+                 applied["path"].head(5).tolist())  # fmt: skip
+    dropped = applied.loc[applied["action"] == DROPPED, "path"]
+    if len(dropped):
+        skipped = pd.concat([skipped, pd.DataFrame({"path": dropped, "reason": "dropped by a correction"})], ignore_index=True)
+    return corrected, skipped
 
 
 def split_step(

@@ -65,6 +65,10 @@ rule test_table:
         held_out="results/data/held_out.csv",
         raw="results/data/dataset_raw.csv",
         tag2cls="results/data/tag2cls.json",
+        # human corrections of held-out images (helpers in label_issues_inputs.smk)
+        corrections=lambda wildcards: (
+            corrections_file(wildcards) if config["corrections"] else []
+        ),
     output:
         table="results/data/test.csv",
         skipped="results/data/test_skipped.csv",
@@ -82,5 +86,8 @@ rule test_table:
         test={key: config[key] for key in ("test_fraction", "test_dataset")},
         duplicates=config["duplicates"],
         train_root=DATASET,  # where the pixel check of near copies reads the training images
+        corrections=lambda wildcards: (
+            corrections_rows("test")(wildcards) if config["corrections"] else ""
+        ),
     script:
         "../scripts/test_table.py"

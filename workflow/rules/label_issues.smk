@@ -10,6 +10,7 @@ rule apply_corrections:
         dataset=DATASET_TABLE,
         tag2cls="results/data/tag2cls.json",
         corrections=corrections_file,
+        held_out=HELD_OUT,
     output:
         dataset=CORRECTED_TABLE,
         report="results/data/corrections_applied.csv",

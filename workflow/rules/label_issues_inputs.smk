@@ -6,6 +6,8 @@ from labelflow.runs import CLEANED_TABLE, CORRECTED_TABLE, DATASET_TABLE
 LABEL_ISSUES = "results/label_issues"
 AUTOLABEL_CORRECTED = "results/autolabel/data/corrected"
 REVIEW = "results/autolabel/review"
+# the test images held out of `dataset` (written by split)
+HELD_OUT = "results/data/held_out.csv"
 
 if config["corrections"] and not os.path.isfile(config["corrections"]):
     raise WorkflowError(
@@ -29,15 +31,20 @@ def corrections_file(wildcards):
 
 
 def corrections_rows(table):
-    """Param: digest of the corrections rows that apply to `table` ("main" or "autolabel";
-    labelflow.corrections.applying_rows_digest)."""
+    """Param: digest of the corrections rows that apply to `table` ("main": the training
+    table, "test": the held-out test table, or "autolabel";
+    labelflow.corrections.applying_rows_digest). Split's held-out table parts the main
+    dataset's rows, so a test-set correction does not rerun the training; Snakemake evaluates
+    params again just before a job runs, so a first run records them after split."""
 
     def digest(wildcards):
         from labelflow.corrections import applying_rows_digest
 
         try:
+            if table == "autolabel":
+                return applying_rows_digest(config["corrections"])
             return applying_rows_digest(
-                config["corrections"], DATASET if table == "main" else None
+                config["corrections"], DATASET, HELD_OUT, test=table == "test"
             )
         except DatasetError as exc:
             raise WorkflowError(str(exc)) from None

@@ -1,4 +1,4 @@
-from labelflow.corrections import apply_corrections, read_corrections
+from labelflow.corrections import NOT_FOUND, apply_corrections, held_out_paths, read_corrections
 from labelflow.dataset import read_dataset_csv, read_tag2cls
 from labelflow.io import write_csv_atomic
 from labelflow.jobs import start_job
@@ -8,6 +8,8 @@ corrected, report = apply_corrections(
     read_dataset_csv(snakemake.input.dataset, root=None),
     read_corrections(snakemake.input.corrections),
     read_tag2cls(snakemake.input.tag2cls),
+    # held-out images: the test table (rule test_table) applies their corrections
+    test_paths=held_out_paths(snakemake.input.held_out),
 )
 write_csv_atomic(corrected, snakemake.output.dataset)
 write_csv_atomic(report, snakemake.output.report)
@@ -16,9 +18,9 @@ log.info(
     report["action"].value_counts().to_dict(),
     len(corrected),
 )
-if (report["action"] == "not found").any():
+if (report["action"] == NOT_FOUND).any():
     log.warning(
-        "%d corrections name images not in the dataset table (autolabel paths, or typos): %s",
-        int((report["action"] == "not found").sum()),
-        report.loc[report["action"] == "not found", "path"].head(5).tolist(),
+        "%d corrections name images not in the dataset table (autolabel paths, skipped images, or typos): %s",
+        int((report["action"] == NOT_FOUND).sum()),
+        report.loc[report["action"] == NOT_FOUND, "path"].head(5).tolist(),
     )
