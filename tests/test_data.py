@@ -530,6 +530,21 @@ def test_read_dataset_csv_checks_columns_and_file(tmp_path: Path) -> None:
         read_dataset_csv(tmp_path / "d.csv", None)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"path,tag\na/1.png,a,x\na/2.png,a,y\n", "line 2 has 3 fields but the header has 2"),  # was: path = a
+        (b'path,tag\n"a/1.png,a\n', "is not a readable CSV .*EOF inside string.*regenerate it with tag2label"),
+    ],
+)
+def test_read_dataset_csv_refuses_a_malformed_table_naming_it(tmp_path: Path, content: bytes, message: str) -> None:
+    # `labelflow split --in-csv` reads a table a person may have written
+    csv = tmp_path / "d.csv"
+    csv.write_bytes(content)
+    with pytest.raises(DatasetError, match=rf"dataset table .*d\.csv.*{message}"):
+        read_dataset_csv(csv, None)
+
+
 def _labels_dataset(tmp_path: Path, rows: str) -> tuple[Path, Path]:
     for i, name in enumerate(["im0.png", "a/b.png", "c.png"]):
         _noise_png(tmp_path / "images" / name, size=8, seed=i)
@@ -551,7 +566,7 @@ def test_tag2label_csv_compares_paths_after_normalising_them(tmp_path: Path) -> 
     ("content", "message"),
     [
         (b"path,labels\nim0.png,x,y\nc.png,x,z\n", "line 2 has 3 fields"),  # an unquoted comma
-        (b"path,labels\nim0.png,x\nc.png,x,\n", "line 3, saw 3"),
+        (b"path,labels\nim0.png,x\nc.png,x,\n", "line 3 has 3 fields"),
         (b'path,labels\n"im0.png,x\n', "not a readable CSV"),
         (b"", "not a readable CSV"),
         (b"path,labels\nim\xe9.png,x\n", "not a readable CSV"),  # Latin-1

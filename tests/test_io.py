@@ -8,13 +8,14 @@ leftovers are what a killed process leaves, and the next use must put them right
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from labelflow.io import DatasetError, atomic_directory, read_table, recover_directory
+from labelflow.io import DatasetError, atomic_directory, normalise_paths, read_table, recover_directory
 
 
 class Crash(BaseException):
@@ -210,3 +211,61 @@ def test_read_table_names_the_file_of_a_malformed_csv(tmp_path: Path, content: b
         read_table(path)
     with pytest.raises(FileNotFoundError):  # callers name their config key for a missing file
         read_table(tmp_path / "missing.csv")
+
+
+def test_read_table_reads_a_first_field_longer_than_the_csv_modules_limit(tmp_path: Path) -> None:
+    # duplicates.csv `members` of a large near-duplicate cluster, raw.csv `duplicate_of`
+    members = ";".join(f"class_00/img_{i:06d}.png" for i in range(9000))  # about 200k characters
+    path = tmp_path / "duplicates.csv"
+    path.write_text(f"members,classes\n{members},class_00\nb.png,class_01\n", encoding="utf-8")
+    table = read_table(path, text_columns=("members", "classes"))
+    assert len(members) > 131072 and table["members"].tolist() == [members, "b.png"]
+
+
+def test_read_table_reads_a_compressed_csv_by_its_extension(tmp_path: Path) -> None:
+    path = tmp_path / "labels.csv.gz"
+    path.write_bytes(gzip.compress(b"path,label\na.png,0\nb.png,NA\n"))
+    assert read_table(path).to_dict("list") == {"path": ["a.png", "b.png"], "label": ["0", "NA"]}
+    path.write_bytes(gzip.compress(b"path,label\na.png,0,x\nb.png,NA\n"))
+    with pytest.raises(DatasetError, match=r"labels\.csv\.gz: line 2 has 3 fields but the header has 2 \('path', 'label'\)"):
+        read_table(path)
+
+
+def test_read_table_skips_a_whitespace_line_before_a_longer_row_as_pandas_does(tmp_path: Path) -> None:
+    path = tmp_path / "images.csv"
+    path.write_text("path,label\n   \na.png,cat,extra\n")  # pandas skips the blank line: `extra` was lost
+    with pytest.raises(DatasetError, match=r"images\.csv: line 3 has 3 fields but the header has 2.*quotes"):
+        read_table(path)
+    path.write_text("path,label\n   \na.png,cat\n")
+    assert read_table(path).to_dict("list") == {"path": ["a.png"], "label": ["cat"]}
+
+
+def test_read_truth_reads_a_gzipped_truth_table_and_normalises_its_paths(tmp_path: Path) -> None:
+    from labelflow.autolabel.results import read_truth
+
+    path = tmp_path / "truth.csv.gz"
+    path.write_bytes(gzip.compress(b"path,label\n./a.png,cat\nb//c.png,dog\n"))
+    assert read_truth(path)["path"].tolist() == ["raw/a.png", "raw/b/c.png"]
+    path.write_bytes(gzip.compress(b"path,label\n./a.png,cat\na.png,dog\n"))
+    with pytest.raises(DatasetError, match="lists an image twice"):
+        read_truth(path)
+
+
+def test_normalise_paths_spells_one_path_one_way() -> None:
+    assert normalise_paths(["./a.png", "a//b.png", "a/./b.png", "", "a b/c.png"]) == [
+        "a.png", "a/b.png", "a/b.png", "", "a b/c.png"
+    ]
+
+
+def test_source_digest_of_a_malformed_csv_digests_the_file_alone(tmp_path: Path) -> None:
+    # at DAG time; the job's reader then names the file and line
+    from labelflow import manifest
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a.png").write_bytes(b"a")
+    (tmp_path / "b" / "1.png").write_bytes(b"b")
+    csv = tmp_path / "set.csv"
+    csv.write_text("path,label\nb/1.png,a.png,x\n")  # pandas used to read path = a.png
+    assert manifest.source_digest(csv) == manifest.files_digest([csv], tmp_path)
+    csv.write_text("path,label\nb/1.png,a.png\n")
+    assert manifest.source_digest(csv) == manifest.files_digest([csv, tmp_path / "b" / "1.png"], tmp_path)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from labelflow.losses import ACTIVATIONS, probabilities
+from labelflow.metrics import predict_labels
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,9 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bi
 
 def multilabel_decisions(logits: np.ndarray, activation: str, decision_threshold: float) -> np.ndarray:
     """The classes a multilabel head answers: its uncalibrated probability reaches the head's
-    ``decision_threshold``, as rule infer and labelflow.predict decide."""
-    return probabilities(logits, activation) >= decision_threshold
+    ``decision_threshold``, as rule infer and labelflow.predict decide
+    (:func:`labelflow.metrics.predict_labels`)."""
+    return predict_labels(probabilities(logits, activation), True, decision_threshold).astype(bool)
 
 
 def confidence_and_correct(

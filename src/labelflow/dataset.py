@@ -33,9 +33,11 @@ from labelflow.images import (
     walk_images,
 )
 from labelflow.io import (
+    CSV_FIX,
     MAX_LISTED,
     DatasetError,
     PathLike,
+    normalise_paths,
     quote,
     read_csv,
     read_table,
@@ -298,7 +300,7 @@ def tag2label_csv(
         raise DatasetError(f"labels table {labels_csv} does not exist; check config key `labels_csv`") from err
     require_columns(table, ["path", "labels"], f"labels table {labels_csv}")
     # Normalised before the check, so `./a.png` and `a.png` (or `a//b.png`, `a/b.png`) are one image.
-    table["path"] = [Path(p).as_posix() if p else p for p in table["path"]]
+    table["path"] = normalise_paths(table["path"].tolist())
     repeated = table["path"][table["path"].duplicated()].tolist()
     if repeated:
         raise DatasetError(f"labels table {labels_csv} lists {quote(repeated[:5])} more than once; keep one row per image")
@@ -500,17 +502,15 @@ def read_dataset_csv(
         raise DatasetError(f"dataset table {csv_path} does not exist; run the tag2label step first")
     # Only empty cells are missing values: a tag called "NA" or "None" is a real tag,
     # and tags/paths that look numeric (digit folders "0".."9") must stay strings.
-    try:
-        df = pd.read_csv(
-            csv_path,
-            dtype={"path": str, "tag": str, "labels": str, "sha1": str, "phash": str},
-            keep_default_na=False,
-            na_values=[""],
-        )
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DatasetError(
-            f"dataset table {csv_path} is not a readable CSV ({err}); regenerate it"
-        ) from err
+    # A malformed file (a row longer than the header included) is a DatasetError naming it.
+    df = read_csv(
+        csv_path,
+        "dataset table",
+        fix=f"regenerate it with tag2label (a table you wrote: {CSV_FIX})",
+        dtype={"path": str, "tag": str, "labels": str, "sha1": str, "phash": str},
+        keep_default_na=False,
+        na_values=[""],
+    )
     require_columns(df, list(required), f"dataset table {csv_path}")
     problems = path_problems(df, root, check_files)
     if len(problems):

@@ -25,10 +25,10 @@ import pandas as pd
 
 from labelflow.dataset import class_names, read_image_list, read_predictions, read_tag2cls
 from labelflow.images import (
-    IMAGE_EXTENSIONS,
     NOT_UTF8_FILE,
     NOT_UTF8_FOLDER,
     inspect_images,
+    is_image_name,
     walk_images,
 )
 from labelflow.io import (
@@ -125,7 +125,7 @@ def _folder_table(folder: Path, classes: set[str]) -> tuple[pd.DataFrame, pd.Dat
     rows = []
     walked: list[tuple[str, str]] = []
     for path in walk_images(str(folder), rel, skipped=walked):
-        if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
+        if is_image_name(path):
             parts = rel(path).split("/")
             rows.append((rel(path), parts[0] if len(parts) > 1 and parts[0] in classes else ""))
     rows.sort()

@@ -30,7 +30,7 @@ import torch
 
 from labelflow.calibration import ECE_BINS, expected_calibration_error
 from labelflow.dataset import read_image_list
-from labelflow.images import IMAGE_EXTENSIONS, walk_images
+from labelflow.images import is_image_name, walk_images
 from labelflow.io import DatasetError, PathLike, atomic_directory, write_csv_atomic, write_json_atomic
 from labelflow.losses import get_loss, probabilities
 from labelflow.predict import ERROR, BatchPredictions, Predictor
@@ -56,8 +56,7 @@ def labelled_images(source: PathLike, root: PathLike | None = None) -> pd.DataFr
         rows = []
         for entry in sorted(p for p in source.iterdir() if not p.name.startswith(".")):
             if entry.is_dir():
-                # image extensions only: notes.txt or Thumbs.db beside the images are no input rows
-                found = (p for p in walk_images(str(entry), str, skipped=[]) if Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+                found = (p for p in walk_images(str(entry), str, skipped=[]) if is_image_name(p))
                 rows += [(Path(p).as_posix(), entry.name) for p in sorted(found)]
             else:
                 log.warning("left out %s: not inside a class folder", entry)

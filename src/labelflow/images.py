@@ -29,6 +29,13 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 )
 
+
+def is_image_name(path: PathLike) -> bool:
+    """Whether ``path`` has an image extension (any case): what a folder scan takes as an image
+    file, leaving notes.txt or Thumbs.db beside the images out."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
 # Snakemake drops this marker into every directory() output; it is not user data.
 SNAKEMAKE_TIMESTAMP = ".snakemake_timestamp"
 
@@ -118,8 +125,8 @@ def check_image(path: PathLike) -> str | None:
 
 def _decode_checked(path: PathLike) -> tuple[str | None, np.ndarray | None]:
     """(reason the file is unusable, None) or (None, its pixels): see :func:`check_image`."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in IMAGE_EXTENSIONS:
+    if not is_image_name(path):
+        suffix = Path(path).suffix.lower()
         return f"not an image file (extension {suffix or 'none'})", None
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):

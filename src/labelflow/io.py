@@ -7,10 +7,10 @@ Nothing here pickles: tables are CSV, small facts JSON, arrays ``.npy``/``.npz``
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
@@ -182,46 +182,65 @@ def read_table(path: PathLike, text_columns: Sequence[str] = ()) -> pd.DataFrame
     return read_csv(path, "table", dtype={c: str for c in header if c in text}, keep_default_na=False, na_values=[""])
 
 
-# What pandas and the csv module raise on a malformed file (an unclosed quote, a row longer than
-# the rows before it, no header at all, bytes that are not UTF-8).
-CSV_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error)
+# What pandas raises on a malformed file (an unclosed quote, a row longer than the header, no
+# header at all, bytes that are not UTF-8).
+CSV_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError)
 CSV_FIX = "close every quote, put a field that holds a comma in quotes, and save the file as UTF-8 with a header line"
+LONG_ROW_FIX = 'put a field that holds a comma in quotes ("a,b.png") and remove trailing commas'
+
+# pandas' message for a row longer than the header (the C and the python parser say the same).
+_LONG_ROW = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+# read_csv arguments that change how a file splits into rows and fields: the first-row check
+# reads the file with the same ones.
+_TOKENIZING = frozenset(
+    {"sep", "delimiter", "compression", "encoding", "encoding_errors", "quotechar", "quoting", "doublequote",
+     "escapechar", "comment", "skip_blank_lines", "skipinitialspace", "lineterminator", "engine"}
+)
 
 
-def read_csv(path: PathLike, what: str, **kwargs: Any) -> pd.DataFrame:
+def read_csv(path: PathLike, what: str, fix: str = CSV_FIX, **kwargs: Any) -> pd.DataFrame:
     """``pandas.read_csv`` of a CSV a person may have written or edited; a malformed file is a
-    :class:`DatasetError` naming ``what`` (say "labels table") and the file, a missing file still
-    FileNotFoundError, for the caller to name its config key.
+    :class:`DatasetError` naming ``what`` (say "labels table"), the file and ``fix``, a missing file
+    still FileNotFoundError, for the caller to name its config key.
 
     ``index_col=False``: rows with one field more than the header (an unquoted comma in a file
     name, a trailing comma) must not make the first column the index, shifting every column.
     pandas then drops the extra fields of the first data row silently, and refuses a later row
-    longer than that one, so a first row longer than the header is checked here.
+    longer than the header, so the first row is checked first, by pandas itself (the same
+    compression, blank lines and field sizes as the real read).
     """
+    tokenizing = {k: v for k, v in kwargs.items() if k in _TOKENIZING}
     try:
-        _check_first_row(path, what)
+        # header=None: the header line is a row like the others, so a longer first data row is
+        # pandas' "Expected N fields in line L, saw M", as a longer later row is in the real read.
+        pd.read_csv(path, header=None, nrows=2, dtype=str, keep_default_na=False, index_col=False, **tokenizing)
         return pd.read_csv(path, index_col=False, **kwargs)
     except CSV_ERRORS as err:
-        raise DatasetError(f"{what} {path} is not a readable CSV ({str(err).strip()}); {CSV_FIX}") from err
+        raise DatasetError(_csv_problem(path, what, err, fix, tokenizing)) from err
 
 
-def _check_first_row(path: PathLike, what: str) -> None:
-    """The first data row has no more fields than the header (blank lines skipped, as pandas does)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        rows, start = [], 1
-        for row in reader:
-            if row:
-                rows.append((start, row))
-                if len(rows) == 2:
-                    break
-            start = reader.line_num + 1
-    if len(rows) == 2 and len(rows[1][1]) > len(rows[0][1]):
-        (_, header), (line, row) = rows
-        raise DatasetError(
-            f"{what} {path}: line {line} has {len(row)} fields but the header has {len(header)} "
-            f"({quote(header)}); put a field that holds a comma in quotes (\"a,b.png\") and remove trailing commas"
-        )
+def _csv_problem(path: PathLike, what: str, err: Exception, fix: str, tokenizing: dict[str, Any]) -> str:
+    long_row = _LONG_ROW.search(str(err)) if isinstance(err, pd.errors.ParserError) else None
+    if long_row is None:
+        return f"{what} {path} is not a readable CSV ({str(err).strip()}); {fix}"
+    fields, line, saw = long_row.groups()
+    try:
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False, **tokenizing).iloc[0]
+        names = f" ({_shortened(quote(header.tolist()))})"
+    except CSV_ERRORS:
+        names = ""
+    return f"{what} {path}: line {line} has {saw} fields but the header has {fields}{names}; {LONG_ROW_FIX}"
+
+
+def _shortened(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def normalise_paths(paths: Sequence[str]) -> list[str]:
+    """Relative paths as the tables write them (``./a.png`` and ``a//b.png`` -> ``a.png``, ``a/b.png``);
+    an empty path stays empty (for the caller's error). Every reader of a path a person typed
+    uses this, so one spelling matches another."""
+    return [Path(p).as_posix() if p else p for p in paths]
 
 
 def require_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:

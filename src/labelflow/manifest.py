@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from labelflow.images import walk_images
-from labelflow.io import PathLike
+from labelflow.io import PathLike, read_csv
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -62,12 +62,10 @@ def source_digest(source: PathLike) -> str:
         return folder_digest(source)
     if not source.is_file():
         return "missing"
-    import pandas as pd
-
     try:
-        listed = pd.read_csv(source, dtype=str, keep_default_na=False, usecols=["path"])["path"]
-    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-        listed = []  # not a table of paths: the file itself is what the job reads
+        listed = read_csv(source, "image table", dtype=str, keep_default_na=False, usecols=["path"])["path"]
+    except ValueError:  # a malformed CSV (DatasetError) or one without a `path` column
+        listed = []  # the file itself is what the job reads, and its reader names the problem
     named = [p if os.path.isabs(p) else str(source.parent / p) for p in listed]
     return files_digest([source, *named], source.parent)
 

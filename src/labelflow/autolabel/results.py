@@ -20,7 +20,16 @@ import pandas as pd
 from labelflow.autolabel.policy import REJECTIONS
 from labelflow.autolabel.prepare import RAW
 from labelflow.autolabel.round import read_accepted
-from labelflow.io import DatasetError, PathLike, atomic_directory, read_json, read_table, write_csv_atomic, write_json_atomic
+from labelflow.io import (
+    DatasetError,
+    PathLike,
+    atomic_directory,
+    normalise_paths,
+    read_json,
+    read_table,
+    write_csv_atomic,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +152,7 @@ def read_truth(truth_csv: PathLike) -> pd.DataFrame:
             "give path,label with paths relative to the raw folder"
         )
     truth = truth[["path", "label"]].dropna()
-    truth["path"] = [f"{RAW}/{Path(p).as_posix().removeprefix('./')}" for p in truth["path"]]
+    truth["path"] = [f"{RAW}/{p}" for p in normalise_paths(truth["path"].tolist())]
     if truth["path"].duplicated().any():
         raise DatasetError(f"config key `autolabel.truth_csv`: {truth_csv} lists an image twice")
     return truth
