@@ -497,7 +497,8 @@ def test_round_dataset_changes_when_an_image_is_replaced_under_its_name(tmp_path
 def test_raw_copies_of_disagreeing_clean_images_are_never_candidates(tmp_path, piles):
     """A raw image whose duplicate group holds clean images of different labels has no tag but a
     duplicate_of: pseudo-labelled it would train while its clean copies validate. It stays
-    unlabelled (unlabelled.csv, and so the review queue)."""
+    unlabelled (unlabelled.csv), but out of the review pool: never predicted, it would come first,
+    and the fix is the clean labels, not an answer."""
     clean, raw = piles
     _, paths = _prepare(tmp_path, clean, raw)
     raw_table = io.read_table(paths["raw_csv"])
@@ -529,8 +530,11 @@ def test_raw_copies_of_disagreeing_clean_images_are_never_candidates(tmp_path, p
     assert conflict in unlabelled.index and pd.isna(unlabelled.loc[conflict, "confidence"])
     from labelflow.autolabel.review import review_pool
 
-    pool = review_pool(io.read_table(out / "dataset.csv"), unlabelled.reset_index(), pool=3)
-    assert conflict in set(pool["path"])  # never predicted: counts as least confident
+    dataset = io.read_table(out / "dataset.csv")
+    blind = review_pool(dataset, unlabelled.reset_index(), pool=3)
+    assert blind["path"].iloc[0] == conflict  # never predicted: without raw.csv it would come first
+    pool = review_pool(dataset, unlabelled.reset_index(), pool=3, raw=io.read_table(paths["raw_csv"]))
+    assert conflict not in set(pool["path"]) and len(pool) == 3 and pool["confidence"].notna().all()
 
 
 def test_answered_raw_images_count_as_human_not_as_pseudo_labels(tmp_path, piles):

@@ -83,3 +83,79 @@ def test_label_studio_tasks_config_and_answers_round_trip():
     export[0]["annotations"] = [{"result": [{**prediction["result"][0], "value": {"choices": ["fox"]}}], "was_cancelled": False}]
     export[1]["annotations"] = [{"result": [], "was_cancelled": True}]
     assert corrections_from_label_studio(export).to_dict("records") == [{"path": "raw/a b.png", "label": "fox"}]
+
+
+def test_review_pool_leaves_out_copies_of_disagreeing_clean_images_and_answered_images(caplog):
+    """Raw copies of clean images whose labels disagree (a duplicate_of, no tag) are never
+    predicted (NaN confidence, counted as 0): left in, they would fill the pool, and an answer is
+    not used (their clean labels are the fix). Images answered already are left out too."""
+    conflicts = [f"raw/c{i}.png" for i in range(5)]
+    unlabelled = pd.DataFrame(
+        {"path": conflicts + ["raw/u1.png", "raw/u2.png", "raw/u3.png"], "label": "", "predicted": "cat",
+         "confidence": [np.nan] * 5 + [0.5, 0.6, np.nan]}
+    )  # fmt: skip
+    raw = pd.DataFrame(
+        {
+            "path": conflicts + ["raw/u1.png", "raw/u2.png", "raw/u3.png", "raw/dup.png"],
+            "duplicate_of": ["clean/cat/a.png;clean/dog/b.png"] * 5 + [np.nan, "", np.nan, "clean/cat/a.png"],
+            "tag": [np.nan] * 5 + [np.nan, np.nan, np.nan, "cat"],
+        }
+    )
+    dataset = pd.DataFrame(
+        {"path": ["clean/cat/a.png", "raw/dup.png", "raw/p1.png"], "label": ["cat", "cat", "dog"],
+         "source": ["human", "human-duplicate", "pseudo"], "round": [-1, -1, 0], "confidence": [1.0, 1.0, 0.7]}
+    )  # fmt: skip
+    blind = review_pool(dataset, unlabelled, 4)
+    assert blind["path"].tolist() == conflicts[:4]  # the bug: the copies fill the pool
+    with caplog.at_level("INFO", logger="labelflow.autolabel.review"):
+        pool = review_pool(dataset, unlabelled, 4, raw=raw)
+    assert pool["path"].tolist() == ["raw/u3.png", "raw/u1.png", "raw/u2.png", "raw/p1.png"]
+    assert "left out 5 unlabelled raw images that copy clean images whose labels disagree" in caplog.text
+    assert "raw/c0.png (copies clean/cat/a.png;clean/dog/b.png)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="labelflow.autolabel.review"):
+        pool = review_pool(dataset, unlabelled, 4, raw=raw, answered={"raw/u3.png", "raw/p1.png", "clean/cat/a.png"})
+    assert pool["path"].tolist() == ["raw/u1.png", "raw/u2.png"]
+    assert "left out 2 images answered in the corrections file already" in caplog.text
+    # raw.csv without duplicate_of (no copies found): nothing is left out
+    assert review_pool(dataset, unlabelled, 4, raw=raw[["path"]]).equals(blind)
+
+
+def test_review_queue_reads_raw_and_corrections_to_leave_images_out(tmp_path, monkeypatch):
+    """The workflow step passes raw.csv and the corrections file (label_issues_inputs.smk's
+    review_inputs); a corrections path spelled with a trailing space still counts."""
+    from labelflow.autolabel import review
+
+    (tmp_path / "tag2cls.json").write_text(json.dumps({"cat": 0, "dog": 1}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"round": 2, "calibration": {"temperature": 1.5}}))
+    pd.DataFrame({"path": ["clean/cat/a.png"], "label": ["cat"], "source": ["human"], "round": [-1], "confidence": [1.0]}).to_csv(
+        tmp_path / "dataset.csv", index=False
+    )
+    paths = ["raw/c.png", "raw/u1.png", "raw/u2.png", "raw/u3.png"]
+    pd.DataFrame({"path": paths, "label": "", "predicted": "cat", "confidence": [np.nan, 0.5, 0.6, 0.7]}).to_csv(
+        tmp_path / "unlabelled.csv", index=False
+    )
+    pd.DataFrame({"path": paths, "duplicate_of": ["clean/cat/a.png;clean/dog/b.png", "", "", ""], "tag": ""}).to_csv(
+        tmp_path / "raw.csv", index=False
+    )
+    (tmp_path / "corrections.csv").write_text("path,label\nraw/u1.png ,dog\nclean/cat/a.png,cat\n")
+    seen = []
+
+    def fake_outputs(checkpoint, root, pool_paths, *args):
+        seen.extend(pool_paths)
+        n = len(pool_paths)
+        return np.tile([0.6, 0.4], (n, 1)), np.eye(n)
+
+    monkeypatch.setattr(review, "pool_outputs", fake_outputs)
+    inputs = {name: tmp_path / f"{name}.{ext}" for name, ext in
+              [("dataset", "csv"), ("unlabelled", "csv"), ("metrics", "json"), ("tag2cls", "json"), ("raw", "csv"), ("corrections", "csv")]}  # fmt: skip
+    inputs |= {"checkpoint": tmp_path / "unused.pt", "root": tmp_path}
+    outputs = {"queue": tmp_path / "queue.csv", "tasks": tmp_path / "tasks.json", "label_config": tmp_path / "config.xml"}
+    settings = review.ReviewSettings(size=5, pool=10, image_url_prefix="")
+    queue = review.review_queue(inputs=inputs, outputs=outputs, data_cfg={}, settings=settings)
+    assert seen == ["raw/u2.png", "raw/u3.png"] and sorted(queue["path"]) == seen
+    # without the optional inputs (an older rule): every unlabelled image is a candidate
+    seen.clear()
+    review.review_queue(inputs={k: v for k, v in inputs.items() if k not in ("raw", "corrections")}, outputs=outputs,
+                        data_cfg={}, settings=settings)  # fmt: skip
+    assert seen == paths

@@ -9,6 +9,8 @@ relative to the autolabel root for the autolabel piles (``clean/<class>/x.png``,
 ``raw/a/x.png``, as in ``results/autolabel/review/queue.csv``). One file can hold both; each
 table takes the rows whose paths it has, and :func:`apply_corrections` reports the others as
 ``not found`` (or ``in the test set`` for the held-out images, which the test table takes).
+Paths are normalised as the tables write them (``./a/./b.png``, ``a//b.png``); a path found in
+no table whose whitespace-stripped form is (a hand-written ``cat/a.png ,dog``) takes that form.
 
 A corrected (or confirmed) row carries ``source`` = ``human-corrected``, so its provenance
 stays visible downstream, and automatic cleaning never overrides it
@@ -18,13 +20,16 @@ stays visible downstream, and automatic cleaning never overrides it
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Collection, Mapping
 
 import numpy as np
 import pandas as pd
 
-from labelflow.io import DatasetError, PathLike, quote, read_table, require_columns
+from labelflow.io import DatasetError, PathLike, normalise_paths, quote, read_table, require_columns
+
+log = logging.getLogger(__name__)
 
 DROP = "drop"  # the label that removes an image
 HUMAN_CORRECTED = "human-corrected"
@@ -32,14 +37,16 @@ GIVEN = "given"  # source of a row nobody corrected (main dataset)
 REPORT_COLUMNS = ["path", "given", "correction", "action"]
 RELABELLED, CONFIRMED, DROPPED, NOT_FOUND = "relabelled", "confirmed", "dropped", "not found"
 IN_TEST_SET = "in the test set"  # a held-out image: the test table applies it (labelflow.heldout)
-LEFT_OUT = "left out"  # a raw answer whose clean copies sit in several folds (apply_autolabel_corrections)
+LEFT_OUT = "left out"  # a raw answer whose clean copies sit in several folds or groups (apply_autolabel_corrections)
 
 
 def read_corrections(path: PathLike) -> pd.DataFrame:
     """``path,label`` of a corrections file, checked: both columns filled, each path once,
-    relative paths that stay inside their root. Labels are stripped; for multilabel data
-    ``a; b`` becomes ``a;b`` (sorted). Paths are not: a file or class folder may start or end
-    with a space (tag2label takes such names)."""
+    relative paths that stay inside their root. Paths are normalised as the tables write them
+    (:func:`labelflow.io.normalise_paths`: ``./a/./b.png`` and ``a//b.png`` become ``a/b.png``)
+    but not stripped: a file or class folder may start or end with a space (tag2label takes such
+    names; :func:`match_paths` falls back to the stripped form). Labels are stripped; for
+    multilabel data ``a; b`` becomes ``a;b`` (sorted)."""
     try:
         table = read_table(path)
     except FileNotFoundError:
@@ -50,7 +57,7 @@ def read_corrections(path: PathLike) -> pd.DataFrame:
     if empty.any():
         lines = (np.flatnonzero(empty.to_numpy()) + 2).tolist()
         raise DatasetError(f"corrections table {path}: line(s) {lines[:5]} lack a path or a label (use `{DROP}` to drop)")
-    table["path"] = table["path"].str.removeprefix("./")
+    table["path"] = pd.Series(normalise_paths(table["path"].astype(str).tolist()), index=table.index, dtype=object)
     bad = table["path"][table["path"].str.startswith("/") | table["path"].str.split("/").apply(lambda p: ".." in p)]
     if len(bad):
         raise DatasetError(f"corrections table {path}: paths must be relative and stay inside their folder: {quote(bad[:5].tolist())}")
@@ -72,12 +79,19 @@ def applying_rows_digest(
     apply to the test table (``test``), the others to the training table, so a test-set
     correction reruns the test table and not the training."""
     rows = read_corrections(path)
+    stripped = _stripped(rows["path"])
     if dataset_root is not None:
-        keep = np.array([os.path.isfile(os.path.join(dataset_root, p)) for p in rows["path"]], dtype=bool)
-        held = rows["path"].isin(held_out_paths(held_out)).to_numpy()
-        keep &= held if test else ~held
+        # as match_paths resolves them: the path as written, else its stripped form
+        exact = np.array([os.path.isfile(os.path.join(dataset_root, p)) for p in rows["path"]], dtype=bool)
+        spaced = ~exact & (stripped != rows["path"]).to_numpy()
+        alt = np.zeros(len(rows), dtype=bool)
+        alt[spaced] = [os.path.isfile(os.path.join(dataset_root, p)) for p in stripped[spaced]]
+        resolved = rows["path"].where(~alt, stripped)
+        held = resolved.isin(held_out_paths(held_out)).to_numpy()
+        keep = (exact | alt) & (held if test else ~held)
     else:
-        keep = rows["path"].str.startswith(("clean/", "raw/")).to_numpy()
+        pile = ("clean/", "raw/")
+        keep = (rows["path"].str.startswith(pile) | stripped.str.startswith(pile)).to_numpy()
     return hashlib.sha256(rows[keep].to_csv(index=False).encode()).hexdigest()[:16]
 
 
@@ -86,6 +100,36 @@ def held_out_paths(held_out: PathLike | None) -> set[str]:
     if held_out is None or not os.path.isfile(held_out):
         return set()
     return set(read_table(held_out)["path"])
+
+
+def _stripped(paths: pd.Series) -> pd.Series:
+    """Each path without leading and trailing whitespace, normalised again (`` ./a.png`` -> ``a.png``)."""
+    return pd.Series(normalise_paths([p.strip() for p in paths.astype(str)]), index=paths.index, dtype=object)
+
+
+def match_paths(corrections: pd.DataFrame, known: Collection[str]) -> pd.DataFrame:
+    """``corrections`` with each path spelled as ``known`` (the tables' paths) spells it: the path as
+    written when ``known`` has it (a name may end in a space), else its whitespace-stripped form
+    when ``known`` has that (a hand-written ``cat/a.png ,dog``); other paths stay as written.
+    Two corrections that then name one image are an error, as in :func:`read_corrections`."""
+    known = known if isinstance(known, (set, frozenset)) else set(known)
+    exact = corrections["path"].isin(known)
+    stripped = _stripped(corrections["path"][~exact])
+    alt = stripped[stripped.isin(known)]
+    if alt.empty:
+        return corrections
+    out = corrections.copy()
+    out.loc[alt.index, "path"] = alt
+    twice = out["path"][out["path"].duplicated()].unique().tolist()
+    if twice:
+        raise DatasetError(
+            f"corrections name {quote(twice[:5])} twice (once with spaces around the path); keep one row per image"
+        )
+    log.warning(
+        "%d correction paths match only without their leading or trailing spaces, and were taken so: %s",
+        len(alt), quote(corrections.loc[alt.index, "path"].head(5).tolist()),
+    )  # fmt: skip
+    return out
 
 
 def _normalise_label(label: str) -> str:
@@ -112,8 +156,11 @@ def apply_corrections(
     ``relabelled``, ``confirmed`` (the label was already right), ``dropped``, ``in the test
     set`` (not in the table but in ``test_paths``) or ``not found``. Only the rows found in the
     table are checked against ``tag2cls``: one file may hold another table's rows, of its classes.
+    Paths match as :func:`match_paths` says (the report names the table's spelling).
     """
     require_columns(table, ["path", "tag"], "label table")
+    test_paths = set(test_paths)
+    corrections = match_paths(corrections, set(table["path"]) | test_paths)
     multilabel = "labels" in table.columns
     out = table.copy()
     if "source" not in out.columns:
@@ -130,7 +177,7 @@ def apply_corrections(
             "correction": corrections["label"],
         }
     )
-    in_test = ~found & corrections["path"].isin(set(test_paths)).to_numpy()
+    in_test = ~found & corrections["path"].isin(test_paths).to_numpy()
     report["action"] = np.select(
         [in_test, ~found, report["correction"] == DROP, report["given"] == report["correction"]],
         [IN_TEST_SET, NOT_FOUND, DROPPED, CONFIRMED],
@@ -182,11 +229,14 @@ def apply_autolabel_corrections(
     with fold -1: it trains from round 0 but never validates, since the queue picked it for
     being hard and would bias checkpoint selection and calibration. An answered copy of clean
     images takes their fold and group instead, so it never trains while its copy validates; if
-    they sit in several folds it is ``left out`` (its raw row stays a copy). An answered raw row
+    they sit in several folds, or in several duplicate groups (which checkpoint selection and
+    calibration may part, :func:`labelflow.dataset.pick_groups`), it is ``left out`` (its raw
+    row stays a copy; the fix is to settle its clean copies' labels). An answered raw row
     stays (the pile's size and the evaluation count it) with its ``tag`` cleared, so it is
     labelled once. A raw image answered ``drop`` leaves the pile. The report lists every
-    correction once (``not found`` for paths in neither pile).
+    correction once (``not found`` for paths in neither pile). Paths match as :func:`match_paths` says.
     """
+    corrections = match_paths(corrections, set(human["path"]) | set(raw["path"]))
     human_out, human_report = apply_corrections(human, corrections, tag2cls, default_source="human")
     answered = corrections[corrections["path"].isin(set(raw["path"]))]
     raw_out = raw[~raw["path"].isin(set(answered.loc[answered["label"] == DROP, "path"]))].copy()
@@ -202,7 +252,7 @@ def apply_autolabel_corrections(
     # an answered copy of clean images validates and trains with them (else a leak); fold -1 otherwise
     of_answer = copies.set_axis(raw_out.loc[copies.index, "path"].to_numpy()).reindex(labelled["path"])
     has_copies = of_answer["n_folds"].notna().to_numpy()
-    left_out = (of_answer["n_folds"] > 1).to_numpy()
+    left_out = ((of_answer["n_folds"] > 1) | (of_answer["n_groups"] > 1)).to_numpy()
     left_out_paths = set(labelled["path"][left_out])
     labelled, of_answer, has_copies = labelled[~left_out], of_answer[~left_out], has_copies[~left_out]
     raw_out.loc[raw_out["path"].isin(set(labelled["path"])), "tag"] = ""
@@ -240,9 +290,9 @@ def apply_autolabel_corrections(
 
 def _clean_copies(raw: pd.DataFrame, human: pd.DataFrame) -> pd.DataFrame:
     """Per raw row (its index) that names clean images still in ``human`` in ``duplicate_of``:
-    those (``;``-joined, in order), how many tags and folds they have, the first tag and fold,
-    the smallest group."""
-    columns = ["duplicate_of", "n_tags", "tag", "n_folds", "fold", "group"]
+    those (``;``-joined, in order), how many tags, folds and groups they have, the first tag and
+    fold, the smallest group."""
+    columns = ["duplicate_of", "n_tags", "tag", "n_folds", "fold", "n_groups", "group"]
     if "duplicate_of" not in raw.columns or human.empty:
         return pd.DataFrame(columns=columns, index=pd.Index([], dtype=raw.index.dtype))
     named = raw["duplicate_of"].fillna("").astype(str).str.split(";").explode()
@@ -259,5 +309,5 @@ def _clean_copies(raw: pd.DataFrame, human: pd.DataFrame) -> pd.DataFrame:
     )
     return pairs.groupby(level=0, sort=False).agg(
         duplicate_of=("path", ";".join), n_tags=("tag", "nunique"), tag=("tag", "first"),
-        n_folds=("fold", "nunique"), fold=("fold", "first"), group=("group", "min"),
+        n_folds=("fold", "nunique"), fold=("fold", "first"), n_groups=("group", "nunique"), group=("group", "min"),
     )[columns]  # fmt: skip

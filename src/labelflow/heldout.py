@@ -6,7 +6,9 @@ temperature or a threshold, and only ever report. Either a share of the dataset 
 the test evaluation reads; ``results/data/test_skipped.csv`` lists test images left out and why
 (e.g. a copy of a training image, which would make the test a memory test). Human corrections
 (config key ``corrections``) of held-out images apply here too: a corrected label is the truth
-the test measures against (``source`` ``human-corrected``), a ``drop`` leaves the test set.
+the test measures against (``source`` ``human-corrected``), a ``drop`` leaves the test set;
+``results/data/test_corrections_applied.csv`` lists them as ``corrections_applied.csv`` lists the
+training table's (the rule that writes that one does not rerun for a test-set correction).
 """
 
 from __future__ import annotations
@@ -96,14 +98,18 @@ def held_out_from_folder(
 
 def write_held_out_table(*, settings: HeldOutSettings, held_out: PathLike, raw_csv: PathLike, tag2cls: dict[str, int],
                      duplicates: DuplicateSettings, train_root: PathLike, out_csv: PathLike,
-                     out_skipped: PathLike, corrections: pd.DataFrame | None = None) -> pd.DataFrame:  # fmt: skip
+                     out_skipped: PathLike, corrections: pd.DataFrame | None = None,
+                     out_report: PathLike | None = None) -> pd.DataFrame:  # fmt: skip
     """results/data/test.csv from the split's held-out rows, or from ``settings.folder``
     (``train_root``: the training images' folder, for the pixel check of near copies).
 
     ``corrections`` (:func:`labelflow.corrections.read_corrections`) relabel or drop held-out
     rows, whose paths are relative to the dataset as the corrections' are; test.csv then has
     ``source``. A separate ``settings.folder`` takes none: its paths are relative to another
-    folder, so a dataset path would name a different image."""
+    folder, so a dataset path would name a different image. ``out_report``: the corrections
+    that applied to the test set (:data:`labelflow.corrections.REPORT_COLUMNS`, actions
+    ``relabelled``, ``confirmed``, ``dropped``), the header alone when none did."""
+    from labelflow.corrections import REPORT_COLUMNS
     from labelflow.dataset import read_dataset_csv
     from labelflow.io import write_csv_atomic
 
@@ -115,20 +121,23 @@ def write_held_out_table(*, settings: HeldOutSettings, held_out: PathLike, raw_c
         test = read_dataset_csv(held_out, root=None, required=("path", "tag"))
         test["class"] = test["tag"].map(tag2cls).astype(np.int64)
     columns = TEST_COLUMNS
+    applied = pd.DataFrame(columns=REPORT_COLUMNS)
     if corrections is not None and not settings.folder:
-        test, skipped = _corrected(test, corrections, tag2cls, skipped)
+        test, skipped, applied = _corrected(test, corrections, tag2cls, skipped)
         columns = TEST_COLUMNS + ["source"]  # provenance, as in the corrected training table
     write_csv_atomic(test[[c for c in columns if c in test.columns]], out_csv)
     write_csv_atomic(skipped, out_skipped)
+    if out_report is not None:
+        write_csv_atomic(applied, out_report)
     log.info("test set: %d images (%s); %d left out", len(test), Path(settings.folder) if settings.folder else f"{settings.fraction:.0%} of the dataset", len(skipped))
     return test
 
 
 def _corrected(
     test: pd.DataFrame, corrections: pd.DataFrame, tag2cls: dict[str, int], skipped: pd.DataFrame
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(test rows, skipped rows) after the corrections of held-out images (the other rows of
-    the file are not in the table, and say nothing about it)."""
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(test rows, skipped rows, report rows) after the corrections of held-out images (the
+    other rows of the file are not in the table, and say nothing about it)."""
     from labelflow.corrections import DROPPED, NOT_FOUND, apply_corrections
 
     corrected, report = apply_corrections(test, corrections, tag2cls)
@@ -139,7 +148,7 @@ def _corrected(
     dropped = applied.loc[applied["action"] == DROPPED, "path"]
     if len(dropped):
         skipped = pd.concat([skipped, pd.DataFrame({"path": dropped, "reason": "dropped by a correction"})], ignore_index=True)
-    return corrected, skipped
+    return corrected, skipped, applied.reset_index(drop=True)
 
 
 def split_step(

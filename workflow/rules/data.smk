@@ -72,6 +72,8 @@ rule test_table:
     output:
         table="results/data/test.csv",
         skipped="results/data/test_skipped.csv",
+        # corrections applied to held-out images (header only without any)
+        report="results/data/test_corrections_applied.csv",
     log:
         "results/logs/test_table.log",
     benchmark:

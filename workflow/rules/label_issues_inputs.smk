@@ -133,17 +133,24 @@ def autolabel_raw_table():
 
 
 def review_inputs(wildcards):
-    """The labelled set, the images left, and the last round's model and temperature."""
+    """The labelled set, the images left, the last round's model and temperature, and what the
+    pool leaves out: raw.csv (copies of clean images whose labels disagree) and, when set, the
+    corrections file (images answered already)."""
     last = len(autolabel_rounds(wildcards)["status"]) - 1
     run = round_run(last)
-    return {
+    inputs = {
         "dataset": "results/autolabel/dataset.csv",
         "unlabelled": "results/autolabel/unlabelled.csv",
         "checkpoint": run.checkpoint(),
         "metrics": f"results/autolabel/round_{last}/metrics.json",
         "tag2cls": run.data.tag2cls,
         "root": run.data.root,
+        "raw": autolabel_raw_table(),
     }
+    if config["corrections"]:
+        # ancient: its answers reach the pool through dataset.csv (autolabel_corrections' rows digest)
+        inputs["corrections"] = corrections_file(wildcards)
+    return inputs
 
 
 def review_data_cfg(wildcards):

@@ -15,4 +15,5 @@ write_held_out_table(
     out_csv=snakemake.output.table,
     out_skipped=snakemake.output.skipped,
     corrections=read_corrections(corrections) if corrections else None,
+    out_report=snakemake.output.report,  # the test set's corrections (header only without any)
 )

@@ -10,7 +10,9 @@ certain pseudo-labels, by **uncertainty x diversity**:
   copies of one hard case.
 
 The work is bounded: only a ``pool`` of candidates (the least confident by the confidence the
-loop recorded) is embedded, and farthest-first costs O(pool x size) distances.
+loop recorded) is embedded, and farthest-first costs O(pool x size) distances. The pool leaves
+out raw copies of clean images whose labels disagree (their fix is the clean labels, not an
+answer) and images answered already.
 
 Outputs: ``queue.csv`` (:data:`QUEUE_COLUMNS`), a Label Studio import file (tasks with the image,
 our path, and the prediction as a pre-annotation) with its labelling config, and a contact sheet.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import html
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,10 +63,33 @@ class ReviewSettings:
         return cls(**{name: section[name] for name in cls.__dataclass_fields__})
 
 
-def review_pool(dataset: pd.DataFrame, unlabelled: pd.DataFrame, pool: int) -> pd.DataFrame:
+def review_pool(
+    dataset: pd.DataFrame, unlabelled: pd.DataFrame, pool: int, raw: pd.DataFrame | None = None,
+    answered: Collection[str] = (),
+) -> pd.DataFrame:
     """``path,status,label,confidence,round``: the ``pool`` least confident of the unlabelled raw
     images (confidence: the last round's calibrated top-1) and the pseudo-labels (the
-    confidence of the round that accepted them); ties by path. A missing confidence counts as 0."""
+    confidence of the round that accepted them); ties by path. A missing confidence counts as 0.
+
+    Left out: the unlabelled raw images that copy clean images whose labels disagree (``raw``,
+    the round's raw.csv: a ``duplicate_of`` but no ``tag``). The loop never predicts them, so
+    they would come first, and could fill the pool; yet an answer rarely settles them: their
+    clean copies usually sit in different folds or duplicate groups, and then
+    :func:`labelflow.corrections.apply_autolabel_corrections` leaves the answer out. The fix is
+    to correct the clean labels. Also left out: the paths in ``answered`` (the corrections
+    file's; once applied, an answer is a human row anyway)."""
+    unlabelled = unlabelled[["path", "confidence"]]
+    if raw is not None and "duplicate_of" in raw.columns:
+        conflicts = _conflict_copies(raw)
+        of_conflict = unlabelled["path"].isin(conflicts.index)
+        if of_conflict.any():
+            shown = [f"{p} (copies {conflicts[p]})" for p in unlabelled["path"][of_conflict].head(5)]
+            log.warning(
+                "review pool: left out %d unlabelled raw images that copy clean images whose labels disagree "
+                "(an answer would not be used; correct those clean labels instead), e.g. %s",
+                int(of_conflict.sum()), "; ".join(shown),
+            )  # fmt: skip
+        unlabelled = unlabelled[~of_conflict]
     candidates = pd.concat(
         [
             pd.DataFrame(
@@ -75,8 +100,22 @@ def review_pool(dataset: pd.DataFrame, unlabelled: pd.DataFrame, pool: int) -> p
         ignore_index=True,
     )
     candidates["confidence"] = candidates["confidence"].astype(float).fillna(0.0)
+    done = candidates["path"].isin(set(answered))
+    if done.any():
+        log.info("review pool: left out %d images answered in the corrections file already, e.g. %s",
+                 int(done.sum()), candidates["path"][done].head(5).tolist())  # fmt: skip
+    candidates = candidates[~done]
     ranked = candidates.sort_values(["confidence", "path"], kind="stable")
     return ranked.head(pool).reset_index(drop=True)
+
+
+def _conflict_copies(raw: pd.DataFrame) -> pd.Series:
+    """``duplicate_of`` by path of the raw images that copy clean images but have no tag (their
+    clean copies disagree: labelflow.autolabel.prepare, labelflow.corrections)."""
+    copies = raw["duplicate_of"].fillna("").astype(str)
+    untagged = raw["tag"].fillna("").astype(str) == "" if "tag" in raw.columns else True
+    conflict = (copies != "") & untagged
+    return pd.Series(copies[conflict].to_numpy(), index=raw["path"][conflict].to_numpy())
 
 
 def pseudo_rows(dataset: pd.DataFrame) -> pd.DataFrame:
@@ -240,13 +279,22 @@ def review_queue(
     """queue.csv, the Label Studio tasks and labelling config, after the autolabel loop.
 
     ``inputs``: dataset (the autolabel dataset.csv), unlabelled, checkpoint (the last round's
-    model), metrics (its metrics.json, for the temperature), tag2cls, root (the autolabel root).
+    model), metrics (its metrics.json, for the temperature), tag2cls, root (the autolabel root),
+    and optionally raw (the rounds' raw.csv) and corrections (the corrections file), which
+    :func:`review_pool` leaves out.
     ``outputs``: queue, tasks, label_config.
     """
+    from labelflow.corrections import match_paths, read_corrections
     from labelflow.dataset import class_names, read_tag2cls
 
     classes = class_names(read_tag2cls(inputs["tag2cls"]))
-    pool = review_pool(read_table(inputs["dataset"]), read_table(inputs["unlabelled"]), settings.pool)
+    dataset, unlabelled = read_table(inputs["dataset"]), read_table(inputs["unlabelled"])
+    raw = read_table(inputs["raw"]) if inputs.get("raw") else None
+    answered: set[str] = set()
+    if inputs.get("corrections"):
+        known = set(unlabelled["path"]) | set(dataset["path"])
+        answered = set(match_paths(read_corrections(inputs["corrections"]), known)["path"])
+    pool = review_pool(dataset, unlabelled, settings.pool, raw=raw, answered=answered)
     metrics = read_json(inputs["metrics"])
     temperature = float(metrics["calibration"]["temperature"])
     if len(pool):
