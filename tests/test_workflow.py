@@ -134,6 +134,9 @@ def test_four_experiments_compared(finished_run):
     augs = json.loads((workdir / "results/augs/summary.json").read_text())
     assert set(augs["heads"]) == {"rotation", "class_rotation"}
     assert 0 <= augs["heads"]["rotation"]["accuracy"] <= 1
+    # scored on the checkpoint-selection rows, as training validated the heads (not the calibration rows)
+    splits = pd.read_csv(workdir / "results/augs/predictions/predictions.csv")["split"]
+    assert augs["heads"]["rotation"]["n_images"] == (splits == "valid").sum() < augs["valid"]["n_images"]
     assert (workdir / "results/augs/confusion/rotation.png").is_file()
     heads = pd.read_csv(workdir / "results/augs/predictions/heads.csv")
     assert set(heads["head"]) == {"rotation", "class_rotation"} and heads["true"].between(0, 23).all()

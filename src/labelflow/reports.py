@@ -122,11 +122,13 @@ def summarize(
 def rotated_head_accuracy(
     heads: pd.DataFrame, classes: Sequence[str], confusion_dir: Path, run: str, figures: dict[str, Path]
 ) -> dict[str, dict[str, float]]:
-    """Accuracy of each rotation head on its rotated valid images; a confusion matrix PNG for
-    the heads the registry gives labels for (added to ``figures``)."""
+    """Accuracy of each rotation head on its rotated valid images (the checkpoint-selection rows,
+    as in training: fewer than the class head's ``valid`` block, which has the calibration rows
+    too; ``n_images`` says how many); a confusion matrix PNG for the heads the registry gives
+    labels for (added to ``figures``)."""
     result = {}
     for name, rows in heads.groupby("head"):
-        result[name] = {"accuracy": float((rows["true"] == rows["predicted"]).mean())}
+        result[name] = {"accuracy": float((rows["true"] == rows["predicted"]).mean()), "n_images": int(len(rows))}
         labels = get_head(name).confusion_labels(classes)
         if labels is not None:
             figures[name] = _confusion(
