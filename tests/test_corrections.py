@@ -211,13 +211,19 @@ def test_corrections_paths_are_normalised_and_a_stray_space_falls_back_to_the_st
     }  # fmt: skip
 
 
-def test_digest_takes_a_path_with_a_stray_space_as_the_apply_functions_do(tmp_path):
+def _digest_inputs(tmp_path):
+    """A dataset folder with a held-out and a training image, split's tables, a corrections path."""
     root = tmp_path / "data"
     for path in ("cat/t1.png", "cat/train.png"):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_bytes(b"x")
     held_out = _held_out_tables(tmp_path)
     csv = tmp_path / "corrections.csv"
+    return root, held_out, csv
+
+
+def test_digest_takes_a_path_with_a_stray_space_as_the_apply_functions_do(tmp_path):
+    root, held_out, csv = _digest_inputs(tmp_path)
 
     def digests(text):
         csv.write_text("path,label\n" + text)
@@ -284,12 +290,7 @@ def test_corrections_of_held_out_images_reach_the_test_table(tmp_path):
 
 
 def test_digest_parts_held_out_rows_from_training_rows(tmp_path):
-    root = tmp_path / "data"
-    for path in ("cat/t1.png", "cat/train.png"):
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_bytes(b"x")
-    held_out = _held_out_tables(tmp_path)
-    csv = tmp_path / "corrections.csv"
+    root, held_out, csv = _digest_inputs(tmp_path)
 
     def digests(text):
         csv.write_text("path,label\n" + text)
