@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +152,30 @@ def test_autolabel_fashion_class_cap_option_reaches_the_config_and_gets_its_own_
     assert folders == {"seed_103", "seed_103_capnone", "seed_103_cap3.0"}
     with pytest.raises(SystemExit):
         parsed("--max-new-per-class", "-1")
+
+
+def test_autolabel_policies_redecide_round_zero_and_judge_each_policy_at_its_own_coverage():
+    import autolabel_policies as ap
+
+    # class a: 4 confident, right; class b: 2 confident, one wrong; c: below the threshold
+    candidates = pd.DataFrame({
+        "path": [f"raw/{i}.png" for i in range(8)],
+        "tag": ["a", "a", "a", "a", "b", "b", "c", "c"],
+        "confidence": [0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.5, 0.4],
+        "neighbours_agree": [True] * 8,
+    })  # fmt: skip
+    truth = dict(zip(candidates["path"], ["a", "a", "a", "a", "b", "a", "c", "c"]))
+    peer_truth = np.zeros(8, dtype=int)  # a peer right on every image it ranks first
+    peers = {"peer": (np.zeros(8, dtype=int), np.linspace(1, 0.3, 8))}
+    base = {"neighbours": 10, "reference_per_class": 500, "min_confidence": 0.9}
+    capped = ap.simulate(candidates, truth, {"a": 2, "b": 2, "c": 2}, {**base, "max_new_per_class": 1.0}, peers, peer_truth)
+    assert capped["accepted"] == 4 and capped["precision"] == 0.75  # 2 of a, 2 of b (one wrong)
+    assert capped["peers"] == {"peer": 1.0} and capped["margin"] == pytest.approx(-0.25)
+    free = ap.simulate(candidates, truth, {"a": 2, "b": 2, "c": 2}, {**base, "max_new_per_class": None}, peers, peer_truth)
+    assert free["accepted"] == 6 and free["precision"] == pytest.approx(5 / 6)
+    none = ap.simulate(candidates, truth, {"a": 2, "b": 2, "c": 2}, {**base, "min_confidence": 0.999, "max_new_per_class": None},
+                       peers, peer_truth)
+    assert none["accepted"] == 0 and none["precision"] is None and none["margin"] is None
 
 
 def test_spread_summary():
